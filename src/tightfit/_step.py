@@ -1,0 +1,69 @@
+"""One training step, the same way everywhere (ruler, planner, benchmarks): call, loss, backward, step.
+
+A *batch* is what the model takes: a tensor is passed as ``model(batch)``, a tuple/list as
+``model(*batch)``, a dict as ``model(**batch)``. The loss is ``loss_fn(output)`` when given; otherwise the
+output itself if it is a scalar tensor, its ``.loss`` (Hugging Face outputs), or its first element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+LossFn = Callable[[Any], torch.Tensor]
+
+
+def call_model(model: Callable[..., Any], batch: Any) -> Any:
+    """Run the forward pass on a batch given as a tensor, a tuple/list or a dict of arguments."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def loss_of(output: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
+    """The scalar to backpropagate from a model output; raise a clear error when there is none."""
+    if loss_fn is not None:
+        loss = loss_fn(output)
+    elif isinstance(output, torch.Tensor):
+        loss = output
+    elif getattr(output, "loss", None) is not None:
+        loss = output.loss
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        loss = output[0]
+    else:
+        raise TypeError(
+            f"cannot find a loss in the model output of type {type(output).__name__}: pass "
+            "loss_fn=lambda output: <scalar tensor>, or return a scalar / an object with .loss"
+        )
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(f"the loss must be a scalar tensor, got {shape}; pass a loss_fn that reduces it")
+    return loss.reshape(())
+
+
+def forward_loss(model: Callable[..., Any], batch: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
+    """Forward pass and loss."""
+    return loss_of(call_model(model, batch), loss_fn)
+
+
+def training_step(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> torch.Tensor:
+    """Forward, backward and (if given) optimizer step; grads are set to None first. Returns the loss."""
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        for p in model.parameters():
+            p.grad = None
+    loss = forward_loss(model, batch, loss_fn)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+    return loss.detach()

@@ -1,0 +1,1 @@
+"""Rematerialization: solvers (pure algorithms) and automatic recomputation of unmodified models."""

@@ -1,0 +1,1 @@
+"""Randomized linear layers: sketched inputs, unbiased weight gradients, variance diagnostics."""

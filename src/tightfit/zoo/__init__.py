@@ -1,0 +1,1 @@
+"""Model factories with sample batches, for benchmarks, the CLI and tests."""

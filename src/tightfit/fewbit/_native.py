@@ -1,0 +1,327 @@
+"""Native CPU kernels for the few-bit codec, built lazily with the system C compiler and loaded with ctypes.
+
+Why plain C + ctypes rather than a torch C++ extension: it builds in about a second (no torch headers),
+needs no build step at install, and the kernels only touch raw buffers. When no compiler is found or the
+build fails, `available()` is False and `tightfit.fewbit.codec` falls back to its pure-torch path.
+
+Two fused kernels (the layout and code semantics are those of `tightfit.fewbit.codec`):
+
+- ``encode``: one pass over x: compare with the borders (linear count for <= 16 borders, which vectorises;
+  branchless binary search above), pack 8 codes into b bytes, write ceil(n*b/8) bytes.
+- ``decode_mul``: one pass: read b bytes per 8 codes, gather the level, multiply by the gradient in the
+  gradient's dtype (fp16/bf16 products are formed exactly in fp32 and rounded once, as torch does).
+
+Threads: the range is split over ``torch.get_num_threads()`` pthreads for large inputs. The compiled
+library is cached under ``$TIGHTFIT_CACHE`` (default ``~/.cache/tightfit``), keyed by source, flags and CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <pthread.h>
+
+static inline float ld_f32(const void* p, int64_t i) { return ((const float*)p)[i]; }
+static inline float ld_bf16(const void* p, int64_t i) {
+  uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float ld_f16(const void* p, int64_t i) { return (float)((const _Float16*)p)[i]; }
+static inline double ld_f64(const void* p, int64_t i) { return ((const double*)p)[i]; }
+
+static inline void st_f32(void* p, int64_t i, float v) { ((float*)p)[i] = v; }
+static inline void st_f64(void* p, int64_t i, double v) { ((double*)p)[i] = v; }
+static inline void st_f16(void* p, int64_t i, float v) { ((_Float16*)p)[i] = (_Float16)v; }
+static inline void st_bf16(void* p, int64_t i, float v) {
+  uint32_t u; memcpy(&u, &v, 4);
+  uint16_t r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) r = 0x7fc0;
+  else { u += 0x7fffu + ((u >> 16) & 1u); r = (uint16_t)(u >> 16); }
+  ((uint16_t*)p)[i] = r; }
+
+/* Work is split in blocks of 64 elements (8 groups of 8 codes = 8*bits bytes). Full blocks take a
+   branch-free path the compiler vectorises; the one partial block at the end takes the padded path. */
+#define ENCODE_FN(NAME, LD, CT)                                                                       \
+static void NAME(const void* x, int64_t n, int64_t b0, int64_t b1, const CT* B, int K, int bits,      \
+                 int right, uint8_t* out) {                                                         \
+  CT pad[256];                                                                                      \
+  int P = (1 << bits) - 1;                                                                          \
+  if (K > 16) { for (int k = 0; k < P; k++) pad[k] = k < K ? B[k] : (CT)NAN; }                      \
+  for (int64_t blk = b0; blk < b1; blk++) {                                                         \
+    CT xv[64]; uint8_t c[64];                                                                       \
+    int64_t base = blk * 64;                                                                        \
+    int cnt = n - base >= 64 ? 64 : (int)(n - base);                                                \
+    if (cnt == 64) { for (int j = 0; j < 64; j++) xv[j] = LD(x, base + j); }                        \
+    else { for (int j = 0; j < 64; j++) xv[j] = j < cnt ? LD(x, base + j) : (CT)0; }                \
+    for (int j = 0; j < 64; j++) c[j] = 0;                                                          \
+    if (K <= 16) {                                                                                  \
+      if (right) { for (int k = 0; k < K; k++) { CT b = B[k]; for (int j = 0; j < 64; j++) c[j] += xv[j] >= b; } } \
+      else { for (int k = 0; k < K; k++) { CT b = B[k]; for (int j = 0; j < 64; j++) c[j] += xv[j] > b; } }        \
+    } else {                                                                                        \
+      for (int j = 0; j < 64; j++) {                                                                \
+        uint32_t idx = 0;                                                                           \
+        for (uint32_t s = 1u << (bits - 1); s; s >>= 1)                                             \
+          idx += (right ? (xv[j] >= pad[idx + s - 1]) : (xv[j] > pad[idx + s - 1])) ? s : 0;        \
+        c[j] = (uint8_t)idx;                                                                        \
+      }                                                                                             \
+    }                                                                                               \
+    uint8_t* o = out + blk * 8 * bits;                                                              \
+    if (cnt == 64) {                                                                                \
+      for (int gi = 0; gi < 8; gi++) {                                                              \
+        uint64_t w = 0;                                                                             \
+        for (int j = 0; j < 8; j++) w |= (uint64_t)c[gi * 8 + j] << (j * bits);                     \
+        for (int t = 0; t < bits; t++) o[gi * bits + t] = (uint8_t)(w >> (8 * t));                 \
+      }                                                                                             \
+    } else {                                                                                        \
+      for (int j = cnt; j < 64; j++) c[j] = 0;                                                      \
+      int64_t nbytes = ((int64_t)cnt * bits + 7) / 8;                                               \
+      for (int gi = 0; gi * 8 < cnt; gi++) {                                                        \
+        uint64_t w = 0;                                                                             \
+        for (int j = 0; j < 8; j++) w |= (uint64_t)c[gi * 8 + j] << (j * bits);                     \
+        for (int t = 0; t < bits && gi * bits + t < nbytes; t++) o[gi * bits + t] = (uint8_t)(w >> (8 * t)); \
+      }                                                                                             \
+    }                                                                                               \
+  }                                                                                                 \
+}
+
+ENCODE_FN(enc_f32, ld_f32, float)
+ENCODE_FN(enc_bf16, ld_bf16, float)
+ENCODE_FN(enc_f16, ld_f16, float)
+ENCODE_FN(enc_f64, ld_f64, double)
+
+/* ---------------- decode_mul: out = levels[code] * grad ---------------- */
+#define DECODE_FN(NAME, LD, ST, CT)                                                                   \
+static void NAME(const uint8_t* in, int64_t n, int64_t b0, int64_t b1, const CT* L, int bits,        \
+                 const void* grad, void* out) {                                                     \
+  uint64_t mask = (bits == 8) ? 0xffu : ((1u << bits) - 1u);                                        \
+  int64_t nbytes_all = (n * bits + 7) / 8;                                                          \
+  for (int64_t blk = b0; blk < b1; blk++) {                                                         \
+    int64_t base = blk * 64;                                                                        \
+    int cnt = n - base >= 64 ? 64 : (int)(n - base);                                                \
+    const uint8_t* p = in + blk * 8 * bits;                                                         \
+    uint32_t c[64];                                                                                 \
+    for (int gi = 0; gi < 8; gi++) {                                                                \
+      uint64_t w = 0;                                                                               \
+      if (cnt == 64) { for (int t = 0; t < bits; t++) w |= (uint64_t)p[gi * bits + t] << (8 * t); } \
+      else { for (int t = 0; t < bits; t++) {                                                       \
+        int64_t at = blk * 8 * bits + gi * bits + t;                                                \
+        if (at < nbytes_all) w |= (uint64_t)p[gi * bits + t] << (8 * t); } }                        \
+      for (int j = 0; j < 8; j++) c[gi * 8 + j] = (uint32_t)((w >> (j * bits)) & mask);             \
+    }                                                                                               \
+    if (cnt == 64) { for (int j = 0; j < 64; j++) ST(out, base + j, L[c[j]] * LD(grad, base + j)); } \
+    else { for (int j = 0; j < cnt; j++) ST(out, base + j, L[c[j]] * LD(grad, base + j)); }         \
+  }                                                                                                 \
+}
+
+DECODE_FN(dec_f32, ld_f32, st_f32, float)
+DECODE_FN(dec_bf16, ld_bf16, st_bf16, float)
+DECODE_FN(dec_f16, ld_f16, st_f16, float)
+DECODE_FN(dec_f64, ld_f64, st_f64, double)
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* fp32 decode of full blocks with AVX-512: 8 codes per 64-bit word via variable shifts, the level gather
+   via one permute (<= 16 levels) or a gather, then one IEEE fp32 multiply (the same as torch's mul).
+   Reads 8 bytes at p + gi*bits, so the caller keeps it away from the last 8 bytes of the buffer. */
+#define HAVE_SIMD_DEC 1
+static void dec_f32_simd(const uint8_t* in, int64_t b0, int64_t b1, const float* L, int bits,
+                         const float* g, float* out) {
+  __m512i shifts = _mm512_setr_epi64(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
+  __m512i mask = _mm512_set1_epi64((bits == 8) ? 0xff : ((1 << bits) - 1));
+  __m512 L16 = _mm512_loadu_ps(L);
+  for (int64_t blk = b0; blk < b1; blk++) {
+    const uint8_t* p = in + blk * 8 * bits;
+    int64_t base = blk * 64;
+    for (int gi = 0; gi < 8; gi += 2) {
+      uint64_t w0, w1;
+      memcpy(&w0, p + gi * bits, 8); memcpy(&w1, p + (gi + 1) * bits, 8);
+      __m256i i0 = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((long long)w0), shifts), mask));
+      __m256i i1 = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((long long)w1), shifts), mask));
+      __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(i0), i1, 1);
+      __m512 lv = bits <= 4 ? _mm512_permutexvar_ps(idx, L16) : _mm512_i32gather_ps(idx, L, 4);
+      _mm512_storeu_ps(out + base + gi * 8, _mm512_mul_ps(lv, _mm512_loadu_ps(g + base + gi * 8)));
+    }
+  }
+}
+#endif
+
+typedef struct { int op, dtype, K, bits, right; const void* x; const void* aux; const void* grad;
+                 void* out; const uint8_t* in; int64_t n, g0, g1; } job_t;
+
+static void run_job(job_t* j) {
+  if (j->op == 0) {
+    switch (j->dtype) {
+      case 0: enc_f32(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, (uint8_t*)j->out); break;
+      case 1: enc_f64(j->x, j->n, j->g0, j->g1, (const double*)j->aux, j->K, j->bits, j->right, (uint8_t*)j->out); break;
+      case 2: enc_f16(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, (uint8_t*)j->out); break;
+      default: enc_bf16(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, (uint8_t*)j->out);
+    }
+  } else {
+    switch (j->dtype) {
+      case 0: {
+#ifdef HAVE_SIMD_DEC
+        /* blocks whose 8-byte loads stay inside the buffer go SIMD; the rest scalar */
+        int64_t nbytes_all = (j->n * j->bits + 7) / 8;
+        int64_t lim = nbytes_all >= 8 ? (nbytes_all - 8) / (8 * j->bits) : 0;
+        if (lim > j->n / 64) lim = j->n / 64;
+        int64_t safe = lim < j->g0 ? j->g0 : (lim > j->g1 ? j->g1 : lim);
+        if (safe > j->g0) dec_f32_simd(j->in, j->g0, safe, (const float*)j->aux, j->bits, (const float*)j->grad, (float*)j->out);
+        dec_f32(j->in, j->n, safe, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
+#else
+        dec_f32(j->in, j->n, j->g0, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
+#endif
+        break; }
+      case 1: dec_f64(j->in, j->n, j->g0, j->g1, (const double*)j->aux, j->bits, j->grad, j->out); break;
+      case 2: dec_f16(j->in, j->n, j->g0, j->g1, (const float*)j->aux, j->bits, j->grad, j->out); break;
+      default: dec_bf16(j->in, j->n, j->g0, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
+    }
+  }
+}
+
+static void* thread_main(void* arg) { run_job((job_t*)arg); return 0; }
+
+static void run_parallel(job_t proto, int nthreads) {
+  int64_t groups = (proto.n + 63) / 64;  /* blocks of 64 */
+  if (nthreads > 64) nthreads = 64;
+  if (nthreads < 1 || groups < 8192) nthreads = 1;
+  job_t jobs[64]; pthread_t tids[64];
+  int64_t per = (groups + nthreads - 1) / nthreads;
+  for (int t = 0; t < nthreads; t++) {
+    jobs[t] = proto; jobs[t].g0 = t * per; jobs[t].g1 = (t + 1) * per < groups ? (t + 1) * per : groups;
+  }
+  for (int t = 1; t < nthreads; t++) pthread_create(&tids[t], 0, thread_main, &jobs[t]);
+  run_job(&jobs[0]);
+  for (int t = 1; t < nthreads; t++) pthread_join(tids[t], 0);
+}
+
+int tf_encode(int dtype, const void* x, int64_t n, const void* borders, int K, int bits, int right,
+              uint8_t* out, int nthreads) {
+  job_t j; memset(&j, 0, sizeof j);
+  j.op = 0; j.dtype = dtype; j.x = x; j.n = n; j.aux = borders; j.K = K; j.bits = bits; j.right = right;
+  j.out = out; run_parallel(j, nthreads); return 0;
+}
+
+int tf_decode_mul(int dtype, const uint8_t* in, int64_t n, const void* levels, int bits, const void* grad,
+                  void* out, int nthreads) {
+  job_t j; memset(&j, 0, sizeof j);
+  j.op = 1; j.dtype = dtype; j.in = in; j.n = n; j.aux = levels; j.bits = bits; j.grad = grad; j.out = out;
+  run_parallel(j, nthreads); return 0;
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu11"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _cpu_key() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return platform.machine() + platform.processor() + flags
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc/clang)")
+    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cc + _cpu_key() + sys.platform).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TIGHTFIT_CACHE", Path.home() / ".cache" / "tightfit"))
+    lib_path = cache / f"fewbit_native_{key}.so"
+    if not lib_path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            src = Path(tmp) / "fewbit_native.c"
+            src.write_text(_SOURCE)
+            tmp_lib = Path(tmp) / "lib.so"
+            proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp_lib)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compiling the fewbit kernels failed:\n{proc.stderr[-2000:]}")
+            os.replace(tmp_lib, lib_path)  # atomic: concurrent builders never see a partial file
+    lib = ctypes.CDLL(str(lib_path))
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.tf_encode.argtypes = [i32, vp, i64, vp, i32, i32, i32, vp, i32]
+    lib.tf_decode_mul.argtypes = [i32, vp, i64, vp, i32, vp, vp, i32]
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _error
+    if _lib is None and _error is None:
+        with _lock:
+            if _lib is None and _error is None:
+                if os.environ.get("TIGHTFIT_NO_NATIVE"):
+                    _error = "disabled by TIGHTFIT_NO_NATIVE"
+                else:
+                    try:
+                        _lib = _build()
+                    except Exception as exc:  # any failure means: use the torch fallback
+                        _error = f"{type(exc).__name__}: {exc}"
+    return _lib
+
+
+def available() -> bool:
+    """True when the kernels are built (building them on first call, ~1 s) and loadable."""
+    return _load() is not None
+
+
+def build_error() -> str | None:
+    """Why the kernels are unavailable (None when they are)."""
+    _load()
+    return _error
+
+
+def _threads(n: int) -> int:
+    return torch.get_num_threads() if n >= 1 << 20 else 1
+
+
+def encode(x: torch.Tensor, cmp_borders: torch.Tensor, bits: int, right: bool) -> torch.Tensor:
+    """Packed codes of x; `cmp_borders` already in the comparison dtype (`codec.compare_borders`)."""
+    lib = _load()
+    assert lib is not None
+    xc = x.detach().contiguous()
+    n = xc.numel()
+    out = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
+    b = cmp_borders.contiguous()
+    lib.tf_encode(DTYPES[xc.dtype], xc.data_ptr(), n, b.data_ptr(), b.numel(), bits, int(right),
+                  out.data_ptr(), _threads(n))
+    return out
+
+
+def decode_mul(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
+    """grad * levels[code] (levels rounded to grad's dtype); fp16/bf16 via exact fp32 products."""
+    lib = _load()
+    assert lib is not None
+    g = grad.contiguous()
+    n = g.numel()
+    if packed.numel() != (n * bits + 7) // 8:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold exactly {n} codes of {bits} bits")
+    lv = levels.detach().to(g.dtype)
+    lv = lv.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
+    table = torch.zeros(256, dtype=lv.dtype)  # any code < 2**bits is a valid index
+    table[: lv.numel()] = lv
+    out = torch.empty_like(g)
+    lib.tf_decode_mul(DTYPES[g.dtype], packed.contiguous().data_ptr(), n, table.data_ptr(), bits,
+                      g.data_ptr(), out.data_ptr(), _threads(n))
+    return out

@@ -1,0 +1,245 @@
+"""Exact b-bit codec for few-bit activation codes: b in 1..8 bits per element, nothing more.
+
+Layout (the contract every backend follows): the codes of a tensor are taken in row-major order, element i
+occupies bits ``[i*b, (i+1)*b)`` of a little-endian bit stream, and bit j of the stream is bit ``j % 8`` of
+byte ``j // 8``. A tensor of n codes packs into exactly ``ceil(n*b/8)`` bytes (codes straddle bytes for
+b = 3, 5, 6, 7); unused high bits of the last byte are zero.
+
+Three implementations, tested against each other:
+
+- ``pack_reference`` / ``unpack_reference``: a bit matrix (n x b bits), obviously correct, memory hungry.
+- ``pack`` / ``unpack``: vectorised pure torch. Groups of 8 codes make one integer of 8*b <= 64 bits
+  (b = 8 uses 1-element groups so no shift reaches the sign bit), then split into b bytes.
+- the native C kernels (``tightfit.fewbit._native``), which also fuse bucketizing (``encode``) and the
+  gather-multiply of the backward (``decode_mul``). ``encode``/``decode_mul`` below dispatch to the
+  selected backend; ``encode_reference``/``decode_mul_reference`` define what they must return.
+
+Code semantics (``encode``): ``code = #{k : borders[k] < x}`` (``right=False``) or ``#{k : borders[k] <= x}``
+(``right=True``), i.e. ``torch.bucketize(x, borders, right=right)`` for sorted borders. NaN gets code 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = [
+    "packed_nbytes",
+    "pack_reference",
+    "unpack_reference",
+    "pack",
+    "unpack",
+    "encode_reference",
+    "decode_mul_reference",
+    "encode",
+    "decode_mul",
+    "compare_borders",
+    "get_backend",
+    "set_backend",
+    "BACKENDS",
+]
+
+BACKENDS = ("auto", "native", "torch")
+_backend = os.environ.get("TIGHTFIT_FEWBIT_BACKEND", "auto")
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+
+
+def packed_nbytes(n: int, bits: int) -> int:
+    """Bytes taken by n codes of `bits` bits each: ceil(n*bits/8)."""
+    _check_bits(bits)
+    return (n * bits + 7) // 8
+
+
+def _check_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    _check_bits(bits)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be a uint8 tensor, got {codes.dtype}")
+    return codes.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reference: a bit matrix
+# ---------------------------------------------------------------------------------------------------
+
+
+def pack_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (< 2**bits, any shape) into ceil(n*bits/8) bytes via an explicit bit matrix."""
+    flat = _check_codes(codes, bits).to(torch.int64)
+    n = flat.numel()
+    shifts = torch.arange(bits, device=flat.device)
+    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)  # n*bits bits, element-major, LSB first
+    nbytes = packed_nbytes(n, bits)
+    stream = torch.cat([stream, stream.new_zeros(nbytes * 8 - stream.numel())])
+    weights = 1 << torch.arange(8, device=flat.device)
+    return (stream.reshape(nbytes, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_reference(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_reference`: n uint8 codes from the packed bytes."""
+    _check_bits(bits)
+    stream = (packed.reshape(-1).to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1
+    stream = stream.reshape(-1)[: n * bits].reshape(n, bits)
+    weights = 1 << torch.arange(bits, device=packed.device)
+    return (stream * weights).sum(1).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# vectorised pure torch
+# ---------------------------------------------------------------------------------------------------
+
+
+def _group(bits: int) -> tuple[int, int]:
+    """(codes per group, bytes per group): the smallest group whose bits fill whole bytes."""
+    g = 8 // _gcd(bits, 8)
+    return g, g * bits // 8
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes into ceil(n*bits/8) bytes (vectorised torch; same layout as `pack_reference`)."""
+    flat = _check_codes(codes, bits)
+    n = flat.numel()
+    g, nb = _group(bits)
+    if bits == 8:
+        return flat.clone()
+    pad = (-n) % g
+    words = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, g).to(torch.int64)
+    words = (words << (torch.arange(g, device=flat.device) * bits)).sum(1, keepdim=True)
+    out = ((words >> (torch.arange(nb, device=flat.device) * 8)) & 0xFF).to(torch.uint8)
+    return out.reshape(-1)[: packed_nbytes(n, bits)]
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """n uint8 codes from bytes packed by `pack` (vectorised torch)."""
+    _check_bits(bits)
+    flat = packed.reshape(-1)
+    if flat.numel() != packed_nbytes(n, bits):
+        raise ValueError(f"{flat.numel()} packed bytes cannot hold exactly {n} codes of {bits} bits")
+    if bits == 8:
+        return flat.clone()
+    g, nb = _group(bits)
+    pad = (-flat.numel()) % nb
+    words = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, nb).to(torch.int64)
+    words = (words << (torch.arange(nb, device=flat.device) * 8)).sum(1, keepdim=True)
+    codes = (words >> (torch.arange(g, device=flat.device) * bits)) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(-1)[:n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused encode (bucketize + pack) and decode (unpack + gather + multiply)
+# ---------------------------------------------------------------------------------------------------
+
+
+def compare_borders(borders: torch.Tensor, dtype: torch.dtype, right: bool) -> torch.Tensor:
+    """Borders in the comparison dtype of `dtype` inputs, rounded so comparisons stay exact.
+
+    fp16/bf16/fp32 inputs are compared in fp32, fp64 in fp64. For ``x > t`` (right=False) with x a float,
+    ``x > t  <=>  x > round_down_f32(t)``; for ``x >= t`` (right=True), ``x >= round_up_f32(t)``. So the
+    codes equal those of an exact float64 comparison.
+    """
+    b64 = borders.detach().to(torch.float64)
+    if dtype == torch.float64:
+        return b64.contiguous()
+    b32 = b64.to(torch.float32)
+    b32_64 = b32.to(torch.float64)
+    if right:
+        fix = b32_64 < b64
+        b32 = torch.where(fix, torch.nextafter(b32, torch.full_like(b32, float("inf"))), b32)
+    else:
+        fix = b32_64 > b64
+        b32 = torch.where(fix, torch.nextafter(b32, torch.full_like(b32, float("-inf"))), b32)
+    return b32.contiguous()
+
+
+def _codes_reference(x: torch.Tensor, borders: torch.Tensor, right: bool) -> torch.Tensor:
+    xd = x.detach().reshape(-1).to(torch.float64)
+    b = borders.detach().to(torch.float64)
+    codes = torch.bucketize(xd, b, right=right)
+    return torch.where(torch.isnan(xd), 0, codes).to(torch.uint8)
+
+
+def encode_reference(x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool = False) -> torch.Tensor:
+    """Packed codes of x: bucketize in float64 against sorted borders, then `pack_reference`."""
+    if borders.numel() >= 1 << bits:
+        raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
+    return pack_reference(_codes_reference(x, borders, right), bits)
+
+
+def decode_mul_reference(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
+    """grad * levels[code] in grad's dtype, the levels first rounded to that dtype."""
+    codes = unpack_reference(packed, bits, grad.numel()).long()
+    return (levels.to(grad.dtype)[codes] * grad.reshape(-1)).reshape(grad.shape)
+
+
+def _encode_torch(x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool) -> torch.Tensor:
+    cb = compare_borders(borders, x.dtype, right).to(x.device)
+    xc = x.detach().reshape(-1)
+    xc = xc.to(cb.dtype) if xc.dtype != cb.dtype else xc
+    codes = torch.bucketize(xc, cb, right=right, out_int32=True)
+    codes = torch.where(torch.isnan(xc), 0, codes).to(torch.uint8)
+    return pack(codes, bits)
+
+
+def _decode_mul_torch(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
+    codes = unpack(packed, bits, grad.numel()).long()
+    return (levels.to(grad.dtype)[codes] * grad.reshape(-1)).reshape(grad.shape)
+
+
+def get_backend() -> str:
+    """The backend `encode`/`decode_mul` use: 'native' (C kernels, built lazily) or 'torch'."""
+    if _backend == "auto":
+        from tightfit.fewbit import _native
+
+        return "native" if _native.available() else "torch"
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Select 'auto' (native when it builds, else torch), 'native' or 'torch'."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fewbit backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "native":
+        from tightfit.fewbit import _native
+
+        if not _native.available():
+            raise RuntimeError(f"the native fewbit kernels are unavailable: {_native.build_error()}")
+    _backend = name
+
+
+def _native_ok(t: torch.Tensor) -> bool:
+    from tightfit.fewbit import _native
+
+    return t.device.type == "cpu" and t.dtype in _native.DTYPES and get_backend() == "native"
+
+
+def encode(x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool = False) -> torch.Tensor:
+    """Packed codes of x (any shape/dtype/strides) in ceil(x.numel()*bits/8) bytes; see the module doc."""
+    _check_bits(bits)
+    if borders.numel() >= 1 << bits:
+        raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
+    if _native_ok(x):
+        from tightfit.fewbit import _native
+
+        return _native.encode(x, compare_borders(borders, x.dtype, right), bits, right)
+    return _encode_torch(x, borders, bits, right)
+
+
+def decode_mul(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
+    """grad * levels[code] (levels rounded to grad's dtype), contiguous, grad's shape."""
+    _check_bits(bits)
+    if _native_ok(grad):
+        from tightfit.fewbit import _native
+
+        return _native.decode_mul(packed, levels, grad, bits)
+    return _decode_mul_torch(packed, levels, grad, bits)

@@ -1,0 +1,249 @@
+"""Derivative tables: what a few-bit op needs to encode x and to rebuild f'(x) in the backward.
+
+A :class:`Table` has sorted ``borders`` t_0 <= ... <= t_{m-1} and ``levels`` l_0..l_m. An input x gets
+the code
+
+    code(x) = Σ_i [x > t_i]   if not right[i]     (x == t_i goes to the piece BELOW t_i)
+            + Σ_i [x >= t_i]  if right[i]         (x == t_i goes to the piece ABOVE t_i)
+
+and the backward multiplies the incoming gradient by ``levels[code]``. When all ``right`` flags are
+equal this is exactly ``torch.bucketize(x, borders, right=flag)`` (``Table.bucketize_right``); band
+functions need mixed flags (hardtanh'(x) is 0 at both x = min_val and x = max_val), so the general rule
+is the sum of comparisons above (``Table.encode``). The flags are chosen so that piecewise-linear tables
+give torch's derivative exactly, kinks included (relu'(0) = 0, hardtanh'(±1) = 0, hardshrink'(±λ) = 0).
+
+NOTE (dtype): compare x with ``borders.to(x.dtype)``, as torch does with its scalar parameters (e.g.
+threshold's 0.1 is rounded to float32 for a float32 input); ``Table.encode`` does that.
+
+``get_table(name, bits, **params)``: exact tables for piecewise-linear functions at any parameters
+(1 bit for one kink, 2 bits for bands, whatever ``bits`` asks for: ``table.bits`` is the code width
+actually needed); the shipped tables (``data/tables.json``, made by ``scripts/make_fewbit_tables.py``)
+for default parameters and the N(0,1) weight; otherwise a fit, cached (LRU).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Table", "exact_table", "get_table", "load_shipped", "tie_flags", "SHIPPED_BITS"]
+
+SHIPPED_BITS = tuple(range(1, 9))
+DATA_FILE = "tables.json"
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """A piecewise-constant derivative table (see the module docstring for the encoding rule).
+
+    ``error`` is E = ∫(f' − q)² w / ∫w under the weight ``weight`` it was made for (0 for exact tables);
+    ``bits`` is the code width needed (len(levels) <= 2**bits); ``exact`` means q == f' everywhere with
+    torch's conventions at kinks; ``right[i]`` says whether x == borders[i] belongs to the piece above.
+    """
+
+    borders: Tensor
+    levels: Tensor
+    error: float
+    bits: int
+    exact: bool = False
+    right: tuple[bool, ...] = ()
+    name: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    weight: str = "normal(mean=0, std=1)"
+
+    def __post_init__(self) -> None:
+        b = torch.as_tensor(self.borders, dtype=torch.float64).detach().flatten()
+        lv = torch.as_tensor(self.levels, dtype=torch.float64).detach().flatten()
+        object.__setattr__(self, "borders", b)
+        object.__setattr__(self, "levels", lv)
+        if lv.numel() != b.numel() + 1:
+            raise ValueError(f"a table needs len(levels) == len(borders) + 1, got {lv.numel()}, {b.numel()}")
+        if b.numel() and bool((b[1:] < b[:-1]).any()):
+            raise ValueError("table borders must be sorted")
+        if not (torch.isfinite(b).all() and torch.isfinite(lv).all()):
+            raise ValueError("table borders and levels must be finite")
+        if lv.numel() > (1 << int(self.bits)):
+            raise ValueError(f"{lv.numel()} levels do not fit in {self.bits} bits")
+        right = tuple(bool(r) for r in self.right) if self.right else (False,) * b.numel()
+        if len(right) != b.numel():
+            raise ValueError(f"right needs one flag per border, got {len(right)} for {b.numel()}")
+        object.__setattr__(self, "right", right)
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.levels.numel())
+
+    @property
+    def bucketize_right(self) -> bool | None:
+        """``torch.bucketize``'s ``right=`` reproducing :meth:`encode`, or None when the flags are mixed."""
+        if all(self.right):
+            return True
+        if not any(self.right):
+            return False
+        return None
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Reference encoder: int64 codes in [0, len(levels)) (compares in x's dtype)."""
+        b = self.borders.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float64)
+        flag = self.bucketize_right
+        if flag is not None:
+            return torch.bucketize(x, b, right=flag)
+        code = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+        for t, r in zip(b, self.right):
+            code += (x >= t) if r else (x > t)
+        return code
+
+    def decode(self, codes: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """levels[codes]: the approximate derivative."""
+        return self.levels.to(device=codes.device, dtype=dtype)[codes]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """q(x), the approximate derivative, in x's dtype."""
+        return self.decode(self.encode(x), x.dtype if x.is_floating_point() else torch.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "params": dict(self.params),
+            "bits": int(self.bits),
+            "exact": bool(self.exact),
+            "error": float(self.error),
+            "weight": self.weight,
+            "borders": [float(v) for v in self.borders.tolist()],
+            "levels": [float(v) for v in self.levels.tolist()],
+            "right": [bool(r) for r in self.right],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Table:
+        return cls(
+            borders=torch.tensor(d["borders"], dtype=torch.float64),
+            levels=torch.tensor(d["levels"], dtype=torch.float64),
+            error=float(d["error"]),
+            bits=int(d["bits"]),
+            exact=bool(d.get("exact", False)),
+            right=tuple(d.get("right", ())),
+            name=d.get("name"),
+            params=dict(d.get("params", {})),
+            weight=d.get("weight", "normal(mean=0, std=1)"),
+        )
+
+    def __repr__(self) -> str:
+        kind = "exact" if self.exact else f"error={self.error:.3e}"
+        return f"Table({self.name!r}, bits={self.bits}, levels={self.num_levels}, {kind})"
+
+
+def tie_flags(fn: Callable[[Tensor], Tensor], borders: Any, levels: Any) -> tuple[bool, ...]:
+    """For each border t_i: True when torch's f'(t_i) is closer to the level above than to the one below."""
+    b = torch.as_tensor(borders, dtype=torch.float64).flatten()
+    lv = torch.as_tensor(levels, dtype=torch.float64).flatten()
+    if b.numel() == 0:
+        return ()
+    x = b.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (d,) = torch.autograd.grad(fn(x).sum(), x)
+    below, above = lv[:-1], lv[1:]
+    return tuple(bool(v) for v in ((d - above).abs() < (d - below).abs()).tolist())
+
+
+def exact_table(name: str, **params: Any) -> Table:
+    """The exact table of a piecewise-linear registry function ("step" or "band" kind)."""
+    from .activations import spec_for_name
+
+    spec = spec_for_name(name)
+    if spec.kind == "smooth":
+        raise ValueError(f"{spec.name} is not piecewise linear: use get_table/fit for a fitted table")
+    p = spec.params(**params)
+    borders = sorted(float(t) for t in spec.breaks(p))
+    # One level per piece: f' at an interior point of it (torch's own backward, so exactly its value).
+    pts = [borders[0] - 1.0, *[0.5 * (a + b) for a, b in zip(borders[:-1], borders[1:])], borders[-1] + 1.0]
+    levels = spec.derivative(torch.tensor(pts, dtype=torch.float64), **p)
+    fn = functools.partial(spec.fn, **p)
+    bits = max(1, math.ceil(math.log2(len(pts))))
+    return Table(
+        borders=torch.tensor(borders, dtype=torch.float64),
+        levels=levels,
+        error=0.0,
+        bits=bits,
+        exact=True,
+        right=tie_flags(fn, borders, levels),
+        name=spec.name,
+        params=p,
+        weight="any",
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def load_shipped() -> dict[tuple[str, int], Table]:
+    """The shipped tables, keyed by (registry name, bits). Empty if the data file is not there."""
+    try:
+        text = resources.files("tightfit.fewbit").joinpath("data", DATA_FILE).read_text()
+    except (FileNotFoundError, ModuleNotFoundError):
+        return {}
+    data = json.loads(text)
+    return {(d["name"], int(d["bits"])): Table.from_dict(d) for d in data["tables"]}
+
+
+@functools.lru_cache(maxsize=256)
+def _fitted(name: str, bits: int, params_key: tuple[tuple[str, Any], ...]) -> Table:
+    from .fit import fit
+
+    t = fit(name, bits, "normal", params=dict(params_key))
+    return _with(t, params=dict(params_key))
+
+
+def _with(t: Table, **changes: Any) -> Table:
+    d = {f: getattr(t, f) for f in t.__dataclass_fields__}
+    d.update(changes)
+    return Table(**d)
+
+
+def get_table(name: str, bits: int, *, weight: Any = "normal", **params: Any) -> Table:
+    """The derivative table of registry function ``name`` (or an ACT2FN name) for ``bits`` bits.
+
+    Piecewise-linear functions: the exact table for these params (its ``bits`` may be below the request).
+    Smooth functions under the N(0,1) weight: the shipped table for default params, else a fit cached
+    per (name, bits, params). Other weights (e.g. ``Calibration.weight(path)``): a fresh fit, not cached.
+    """
+    from .activations import ACTIVATIONS, spec_for_name
+    from .fit import _check_bits, fit
+
+    bits = _check_bits(bits)
+    spec = spec_for_name(name)
+    p = spec.params(**params)
+    if spec.kind != "smooth":
+        return exact_table(spec.name, **p)
+    src = ACTIVATIONS[spec.table_name]
+    if isinstance(weight, str) and weight == "normal":
+        if p == dict(src.defaults):
+            shipped = load_shipped().get((src.name, bits))
+            if shipped is not None:
+                return shipped
+        return _fitted(src.name, bits, tuple(sorted(p.items())))
+    t = fit(src.name, bits, weight, params=p)
+    return _with(t, params=p)
+
+
+def table_summary(tables: Sequence[Table]) -> str:
+    """A plain-text table of errors, one row per function, one column per bit width."""
+    rows: dict[str, dict[int, Table]] = {}
+    for t in tables:
+        rows.setdefault(str(t.name), {})[t.bits] = t
+    bits = sorted({t.bits for t in tables})
+    head = f"{'function':<18}" + "".join(f"{b:>10d}" for b in bits)
+    lines = [head]
+    for name, byb in rows.items():
+        cells = []
+        for b in bits:
+            t = byb.get(b)
+            cells.append(f"{'':>10}" if t is None else f"{'exact':>10}" if t.exact else f"{t.error:>10.2e}")
+        lines.append(f"{name:<18}" + "".join(cells))
+    return "\n".join(lines)

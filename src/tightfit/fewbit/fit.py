@@ -572,7 +572,8 @@ def fit(
       symmetric), False skips it.
     - Result: levels are the w-weighted means of f' per piece, and ``error`` is E of the returned table,
       re-integrated independently of the DP's grid (Gauss-Legendre on 4096+ sub-intervals split at
-      borders). Tie flags (which piece a border itself belongs to) follow torch's f' at the border.
+      borders). Ties: one ``right`` flag for all borders (``torch.bucketize``'s), False unless every
+      border on a jump of f' has torch's f'(border) on the upper side.
     """
     from .activations import ActivationSpec, spec_for_name
 
@@ -635,7 +636,11 @@ def fit(
     if sym is not None and cuts == scuts:  # mirrored borders: make the levels exactly symmetric too
         levels = _symmetrize(levels, sym)
         err, _ = _table_moments(dfn, w, borders, levels, brk, 4096)
-    right = tie_flags(func, borders, levels)
+    # NOTE (ties): a fitted table uses one bucketize flag for all borders, so ops can use torch.bucketize.
+    # Only borders on a jump of f' have a meaningful side: follow torch's f' there when all agree.
+    at_jump = np.isin(borders, brk)
+    flags = [f for f, j in zip(tie_flags(func, borders, levels), at_jump) if j]
+    right = (bool(flags and all(flags)),) * borders.size
     return Table(
         borders=torch.tensor(borders, dtype=torch.float64),
         levels=torch.tensor(levels, dtype=torch.float64),

@@ -1,0 +1,156 @@
+"""The few-bit activation op: exact forward, b-bit saved codes, table-gather backward.
+
+``y = f(x)`` is computed by the very torch call the original module makes, so y is bit-identical to it.
+What is saved for backward is only the packed code of x (``ceil(n*bits/8)`` bytes, see
+`tightfit.fewbit.codec`) plus the table's levels (``2**bits`` values, shared between calls). The backward
+returns ``levels[code] * grad`` in the gradient's dtype (levels first rounded to that dtype).
+
+The kernels are ``torch.library`` custom ops (``tightfit::fewbit_forward``, ``tightfit::fewbit_backward``)
+with fake kernels, wrapped in a new-style ``autograd.Function`` (custom-op autograd does not compose with
+``torch.func.grad``). So it works under ``torch.compile(fullgraph=True)`` (the op stays opaque there: the
+forward keeps calling eager torch, which is what keeps it identical), ``torch.func.grad`` and autocast (it
+runs in the dtype it receives).
+
+NOTE (double backward): the backward is piecewise constant in x, so ``d(grad_x)/dx`` would silently be 0.
+A backward run with ``create_graph=True`` therefore raises a RuntimeError naming this op, instead of
+building a graph that gives a wrong second derivative. (``torch.func.grad`` builds such graphs for first
+derivatives too: under functorch a single ``grad``/``vjp``/``jacrev`` works, and nested transforms
+(``grad(grad(f))``, ``hessian``) raise the same error.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tightfit.fewbit import codec
+
+__all__ = ["fewbit_apply", "register_forward", "forward_key", "DOUBLE_BACKWARD_ERROR"]
+
+DOUBLE_BACKWARD_ERROR = (
+    "tightfit few-bit activations do not support double backward (create_graph=True then differentiating "
+    "the gradient): the saved b-bit code makes the backward piecewise constant in x, so a second "
+    "derivative would silently be wrong. Use the torch activation (tightfit.convert_ with filter_fn, or "
+    "the plain torch.nn module) where second derivatives are needed."
+)
+
+# Forwards by key: a custom op can only take strings, numbers and tensors, so the exact torch forward is
+# looked up here. Keys are deterministic ("gelu:{}"), so compiled graphs and pickled configs stay valid.
+_FORWARDS: dict[str, Callable[[Tensor], Tensor]] = {}
+
+
+def forward_key(name: str, params: dict[str, Any] | None = None) -> str:
+    """The registry key of the forward `name` with keyword parameters `params`."""
+    return f"{name}:{json.dumps(params or {}, sort_keys=True)}"
+
+
+def register_forward(key: str, fn: Callable[[Tensor], Tensor]) -> str:
+    """Make `fn` (x -> f(x), pointwise, out of place) callable by the custom op under `key`."""
+    _FORWARDS.setdefault(key, fn)  # keys name the math: a second registration of the same key is a no-op
+    return key
+
+
+def _lookup(key: str) -> Callable[[Tensor], Tensor]:
+    try:
+        return _FORWARDS[key]
+    except KeyError:
+        raise KeyError(f"no few-bit forward registered under {key!r}; call register_forward first") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tightfit::fewbit_forward", mutates_args=())
+def _fewbit_forward(
+    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool
+) -> tuple[Tensor, Tensor]:
+    y = _lookup(key)(x)
+    if y is x or (y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and y.numel()):
+        y = y.clone()  # a custom op may not return its input
+    return y, codec.encode(x, borders, bits, right)
+
+
+@_fewbit_forward.register_fake
+def _(x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool) -> tuple[Tensor, Tensor]:
+    y = _lookup(key)(x)  # pointwise torch ops give the real output's dtype and strides on fake tensors
+    return y, x.new_empty(((x.numel() * bits) + 7) // 8, dtype=torch.uint8)
+
+
+@torch.library.custom_op("tightfit::fewbit_backward", mutates_args=())
+def _fewbit_backward(packed: Tensor, levels: Tensor, grad: Tensor, bits: int) -> Tensor:
+    return codec.decode_mul(packed, levels, grad, bits)
+
+
+@_fewbit_backward.register_fake
+def _(packed: Tensor, levels: Tensor, grad: Tensor, bits: int) -> Tensor:
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+def _functorch_active(t: Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def backward_gather(packed: Tensor, levels: Tensor, grad: Tensor, bits: int) -> Tensor:
+    """levels[code] * grad. Raises when called to build a graph for a second derivative (module NOTE).
+
+    ``torch.func.grad`` always builds such a graph even for first derivatives, so under functorch only
+    nested transforms (level > 1) raise.
+    """
+    if torch.is_grad_enabled():
+        if not _functorch_active(grad):
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        level = torch._C._functorch.maybe_current_level()
+        if level is not None and level > 1:  # grad(grad(f)), hessian, jacfwd(grad(f)), ...
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+    return _fewbit_backward(packed, levels, grad, bits)
+
+
+class _FewBitFunction(torch.autograd.Function):
+    """New-style autograd.Function (setup_context): works with torch.func.grad, unlike custom-op autograd."""
+
+    @staticmethod
+    def forward(x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool) -> Any:
+        return _fewbit_forward(x, key, borders, levels, bits, right)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        x, _key, _borders, levels, bits, _right = inputs
+        ctx.save_for_backward(output[1], levels)
+        ctx.mark_non_differentiable(output[1])
+        ctx.bits = bits
+        ctx.x_dtype = x.dtype
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor, _grad_packed: Tensor | None) -> tuple[Any, ...]:
+        packed, levels = ctx.saved_tensors
+        if grad_y.dtype != ctx.x_dtype:
+            grad_y = grad_y.to(ctx.x_dtype)
+        return backward_gather(packed, levels, grad_y, ctx.bits), None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Python entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def fewbit_apply(x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool = False) -> Tensor:
+    """f(x) with a few-bit backward; f is the forward registered under `key` (`register_forward`).
+
+    Without autograd (no grad mode, or x does not require grad) this is just ``f(x)``: no codes are made.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a tensor, got {type(x).__name__}")
+    if not (x.is_floating_point()):
+        raise TypeError(f"few-bit activations need a floating-point input, got {x.dtype}")
+    if len(levels) > 1 << bits or len(levels) != len(borders) + 1:
+        raise ValueError(f"a {bits}-bit table needs len(levels) == len(borders) + 1 <= {1 << bits}")
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _lookup(key)(x)
+    y, _packed = _FewBitFunction.apply(x, key, borders, levels, bits, right)
+    return y

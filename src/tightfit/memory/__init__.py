@@ -1,1 +1,26 @@
-"""placeholder"""
+"""The ruler: exact measurement of what a training step keeps and when memory peaks.
+
+- `LiveTracker`: live tensor bytes over any code (peak, where, per module, timeline);
+- `SavedTensorCounter`: bytes a forward pass keeps for backward, checkpoint regions included;
+- `profile` / `estimate`: a whole training step as a `MemoryReport`, real or under FakeTensorMode.
+"""
+
+from tightfit.memory.live import LiveTracker, ModulePeaks, TimelinePoint
+from tightfit.memory.profile import estimate, profile, unique_bytes
+from tightfit.memory.report import MemoryReport, ModuleMemory
+from tightfit.memory.saved import SavedTensorCounter
+
+__all__ = [
+    # measuring tools
+    "LiveTracker",
+    "SavedTensorCounter",
+    "unique_bytes",
+    # whole training steps
+    "profile",
+    "estimate",
+    # results
+    "MemoryReport",
+    "ModuleMemory",
+    "ModulePeaks",
+    "TimelinePoint",
+]

@@ -1,0 +1,76 @@
+"""`MemoryReport`: the numbers of one measured (or estimated) training step. Printing lives in
+`tightfit.report`; this module only holds data and serialises it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tightfit.memory.live import TimelinePoint
+
+
+@dataclass
+class ModuleMemory:
+    """One module's share: activations it created that are kept for backward (its own ops, not its
+    children's), and the highest live bytes of the whole step while its forward / backward ran."""
+
+    path: str
+    saved_bytes: int
+    forward_peak: int
+    backward_peak: int
+
+
+@dataclass
+class MemoryReport:
+    """Where a training step's memory goes. Sizes are bytes of live tensors (see tightfit.memory)."""
+
+    model: str
+    device: str
+    estimated: bool
+    params_bytes: int
+    buffers_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    inputs_bytes: int
+    activations_bytes: int  # saved for backward by the forward pass (deduplicated, params excluded)
+    forward_live_bytes: int  # live above the step's start when the forward returns (saved + outputs)
+    baseline_bytes: int  # live when the step starts: params, buffers, optimizer state, inputs
+    peak_bytes: int  # highest live bytes over forward, backward and optimizer step
+    peak_phase: str | None
+    peak_op: str | None
+    peak_module: str | None
+    phase_peaks: dict[str, int]
+    per_module: dict[str, int]  # module path -> activations_bytes share; sums to activations_bytes
+    modules: list[ModuleMemory]
+    flops: int
+    step_time: float | None  # seconds per step without measurement overhead; None when estimated
+    timeline: list[TimelinePoint] | None = field(default=None, repr=False)
+
+    def inclusive_saved(self, path: str) -> int:
+        """Saved bytes created by `path` and all modules below it."""
+        if path == "":
+            return sum(v for k, v in self.per_module.items() if k != "<outside>")
+        return sum(v for k, v in self.per_module.items() if k == path or k.startswith(path + "."))
+
+    def to_dict(self, timeline: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        if not timeline:
+            data.pop("timeline")
+        return data
+
+    def to_json(self, indent: int | None = 2, timeline: bool = False) -> str:
+        return json.dumps(self.to_dict(timeline=timeline), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryReport:
+        data = dict(data)
+        data["modules"] = [ModuleMemory(**m) for m in data.get("modules", [])]
+        if data.get("timeline") is not None:
+            data["timeline"] = [TimelinePoint(**p) for p in data["timeline"]]
+        return cls(**data)
+
+    def __str__(self) -> str:
+        from tightfit.report import render_memory_report
+
+        return render_memory_report(self)

@@ -1,0 +1,116 @@
+"""Terminal rendering (rich) and plots (matplotlib, optional) for tightfit's reports."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+from tightfit.sizes import format_size
+
+if TYPE_CHECKING:
+    from tightfit.memory.report import MemoryReport
+
+
+def to_text(renderable: object, width: int = 100) -> str:
+    """Render a rich object to plain text (what print(report) shows)."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, force_terminal=False, color_system=None).print(renderable)
+    return buffer.getvalue().rstrip("\n")
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _module_rows(report: MemoryReport, max_rows: int = 14) -> list[tuple[str, int]]:
+    """Modules to show: the root's children, expanding any that holds most of the activations."""
+    children: dict[str, list[str]] = {}
+    for path in report.per_module:
+        if path == "<outside>":
+            continue
+        parts = path.split(".") if path else []
+        for depth in range(len(parts)):
+            parent, child = ".".join(parts[:depth]), ".".join(parts[: depth + 1])
+            children.setdefault(parent, [])
+            if child not in children[parent]:
+                children[parent].append(child)
+    total = report.activations_bytes
+    rows: list[tuple[str, int]] = []
+    frontier = [""]
+    while frontier and len(rows) < max_rows:
+        path = frontier.pop(0)
+        kids = children.get(path, [])
+        own = report.per_module.get(path, 0) if path else 0
+        if path and (not kids or report.inclusive_saved(path) < 0.5 * total):
+            rows.append((path, report.inclusive_saved(path)))
+            continue
+        if path and own:
+            rows.append((f"{path} (own ops)", own))
+        frontier = kids + frontier
+    rows += [(path, report.inclusive_saved(path)) for path in frontier[: max(0, max_rows - len(rows))]]
+    if "<outside>" in report.per_module:
+        rows.append(("<outside any module>", report.per_module["<outside>"]))
+    return rows
+
+
+def render_memory_report(report: MemoryReport, width: int = 100) -> str:
+    """The report as a readable table: categories, peak and where it happens, activations by module."""
+    title = f"{report.model} on {report.device}" + (" (estimated, FakeTensorMode)" if report.estimated else "")
+    summary = Table(title=title, show_header=True, header_style="bold")
+    summary.add_column("what")
+    summary.add_column("bytes", justify="right")
+    summary.add_column("of peak", justify="right")
+    for name, value in (
+        ("parameters", report.params_bytes),
+        ("buffers", report.buffers_bytes),
+        ("gradients", report.grads_bytes),
+        ("optimizer state", report.optimizer_bytes),
+        ("inputs", report.inputs_bytes),
+        ("activations saved for backward", report.activations_bytes),
+    ):
+        summary.add_row(name, format_size(value), _pct(value, report.peak_bytes))
+    summary.add_row("[bold]peak live tensors[/bold]", f"[bold]{format_size(report.peak_bytes)}[/bold]", "100%")
+    where = f"during {report.peak_phase}, op {report.peak_op}"
+    if report.peak_module is not None:
+        where += f", in module '{report.peak_module or '<root>'}'"
+    lines = [to_text(summary, width), f"peak {format_size(report.peak_bytes)} {where}"]
+    phases = ", ".join(f"{k} {format_size(v)}" for k, v in report.phase_peaks.items() if k != "run")
+    if phases:
+        lines.append(f"peak by phase: {phases}")
+    extra = f"FLOPs per step: {report.flops:.3e}"
+    if report.step_time is not None:
+        extra += f"; step time {report.step_time * 1e3:.1f} ms"
+    lines.append(extra)
+    if report.per_module:
+        by_module = Table(title="activations saved for backward, by module", header_style="bold")
+        by_module.add_column("module")
+        by_module.add_column("saved", justify="right")
+        by_module.add_column("share", justify="right")
+        for path, nbytes in _module_rows(report):
+            by_module.add_row(path, format_size(nbytes), _pct(nbytes, report.activations_bytes))
+        lines.append(to_text(by_module, width))
+    return "\n".join(lines)
+
+
+def plot_timelines(timelines: dict[str, list], path: str, title: str = "live tensor memory over a step") -> None:
+    """Plot live bytes against op index for each labelled timeline (matplotlib) and save to `path`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install 'tightfit[plot]'") from err
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, points in timelines.items():
+        ax.plot([p.index for p in points], [p.live_bytes / 2**20 for p in points], label=label, lw=1)
+    ax.set_xlabel("op index")
+    ax.set_ylabel("live tensors (MiB)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -58,7 +58,9 @@ def _module_rows(report: MemoryReport, max_rows: int = 14) -> list[tuple[str, in
 
 def render_memory_report(report: MemoryReport, width: int = 100) -> str:
     """The report as a readable table: categories, peak and where it happens, activations by module."""
-    title = f"{report.model} on {report.device}" + (" (estimated, FakeTensorMode)" if report.estimated else "")
+    title = f"{report.model} on {report.device}" + (
+        " (estimated, FakeTensorMode)" if report.estimated else ""
+    )
     summary = Table(title=title, show_header=True, header_style="bold")
     summary.add_column("what")
     summary.add_column("bytes", justify="right")
@@ -72,7 +74,9 @@ def render_memory_report(report: MemoryReport, width: int = 100) -> str:
         ("activations saved for backward", report.activations_bytes),
     ):
         summary.add_row(name, format_size(value), _pct(value, report.peak_bytes))
-    summary.add_row("[bold]peak live tensors[/bold]", f"[bold]{format_size(report.peak_bytes)}[/bold]", "100%")
+    summary.add_row(
+        "[bold]peak live tensors[/bold]", f"[bold]{format_size(report.peak_bytes)}[/bold]", "100%"
+    )
     where = f"during {report.peak_phase}, op {report.peak_op}"
     if report.peak_module is not None:
         where += f", in module '{report.peak_module or '<root>'}'"
@@ -95,7 +99,9 @@ def render_memory_report(report: MemoryReport, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def plot_timelines(timelines: dict[str, list], path: str, title: str = "live tensor memory over a step") -> None:
+def plot_timelines(
+    timelines: dict[str, list], path: str, title: str = "live tensor memory over a step"
+) -> None:
     """Plot live bytes against op index for each labelled timeline (matplotlib) and save to `path`."""
     try:
         import matplotlib

@@ -60,10 +60,19 @@ def test_profile_categories_are_exact():
 def test_estimate_equals_profile():
     model_factory, batch_factory = _factories()
     model = model_factory()
-    real = tightfit.profile(model, batch_factory(), optimizer=torch.optim.AdamW(model.parameters()), time_steps=0)
+    real = tightfit.profile(
+        model, batch_factory(), optimizer=torch.optim.AdamW(model.parameters()), time_steps=0
+    )
     fake = tightfit.estimate(model_factory, batch_factory, optimizer_factory=lambda p: torch.optim.AdamW(p))
     assert fake.estimated and not real.estimated
-    for field in ("activations_bytes", "peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "flops"):
+    for field in (
+        "activations_bytes",
+        "peak_bytes",
+        "params_bytes",
+        "grads_bytes",
+        "optimizer_bytes",
+        "flops",
+    ):
         assert getattr(fake, field) == getattr(real, field), field
     assert fake.per_module == real.per_module
     assert fake.peak_op == real.peak_op

@@ -58,7 +58,9 @@ def test_transformer_block_saved_bytes_match_hand_derivation():
 
 
 def _chain(width: int = 512):
-    return nn.Sequential(*[nn.Sequential(nn.Linear(128, width), nn.GELU(), nn.Linear(width, 128)) for _ in range(4)])
+    return nn.Sequential(
+        *[nn.Sequential(nn.Linear(128, width), nn.GELU(), nn.Linear(width, 128)) for _ in range(4)]
+    )
 
 
 def _run(model: nn.Sequential, x: torch.Tensor, mode: str) -> torch.Tensor:

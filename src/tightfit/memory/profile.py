@@ -68,7 +68,9 @@ def _check_inputs(model: Any, optimizer: Any) -> None:
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the model has no parameter that requires grad: there is no training step to measure")
+        raise ValueError(
+            "the model has no parameter that requires grad: there is no training step to measure"
+        )
 
 
 def _measure(

@@ -63,7 +63,11 @@ class _CreationRecorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         module = self.scope.innermost()
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and (key := storage_key(t)) is not None and key not in self.creator:
+            if (
+                isinstance(t, torch.Tensor)
+                and (key := storage_key(t)) is not None
+                and key not in self.creator
+            ):
                 # first op to return this storage created it; views and in-place ops come later
                 self.creator[key] = OUTSIDE if module is None else module
                 weakref.finalize(t.untyped_storage(), self.creator.pop, key, None)
@@ -124,7 +128,6 @@ class SavedTensorCounter(torch.autograd.graph.saved_tensors_hooks):
                 tensor = getattr(entry, "val", entry)  # SAC wraps cached outputs in _VersionWrapper
                 if isinstance(tensor, torch.Tensor):
                     self._record(tensor)
-
 
     @property
     def bytes(self) -> int:

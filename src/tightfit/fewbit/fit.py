@@ -556,7 +556,8 @@ def fit(
     - ``weight``: ``"normal"`` (N(0,1), on ±8σ), ``"uniform"`` (on [lo, hi], default [-8, 8]), samples
       (1-D tensor/array), a density callable, or a :class:`Weight` (e.g. ``Calibration.weight(path)``).
       ``lo``/``hi`` restrict the range considered.
-    - Grid: ``grid`` cells (default 2048) on [lo, hi], 3/4 placed by the asymptotically optimal border
+    - Grid: ``grid`` cells (default 2048) on [lo, hi] (or ``grid`` = an array of candidate borders, used
+      as given, without break points), 3/4 placed by the asymptotically optimal border
       density (f''² w)^(1/3) and 1/4 uniformly, plus every break point: the spec's ``breaks``, the given
       ``breaks`` and f' jumps detected on an 8193-point pre-grid and located by bisection. So borders can
       land exactly on derivative jumps. Cell integrals of w, f'w, f'²w by 8-point Gauss-Legendre (split
@@ -578,8 +579,15 @@ def fit(
     from .activations import ActivationSpec, spec_for_name
 
     K = 1 << _check_bits(bits)
-    if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 2 * K:
-        raise ValueError(f"grid must be an int >= 2**(bits+1) = {2 * K}, got {grid!r}")
+    explicit = None
+    if isinstance(grid, (np.ndarray, torch.Tensor, list, tuple)):
+        explicit = np.unique(np.asarray(grid, dtype=np.float64).ravel())
+        if not np.all(np.isfinite(explicit)):
+            raise ValueError("an explicit grid must hold finite candidate borders")
+    elif isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 2 * K:
+        raise ValueError(
+            f"grid must be an int >= 2**(bits+1) = {2 * K} or an array of candidates, got {grid!r}"
+        )
     name = None
     spec_breaks: tuple[float, ...] = ()
     if isinstance(fn, (str, ActivationSpec)):
@@ -608,10 +616,21 @@ def fit(
     brk = brk[(brk > w.lo) & (brk < w.hi)]
 
     sym = _symmetry(dfn, w, pre[pre >= 0])
+    if explicit is not None:
+        g = np.unique(np.concatenate([[w.lo, w.hi], explicit[(explicit > w.lo) & (explicit < w.hi)]]))
+        if g.size - 1 < K:
+            raise ValueError(f"an explicit grid needs at least {K - 1} candidates inside ({w.lo}, {w.hi})")
+        if not (np.array_equal(g, -g[::-1]) and 0.0 in g):
+            sym = None
     if symmetric and sym is None:
-        raise ValueError("symmetric=True needs a symmetric weight and f' even or odd about a constant")
+        raise ValueError(
+            "symmetric=True needs a symmetric weight, f' even or odd about a constant, and a grid "
+            "mirrored about 0"
+        )
     use_sym = sym is not None and symmetric is not False
-    if use_sym:
+    if explicit is not None:
+        half = g[g >= 0.0]
+    elif sym is not None:  # a symmetric problem gets a mirrored grid, whatever ``symmetric`` says
         half = _shaped_grid(dfn, w, 0.0, w.hi, grid // 2, np.abs(brk))
         g = np.concatenate([-half[:0:-1], half])
     else:

@@ -1,0 +1,596 @@
+"""Shared machinery for the rematerialization benchmarks: exact peaks, interleaved timing, gradient checks.
+
+Every variant of a benchmark is its own deep copy of one model, stepped the same way
+(`tightfit._step.training_step`: grads set to None, forward, loss, backward). For each variant we measure
+
+* the **exact peak** of live tensor bytes over one full training step, with the ruler
+  (`tightfit.memory.LiveTracker` when it is importable, else the local `LivePeak` dispatch-mode tracker
+  below, which works the same way); parameters, buffers and the batch are counted, so the peak is absolute
+  and "above params" subtracts the parameter bytes;
+* the **step time**, as the median over round-robin rounds in which every variant runs once, the start
+  position rotated each round, so that load on a shared machine hits all variants alike; the ratio is to the
+  median of the no-remat baseline from the same rounds;
+* the **gradients**, after `torch.manual_seed(seed)`, compared with `torch.equal` to those of the reference
+  (the unmodified eager model, same seed): with dropout on, this also checks that recomputation replays
+  the same random numbers.
+
+NOTE (compiled variants): a dispatch mode on the stack makes dynamo skip the frame unless the mode says
+`ignore_compile_internals()`; the trackers here do, and each compiled variant counts its forward/backward
+graph calls so the table can show that the compiled graphs really ran while we measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import gc
+import json
+import math
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from tightfit._step import forward_loss
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 2**20
+
+
+# ----------------------------------------------------------------------------------------------- the ruler
+class LivePeak(TorchDispatchMode):
+    """Exact peak of live tensor storage bytes (local stand-in for `tightfit.memory.LiveTracker`).
+
+    After every aten op, each output's storage not seen before is added (keyed by its `_cdata`, sized by
+    `nbytes()`) and a `weakref.finalize` on the storage subtracts it when the last view dies. Tensors that
+    exist before (params, buffers, the batch) are registered with `track`. The peak is sampled after each op.
+    """
+
+    def __init__(self, track: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self.peak_op = ""
+        for t in track:
+            self._add(t)
+        self.peak = self.current
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:  # keep compiled graphs compiled under the mode
+        return True
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def _add(self, t: torch.Tensor) -> None:
+        if t.is_meta or t.layout != torch.strided:
+            return
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key, n = s._cdata, s.nbytes()
+        old = self.live.get(key)
+        if old is None:
+            self.live[key] = n
+            self.current += n
+            weakref.finalize(s, self._free, key)
+        elif n > old:  # resized in place
+            self.live[key] = n
+            self.current += n - old
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_op = str(func)
+        return out
+
+
+def _ruler_name() -> str:
+    try:
+        from tightfit.memory import LiveTracker  # noqa: F401
+    except ImportError:
+        return "local LivePeak (benchmarks/_harness.py)"
+    return "tightfit.memory.LiveTracker"
+
+
+def tensors_of(obj: Any) -> list[torch.Tensor]:
+    """Parameters and buffers of modules, and the tensors in a (nested) batch."""
+    if isinstance(obj, torch.nn.Module):
+        return [*obj.parameters(), *obj.buffers()]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+def _tracker(track: Sequence[torch.Tensor]):
+    try:
+        from tightfit.memory import LiveTracker
+    except ImportError:
+        return LivePeak(track)
+    return LiveTracker(track=list(track))
+
+
+def measure_peak(step: Callable[[], Any], track: Sequence[torch.Tensor]) -> int:
+    """Absolute peak live bytes (tracked tensors + everything created) over one call of `step`."""
+    return measure_step(step, track)[0]
+
+
+def measure_step(step: Callable[[], Any], track: Sequence[torch.Tensor]) -> tuple[int, int | None]:
+    """(absolute peak, live bytes above the tracked ones right after the forward) of one training step.
+
+    The after-forward number (saved activations + loss) needs a step made by `run_step` (it has
+    ``.forward``/``.zero``); for other callables it is None.
+    """
+    gc.collect()
+    after_fw = None
+    with _tracker(track) as t:
+        start = t.current
+        if hasattr(step, "forward"):
+            step.zero()
+            loss = step.forward()
+            after_fw = t.current - start
+            loss.backward()
+            del loss
+        else:
+            step()
+    return int(t.peak), after_fw
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct storages (tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s._cdata] = s.nbytes()
+    return sum(seen.values())
+
+
+# ------------------------------------------------------------------------------------------- the variants
+@dataclass
+class Variant:
+    """One way to run the training step, with everything measured about it."""
+
+    name: str
+    family: str  # "baseline", "tightfit", "ckpt-every-k", "ckpt-seq", "compile", "tightfit+compile", ...
+    step: Callable[[], Any] = field(repr=False)
+    params: list[torch.Tensor] = field(repr=False)  # parameter objects, in the reference's order
+    track: list[torch.Tensor] = field(
+        repr=False
+    )  # tensors that exist before the step (params, buffers, batch)
+    budget: float | None = None  # the variant's own knob (bytes for tightfit, ratio for compile, k, segments)
+    compiled: bool = False
+    counts: dict[str, int] | None = None  # compiled fw/bw graph calls
+    setup_s: float = 0.0  # planning / compile time (first steps)
+    predicted_peak: int | None = None
+    predicted_time: float | None = None
+    note: str = ""
+    plan_text: str = ""  # str(model.plan) for tightfit variants
+    # measured
+    peak: int | None = None
+    params_bytes: int = 0
+    times: list[float] = field(default_factory=list)
+    grads_equal: bool | None = None
+    grad_max_diff: float = 0.0
+    buffers: list[torch.Tensor] = field(default_factory=list, repr=False)  # in the reference's order
+    buffers_equal: bool | None = None  # running stats after one step (BatchNorm updated twice by recompute?)
+    graphs_ran: bool | None = None
+    after_forward: int | None = None  # live bytes above params/buffers/batch when the forward returns
+
+    @property
+    def peak_above_params(self) -> int | None:
+        return None if self.peak is None else self.peak - self.params_bytes
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else math.nan
+
+
+def run_step(
+    model: torch.nn.Module, batch: Any, loss_fn: Callable | None = None
+) -> Callable[[], torch.Tensor]:
+    """A training step closure: grads to None, forward, loss, backward (no optimizer)."""
+
+    def zero() -> None:
+        for p in model.parameters():
+            p.grad = None
+
+    def forward() -> torch.Tensor:
+        return forward_loss(model, batch, loss_fn)
+
+    def step() -> torch.Tensor:
+        zero()
+        loss = forward()
+        loss.backward()
+        return loss.detach()
+
+    step.zero, step.forward = zero, forward
+    return step
+
+
+def grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+@dataclass
+class Reference:
+    """What the unmodified model gives after one step from its initial state: grads and buffers."""
+
+    grads: list[torch.Tensor | None]
+    buffers_before: list[torch.Tensor]
+    buffers_after: list[torch.Tensor]
+
+
+def reference_grads(
+    step: Callable[[], Any], params: Sequence[torch.Tensor], seed: int, buffers: Sequence[torch.Tensor] = ()
+) -> Reference:
+    before = [b.detach().clone() for b in buffers]
+    torch.manual_seed(seed)
+    step()
+    return Reference(grads(params), before, [b.detach().clone() for b in buffers])
+
+
+def check_grads(v: Variant, ref: Reference, seed: int) -> None:
+    """torch.equal of every parameter gradient (and buffer) against the reference; max |diff| if not.
+
+    The variant's buffers are first reset to the reference's initial values, so warm-up steps (compile)
+    do not matter; then one step, and the buffers after it must equal the reference's after its step.
+    """
+    if v.buffers:
+        with torch.no_grad():
+            for b, b0 in zip(v.buffers, ref.buffers_before):
+                b.copy_(b0)
+    torch.manual_seed(seed)
+    v.step()
+    if v.buffers:
+        v.buffers_equal = len(v.buffers) == len(ref.buffers_after) and all(
+            torch.equal(a, b) for a, b in zip(v.buffers, ref.buffers_after)
+        )
+    got = grads(v.params)
+    ref = ref.grads
+    equal, diff = len(got) == len(ref), 0.0
+    for a, b in zip(got, ref):
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                equal, diff = False, math.inf
+            continue
+        if not torch.equal(a, b):
+            equal = False
+            diff = max(diff, (a.float() - b.float()).abs().max().item())
+    v.grads_equal, v.grad_max_diff = equal, diff
+
+
+def measure(v: Variant, seed: int) -> None:
+    """Exact peak of one step of `v` (after its warm-up), checking compiled graphs ran under the ruler."""
+    v.params_bytes = storage_bytes(v.params)
+    before = dict(v.counts) if v.counts is not None else None
+    torch.manual_seed(seed)
+    v.peak, v.after_forward = measure_step(v.step, v.track)
+    if before is not None:
+        v.graphs_ran = all(v.counts[k] > before.get(k, 0) for k in ("fw", "bw"))
+
+
+def time_interleaved(
+    variants: Sequence[Variant], rounds: int, warmup: int = 1, log: Callable | None = None
+) -> None:
+    """Round-robin timing: each round runs every variant once, start position rotated; appends to `.times`."""
+    n = len(variants)
+    for _ in range(warmup):
+        for v in variants:
+            v.step()
+    for r in range(rounds):
+        for i in range(n):
+            v = variants[(r + i) % n]
+            t0 = time.perf_counter()
+            v.step()
+            v.times.append(time.perf_counter() - t0)
+        if log:
+            log(f"timing round {r + 1}/{rounds} done")
+
+
+# ------------------------------------------------------------------------------------------ peers
+def per_block_checkpoint(blocks: Sequence[torch.nn.Module], every: int) -> None:
+    """Wrap blocks i % every == 0 in non-reentrant `checkpoint` (instance-level forward patch)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for i, b in enumerate(blocks):
+        if i % every == 0:
+            fwd = b.forward
+
+            def wrapped(*args, _fwd=fwd, **kwargs):
+                return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+            b.forward = wrapped
+
+
+class SequentialRunner(torch.nn.Module):
+    """Runs a list of blocks through `checkpoint_sequential` (extra args are passed to every block).
+
+    Stands in place of a chain container (a one-element ModuleList or Sequential), so the model's own loop
+    calls it once with the hidden state. Note: PyTorch does not checkpoint the last segment.
+    """
+
+    def __init__(self, blocks: Sequence[torch.nn.Module], segments: int) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.segments = segments
+
+    def forward(self, x, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint_sequential
+
+        fns = [(lambda h, _b=b: _b(h, *args, **kwargs)) for b in self.blocks]
+        return checkpoint_sequential(fns, self.segments, x, use_reentrant=False)
+
+
+def counting_aot_eager(budget: float | None, counts: dict[str, int]) -> Callable:
+    """The real aot_eager backend (min-cut partitioner), with graph-call counters and its own memory budget.
+
+    The budget is patched while the backend compiles (partitioning happens then); each variant gets a
+    distinct backend object, so dynamo keeps one cache entry per variant.
+    """
+    import torch._functorch.config as fcfg
+    from torch._dynamo.backends.debugging import aot_eager, boxed_nop
+
+    def counting(kind: str) -> Callable:
+        def compiler(gm, example_inputs):
+            inner = boxed_nop(gm, example_inputs)
+
+            def run(args):
+                counts[kind] += 1
+                return inner(args)
+
+            run._boxed_call = True
+            return run
+
+        return compiler
+
+    def backend(gm, example_inputs, **kwargs):
+        patch = {} if budget is None else {"activation_memory_budget": budget}
+        with fcfg.patch(**patch):
+            return aot_eager(
+                gm, example_inputs, fw_compiler=counting("fw"), bw_compiler=counting("bw"), **kwargs
+            )
+
+    return backend
+
+
+def compile_variant(
+    name: str,
+    family: str,
+    model: torch.nn.Module,
+    params: list[torch.Tensor],
+    batch: Any,
+    loss_fn: Callable | None,
+    budget: float | None,
+    seed: int,
+    warm_steps: int = 2,
+    buffers: Sequence[torch.Tensor] = (),
+) -> Variant:
+    """`torch.compile(model, backend=aot_eager, activation_memory_budget=budget)`; compiles now (timed)."""
+    import torch._dynamo
+    import torch._functorch.config as fcfg
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 4096
+    )
+    counts = {"fw": 0, "bw": 0}
+    cmodel = torch.compile(model, backend=counting_aot_eager(budget, counts))
+    step = run_step(cmodel, batch, loss_fn)
+    patch = {} if budget is None else {"activation_memory_budget": budget}
+    t0 = time.perf_counter()
+    with fcfg.patch(**patch):
+        for _ in range(warm_steps):
+            torch.manual_seed(seed)
+            step()
+    setup = time.perf_counter() - t0
+    v = Variant(
+        name, family, step, params, tensors_of(model) + tensors_of(batch), budget, True, counts, setup
+    )
+    v.buffers = list(buffers)
+    return v
+
+
+# ------------------------------------------------------------------------------------------ reporting
+def pareto_front(rows: Sequence[Variant]) -> set[str]:
+    """Names of correct-gradient variants not dominated in (peak, median time)."""
+    ok = [v for v in rows if v.grads_equal and v.peak is not None and v.times]
+    front = set()
+    for v in ok:
+        if not any(
+            (w.peak <= v.peak and w.median <= v.median) and (w.peak < v.peak or w.median < v.median)
+            for w in ok
+        ):
+            front.add(v.name)
+    return front
+
+
+def rows_as_dicts(rows: Sequence[Variant], base: Variant) -> list[dict[str, Any]]:
+    out = []
+    front = pareto_front(rows)
+    for v in rows:
+        d = {
+            "name": v.name,
+            "family": v.family,
+            "budget": v.budget,
+            "compiled": v.compiled,
+            "peak_bytes": v.peak,
+            "peak_above_params_bytes": v.peak_above_params,
+            "peak_above_params_mib": None if v.peak is None else round(v.peak_above_params / MiB, 2),
+            "peak_mib": None if v.peak is None else round(v.peak / MiB, 2),
+            "after_forward_mib": None if v.after_forward is None else round(v.after_forward / MiB, 2),
+            "peak_pct_of_baseline": None if v.peak is None else round(100 * v.peak / base.peak, 1),
+            "median_s": round(v.median, 4),
+            "time_ratio": round(v.median / base.median, 3),
+            "times_s": [round(t, 4) for t in v.times],
+            "grads_equal": v.grads_equal,
+            "grad_max_diff": v.grad_max_diff,
+            "buffers_equal": v.buffers_equal,
+            "graphs_ran_under_ruler": v.graphs_ran,
+            "setup_s": round(v.setup_s, 2),
+            "predicted_peak_bytes": v.predicted_peak,
+            "predicted_time_s": v.predicted_time,
+            "pareto": v.name in front,
+            "note": v.note,
+        }
+        out.append(d)
+    return out
+
+
+def print_table(rows: Sequence[Variant], base: Variant, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    front = pareto_front(rows)
+    t = Table(title=title, show_lines=False)
+    for col in (
+        "variant",
+        "budget",
+        "peak MiB",
+        "above params",
+        "% base",
+        "after fw",
+        "pred. peak",
+        "step s",
+        "ratio",
+        "grads",
+        "setup s",
+        "front",
+    ):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for v in rows:
+        b = v.budget
+        if v.family.startswith("tightfit") and b is not None:
+            bs = f"{b / MiB:.0f}MiB"
+        else:
+            bs = "" if b is None else f"{b:g}"
+        grad = "==" if v.grads_equal else f"[red]WRONG {v.grad_max_diff:.2g}[/red]"
+        if v.buffers_equal is False:
+            grad += " [yellow]bufs≠[/yellow]"
+        if v.compiled and v.graphs_ran is False:
+            grad += " [red](eager?)[/red]"
+        t.add_row(
+            v.name,
+            bs,
+            f"{v.peak / MiB:.1f}",
+            f"{v.peak_above_params / MiB:.1f}",
+            f"{100 * v.peak / base.peak:.1f}",
+            "" if v.after_forward is None else f"{v.after_forward / MiB:.1f}",
+            "" if v.predicted_peak is None else f"{v.predicted_peak / MiB:.1f}",
+            f"{v.median:.3f}",
+            f"{v.median / base.median:.2f}",
+            grad,
+            f"{v.setup_s:.1f}" if v.setup_s else "",
+            "*" if v.name in front else "",
+        )
+    Console(width=160).print(t)
+
+
+def write_results(stem: str, rows: Sequence[Variant], base: Variant, meta: dict[str, Any]) -> dict[str, Path]:
+    """benchmarks/results/<stem>.csv and .json (rows + conditions)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    dicts = rows_as_dicts(rows, base)
+    paths = {"csv": RESULTS / f"{stem}.csv", "json": RESULTS / f"{stem}.json"}
+    cols = [k for k in dicts[0] if k != "times_s"]
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(dicts)
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": dicts}, indent=1, default=str))
+    return paths
+
+
+def plot_pareto(stem: str, rows: Sequence[Variant], base: Variant, title: str) -> Path | None:
+    """Peak above params vs step-time ratio, one marker style per family; wrong grads drawn as x."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fams = sorted({v.family for v in rows})
+    markers = dict(zip(fams, "osD^v<>ph*"))
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=80)
+    for fam in fams:
+        for ok in (True, False):
+            vs = [v for v in rows if v.family == fam and bool(v.grads_equal) == ok]
+            if not vs:
+                continue
+            ax.scatter(
+                [v.peak_above_params / MiB for v in vs],
+                [v.median / base.median for v in vs],
+                marker=markers[fam] if ok else "x",
+                label=fam + ("" if ok else " (wrong grads)"),
+                s=40,
+            )
+    ax.set_xlabel("measured peak above params (MiB)")
+    ax.set_ylabel("step time / no-remat eager")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{stem}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fresh_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+    """A deep copy, its parameter and buffer objects in the original's order (kept across later wrapping)."""
+    m = copy.deepcopy(model)
+    return m, list(m.parameters()), list(m.buffers())
+
+
+def conditions() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "ruler": _ruler_name(),
+        "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "note": "shared machine (several agents); step times are medians of interleaved rounds, ratios ~±0.1",
+    }
+
+
+__all__ = [
+    "LivePeak",
+    "Variant",
+    "asdict",
+    "check_grads",
+    "compile_variant",
+    "conditions",
+    "fresh_copy",
+    "measure",
+    "measure_peak",
+    "measure_step",
+    "per_block_checkpoint",
+    "plot_pareto",
+    "print_table",
+    "reference_grads",
+    "Reference",
+    "run_step",
+    "SequentialRunner",
+    "storage_bytes",
+    "tensors_of",
+    "time_interleaved",
+    "write_results",
+]

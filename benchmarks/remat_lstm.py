@@ -1,0 +1,237 @@
+"""LSTM language model over 1000 time steps: activation memory -95% at <= +33% step time? (Gruslys et al.)
+
+Gruslys et al. (2016, "Memory-Efficient Backpropagation Through Time") report saving 95% of the memory of
+BPTT on sequences of length 1000 for about a third more time per iteration. Here the zoo LSTM LM (an explicit
+`nn.LSTMCell` loop over time, dropout 0.1 on) with a small hidden size runs over T=1000 steps, and we measure,
+in one process, side by side:
+
+  no remat | tightfit.rematerialize at budgets from its smallest feasible one up | segment checkpointing
+  (PyTorch's `checkpoint` over every k consecutive time steps via the model's `rnn.run`, k ~ sqrt(T) is the
+  classic choice)
+
+"activation memory" = live bytes above params/buffers/batch when the forward returns (what is kept for the
+backward, loss included); we also give the exact peak of the whole step (grads count) above params. The
+part no time-step remat can drop (embedding output, stacked LSTM outputs, logits) is shown as the floor.
+
+    .venv/bin/python benchmarks/remat_lstm.py                          # T=1000, H=256, B=8, ~3-5 min
+    .venv/bin/python benchmarks/remat_lstm.py --hidden 650 --embed 650 --batch 20 --rounds 5   # bigger
+
+Results: benchmarks/results/remat_lstm.{csv,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import (  # noqa: E402
+    MiB,
+    Variant,
+    conditions,
+    fresh_copy,
+    plot_pareto,
+    print_table,
+    reference_grads,
+    run_step,
+    tensors_of,
+    time_interleaved,
+    write_results,
+)
+from remat import Workload, _tightfit_available, finish, log, min_feasible_budget, tightfit_variant  # noqa: E402
+
+
+def segment_checkpoint(model: torch.nn.Module, k: int) -> None:
+    """Run `model.rnn` as segments of k time steps, each under non-reentrant `checkpoint`.
+
+    Only the (h, c) state at segment boundaries (and each segment's outputs) stays alive through the forward.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    rnn = model.rnn
+
+    def forward(xs: torch.Tensor, state=None):
+        state = rnn.initial_state(xs) if state is None else state
+        outs = []
+        for s in range(0, xs.shape[1], k):
+            out, state = checkpoint(rnn.run, xs, state, s, min(s + k, xs.shape[1]), use_reentrant=False)
+            outs.append(out)
+        return torch.cat(outs, dim=1), state
+
+    rnn.forward = forward
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1000, help="time steps T")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--embed", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=64, help="character-level sized vocabulary")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--segments", type=int, nargs="*", default=None, help="peer segment lengths k")
+    ap.add_argument("--extra-budgets", type=int, default=3, help="evenly spaced tightfit budgets to add")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    T = args.steps
+    if args.segments is None:
+        args.segments = sorted({10, round(math.sqrt(T)), 100} - {0})
+
+    from tightfit import zoo
+
+    model_f, batch_f = zoo.get("lstm")
+    model = model_f(
+        vocab_size=args.vocab, embed_dim=args.embed, hidden_size=args.hidden, num_layers=args.layers
+    ).train()
+    batch = batch_f(batch_size=args.batch, seq_len=T, vocab_size=args.vocab)
+    desc = (
+        f"zoo lstm: {args.layers}x LSTMCell({args.embed}->{args.hidden}), vocab {args.vocab}, "
+        f"B={args.batch}, T={T}, dropout 0.1"
+    )
+    w = Workload("lstm", model, batch, [], desc=desc)
+    floor = 4 * args.batch * T * (args.embed + args.hidden + 2 * args.vocab)
+    log(f"== {desc}; floor (embedding out + LSTM outputs + logits + log-softmax) ~ {floor / MiB:.1f} MiB")
+
+    seed = 0
+    ref_model, ref_params, ref_bufs = fresh_copy(model)
+    ref_names = ([n for n, _ in ref_model.named_parameters()], [n for n, _ in ref_model.named_buffers()])
+    ref = reference_grads(run_step(ref_model, batch), ref_params, seed, ref_bufs)
+    del ref_model
+
+    rows: list[Variant] = []
+    m, p, bf = fresh_copy(model)
+    rows.append(
+        Variant("no remat", "baseline", run_step(m, batch), p, tensors_of(m) + tensors_of(batch), buffers=bf)
+    )
+    for k in args.segments:
+        m, p, bf = fresh_copy(model)
+        segment_checkpoint(m, k)
+        rows.append(
+            Variant(
+                f"ckpt every {k} steps",
+                "ckpt-segments",
+                run_step(m, batch),
+                p,
+                tensors_of(m) + tensors_of(batch),
+                k,
+                buffers=bf,
+            )
+        )
+    for v in rows:
+        finish(v, ref, seed)
+    base = rows[0]
+
+    plan_times = []
+    why = _tightfit_available()
+    if why is not None:
+        log(f"tightfit.rematerialize not importable ({why}): peers only")
+    else:
+        t0 = time.perf_counter()
+        min_b = min_feasible_budget(w)
+        log(
+            f"tightfit smallest feasible budget: {None if min_b is None else f'{min_b / MiB:.1f} MiB'}"
+            f" ({time.perf_counter() - t0:.1f}s)"
+        )
+        lo = min_b if min_b is not None else min(v.peak for v in rows)
+        # the budget a -95% activation memory would need, if above the smallest feasible one
+        target = base.params_bytes * 2 + int(0.05 * (base.peak - 2 * base.params_bytes))
+        budgets = sorted(
+            {
+                lo,
+                base.peak,
+                *(
+                    int(lo + (base.peak - lo) * (i + 1) / (args.extra_budgets + 1))
+                    for i in range(args.extra_budgets)
+                ),
+            }
+            | ({target} if target > lo else set())
+        )
+        log(f"  budgets (MiB): {[round(b / MiB, 1) for b in budgets]}")
+        for b in budgets:
+            try:
+                v = tightfit_variant(w, b, ref_names, False, seed)
+            except Exception as e:
+                log(f"  tightfit budget {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
+                continue
+            plan_times.append(v.setup_s)
+            finish(v, ref, seed)
+            plan = getattr(v, "plan_text", None)
+            if plan:
+                log(plan)
+            rows.append(v)
+
+    log(f"timing {len(rows)} variants, {args.rounds} interleaved rounds ...")
+    time_interleaved(rows, args.rounds, warmup=1, log=log)
+    title = f"lstm: {desc}; {args.rounds} rounds, {torch.get_num_threads()} thread(s), shared machine"
+    print_table(rows, base, title)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Gruslys et al. headline: activation memory -95% at <= +33% step time")
+    for c in (
+        "variant",
+        "after-fw MiB",
+        "act. memory vs no remat",
+        "peak above params MiB",
+        "peak vs no remat",
+        "time ratio",
+        "grads",
+        "meets -95% / x1.33",
+    ):
+        t.add_column(c, justify="left" if c == "variant" else "right")
+    headline = []
+    for v in rows:
+        act = v.after_forward / base.after_forward - 1
+        pk = v.peak_above_params / base.peak_above_params - 1
+        ratio = v.median / base.median
+        ok = act <= -0.95 and ratio <= 1.33 and bool(v.grads_equal)
+        headline.append(
+            {
+                "name": v.name,
+                "activation_change": round(act, 4),
+                "peak_above_params_change": round(pk, 4),
+                "time_ratio": round(ratio, 3),
+                "meets": ok,
+            }
+        )
+        t.add_row(
+            v.name,
+            f"{v.after_forward / MiB:.1f}",
+            f"{100 * act:+.1f}%",
+            f"{v.peak_above_params / MiB:.1f}",
+            f"{100 * pk:+.1f}%",
+            f"{ratio:.2f}",
+            "==" if v.grads_equal else "[red]WRONG[/red]",
+            "yes" if ok else "no",
+        )
+    Console(width=160).print(t)
+    log(
+        f"floor no time-step remat can remove: ~{floor / MiB:.1f} MiB = "
+        f"{100 * floor / base.after_forward:.1f}% of the no-remat activation memory"
+    )
+    if plan_times:
+        log(f"tightfit planning time per budget (s): {[round(x, 1) for x in plan_times]}")
+    meta = conditions() | {
+        "desc": desc,
+        "args": vars(args),
+        "floor_bytes": floor,
+        "headline": headline,
+        "planning_s": plan_times,
+        "command": "python " + " ".join(sys.argv),
+    }
+    paths = write_results("remat_lstm", rows, base, meta)
+    png = plot_pareto("remat_lstm", rows, base, title)
+    log(f"wrote {', '.join(str(p) for p in [*paths.values(), png] if p)}")
+
+
+if __name__ == "__main__":
+    main()

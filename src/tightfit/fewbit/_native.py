@@ -296,15 +296,15 @@ def _threads(n: int) -> int:
     return torch.get_num_threads() if n >= 1 << 20 else 1
 
 
-def encode(x: torch.Tensor, cmp_borders: torch.Tensor, bits: int, right: bool) -> torch.Tensor:
-    """Packed codes of x; `cmp_borders` already in the comparison dtype (`codec.compare_borders`)."""
+def encode(x: torch.Tensor, cmp_borders: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed codes ``#{k : x > t_k}`` of x; t = `codec.compare_borders` (sorted, comparison dtype)."""
     lib = _load()
     assert lib is not None
     xc = x.detach().contiguous()
     n = xc.numel()
     out = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
     b = cmp_borders.contiguous()
-    lib.tf_encode(DTYPES[xc.dtype], xc.data_ptr(), n, b.data_ptr(), b.numel(), bits, int(right),
+    lib.tf_encode(DTYPES[xc.dtype], xc.data_ptr(), n, b.data_ptr(), b.numel(), bits, 0,
                   out.data_ptr(), _threads(n))
     return out
 

@@ -14,13 +14,15 @@ Three implementations, tested against each other:
   gather-multiply of the backward (``decode_mul``). ``encode``/``decode_mul`` below dispatch to the
   selected backend; ``encode_reference``/``decode_mul_reference`` define what they must return.
 
-Code semantics (``encode``): ``code = #{k : borders[k] < x}`` (``right=False``) or ``#{k : borders[k] <= x}``
-(``right=True``), i.e. ``torch.bucketize(x, borders, right=right)`` for sorted borders. NaN gets code 0.
+Code semantics (``encode``), the rule of `tightfit.fewbit.tables`: with t = borders rounded to x's dtype,
+``code = sum_k [x >= t_k if right[k] else x > t_k]`` (one flag for all borders is
+``torch.bucketize(x, t, right=flag)``). NaN gets code 0.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -140,57 +142,71 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-def compare_borders(borders: torch.Tensor, dtype: torch.dtype, right: bool) -> torch.Tensor:
-    """Borders in the comparison dtype of `dtype` inputs, rounded so comparisons stay exact.
+def _flags(right: bool | Sequence[bool], k: int) -> list[bool]:
+    if isinstance(right, bool):
+        return [right] * k
+    flags = [bool(r) for r in right]
+    if len(flags) != k:
+        raise ValueError(f"right needs one flag per border: got {len(flags)} flags for {k} borders")
+    return flags
 
-    fp16/bf16/fp32 inputs are compared in fp32, fp64 in fp64. For ``x > t`` (right=False) with x a float,
-    ``x > t  <=>  x > round_down_f32(t)``; for ``x >= t`` (right=True), ``x >= round_up_f32(t)``. So the
-    codes equal those of an exact float64 comparison.
+
+def compare_borders(
+    borders: torch.Tensor, dtype: torch.dtype, right: bool | Sequence[bool] = False
+) -> torch.Tensor:
+    """Sorted thresholds t' in the comparison dtype with ``code(x) = #{k : x > t'_k}`` for `dtype` inputs.
+
+    Borders are first rounded to x's dtype (the convention of `tightfit.fewbit.tables`, which is how torch
+    treats its own scalar thresholds), then widened to the comparison dtype (fp32 for fp16/bf16/fp32,
+    fp64 for fp64; exact). A border whose flag says ``x >= t`` becomes the next value below t in the
+    comparison dtype, so every comparison is a strict ``>`` and the count does not depend on order.
     """
-    b64 = borders.detach().to(torch.float64)
-    if dtype == torch.float64:
-        return b64.contiguous()
-    b32 = b64.to(torch.float32)
-    b32_64 = b32.to(torch.float64)
-    if right:
-        fix = b32_64 < b64
-        b32 = torch.where(fix, torch.nextafter(b32, torch.full_like(b32, float("inf"))), b32)
-    else:
-        fix = b32_64 > b64
-        b32 = torch.where(fix, torch.nextafter(b32, torch.full_like(b32, float("-inf"))), b32)
-    return b32.contiguous()
+    flags = _flags(right, borders.numel())
+    cmp_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    t = borders.detach().reshape(-1).to(dtype).to(cmp_dtype)
+    if any(flags):
+        ge = torch.tensor(flags, dtype=torch.bool, device=t.device)
+        t = torch.where(ge, torch.nextafter(t, torch.full_like(t, float("-inf"))), t)
+    return t.sort().values.contiguous()
 
 
-def _codes_reference(x: torch.Tensor, borders: torch.Tensor, right: bool) -> torch.Tensor:
-    xd = x.detach().reshape(-1).to(torch.float64)
-    b = borders.detach().to(torch.float64)
-    codes = torch.bucketize(xd, b, right=right)
-    return torch.where(torch.isnan(xd), 0, codes).to(torch.uint8)
+def _codes_reference(x: torch.Tensor, borders: torch.Tensor, right: bool | Sequence[bool]) -> torch.Tensor:
+    xd = x.detach().reshape(-1)
+    b = borders.detach().reshape(-1).to(xd.dtype)
+    codes = torch.zeros(xd.shape, dtype=torch.int64)
+    for t, r in zip(b, _flags(right, b.numel())):
+        codes += (xd >= t) if r else (xd > t)
+    return codes.to(torch.uint8)
 
 
-def encode_reference(x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool = False) -> torch.Tensor:
-    """Packed codes of x: bucketize in float64 against sorted borders, then `pack_reference`."""
+def encode_reference(
+    x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool | Sequence[bool] = False
+) -> torch.Tensor:
+    """Packed codes: ``code = sum_k [x >= t_k if right[k] else x > t_k]`` with t = borders.to(x.dtype)."""
     if borders.numel() >= 1 << bits:
         raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
     return pack_reference(_codes_reference(x, borders, right), bits)
 
 
-def decode_mul_reference(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
+def decode_mul_reference(
+    packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int
+) -> torch.Tensor:
     """grad * levels[code] in grad's dtype, the levels first rounded to that dtype."""
     codes = unpack_reference(packed, bits, grad.numel()).long()
     return (levels.to(grad.dtype)[codes] * grad.reshape(-1)).reshape(grad.shape)
 
 
-def _encode_torch(x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool) -> torch.Tensor:
-    cb = compare_borders(borders, x.dtype, right).to(x.device)
+def _encode_torch(x: torch.Tensor, cmp: torch.Tensor, bits: int) -> torch.Tensor:
     xc = x.detach().reshape(-1)
-    xc = xc.to(cb.dtype) if xc.dtype != cb.dtype else xc
-    codes = torch.bucketize(xc, cb, right=right, out_int32=True)
+    xc = xc.to(cmp.dtype) if xc.dtype != cmp.dtype else xc
+    codes = torch.bucketize(xc, cmp.to(xc.device), right=False, out_int32=True)
     codes = torch.where(torch.isnan(xc), 0, codes).to(torch.uint8)
     return pack(codes, bits)
 
 
-def _decode_mul_torch(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
+def _decode_mul_torch(
+    packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int
+) -> torch.Tensor:
     codes = unpack(packed, bits, grad.numel()).long()
     return (levels.to(grad.dtype)[codes] * grad.reshape(-1)).reshape(grad.shape)
 
@@ -223,16 +239,19 @@ def _native_ok(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _native.DTYPES and get_backend() == "native"
 
 
-def encode(x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool = False) -> torch.Tensor:
+def encode(
+    x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool | Sequence[bool] = False
+) -> torch.Tensor:
     """Packed codes of x (any shape/dtype/strides) in ceil(x.numel()*bits/8) bytes; see the module doc."""
     _check_bits(bits)
     if borders.numel() >= 1 << bits:
         raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
+    cmp = compare_borders(borders, x.dtype, right)
     if _native_ok(x):
         from tightfit.fewbit import _native
 
-        return _native.encode(x, compare_borders(borders, x.dtype, right), bits, right)
-    return _encode_torch(x, borders, bits, right)
+        return _native.encode(x, cmp, bits)
+    return _encode_torch(x, cmp, bits)
 
 
 def decode_mul(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ derivatives too: under functorch a single ``grad``/``vjp``/``jacrev`` works, and
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,7 +68,7 @@ def _lookup(key: str) -> Callable[[Tensor], Tensor]:
 
 @torch.library.custom_op("tightfit::fewbit_forward", mutates_args=())
 def _fewbit_forward(
-    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool
+    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool]
 ) -> tuple[Tensor, Tensor]:
     y = _lookup(key)(x)
     if y is x or (y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and y.numel()):
@@ -77,7 +77,9 @@ def _fewbit_forward(
 
 
 @_fewbit_forward.register_fake
-def _(x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool) -> tuple[Tensor, Tensor]:
+def _(
+    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool]
+) -> tuple[Tensor, Tensor]:
     y = _lookup(key)(x)  # pointwise torch ops give the real output's dtype and strides on fake tensors
     return y, x.new_empty(((x.numel() * bits) + 7) // 8, dtype=torch.uint8)
 
@@ -115,7 +117,7 @@ class _FewBitFunction(torch.autograd.Function):
     """New-style autograd.Function (setup_context): works with torch.func.grad, unlike custom-op autograd."""
 
     @staticmethod
-    def forward(x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool) -> Any:
+    def forward(x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool]) -> Any:
         return _fewbit_forward(x, key, borders, levels, bits, right)
 
     @staticmethod
@@ -139,8 +141,13 @@ class _FewBitFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------
 
 
-def fewbit_apply(x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool = False) -> Tensor:
+def fewbit_apply(
+    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool | Sequence[bool] = False
+) -> Tensor:
     """f(x) with a few-bit backward; f is the forward registered under `key` (`register_forward`).
+
+    `borders`/`levels`/`right` form a table (`tightfit.fewbit.tables.Table`; codes as in
+    `tightfit.fewbit.codec`).
 
     Without autograd (no grad mode, or x does not require grad) this is just ``f(x)``: no codes are made.
     """
@@ -152,5 +159,6 @@ def fewbit_apply(x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int
         raise ValueError(f"a {bits}-bit table needs len(levels) == len(borders) + 1 <= {1 << bits}")
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _lookup(key)(x)
-    y, _packed = _FewBitFunction.apply(x, key, borders, levels, bits, right)
+    flags = [bool(right)] * borders.numel() if isinstance(right, bool) else [bool(r) for r in right]
+    y, _packed = _FewBitFunction.apply(x, key, borders, levels, bits, flags)
     return y

@@ -26,7 +26,8 @@ def _pct(part: int, whole: int) -> str:
 
 
 def _module_rows(report: MemoryReport, max_rows: int = 14) -> list[tuple[str, int]]:
-    """Modules to show: the root's children, expanding any that holds most of the activations."""
+    """Modules to show: the root's children, expanding any that holds most of the activations, with
+    numbered siblings (a ModuleList of blocks) folded into one row such as ``h.{0..47}``."""
     children: dict[str, list[str]] = {}
     for path in report.per_module:
         if path == "<outside>":
@@ -34,21 +35,27 @@ def _module_rows(report: MemoryReport, max_rows: int = 14) -> list[tuple[str, in
         parts = path.split(".") if path else []
         for depth in range(len(parts)):
             parent, child = ".".join(parts[:depth]), ".".join(parts[: depth + 1])
-            children.setdefault(parent, [])
-            if child not in children[parent]:
-                children[parent].append(child)
+            siblings = children.setdefault(parent, [])
+            if child not in siblings:
+                siblings.append(child)
     total = report.activations_bytes
     rows: list[tuple[str, int]] = []
     frontier = [""]
     while frontier and len(rows) < max_rows:
         path = frontier.pop(0)
         kids = children.get(path, [])
-        own = report.per_module.get(path, 0) if path else 0
         if path and (not kids or report.inclusive_saved(path) < 0.5 * total):
             rows.append((path, report.inclusive_saved(path)))
             continue
-        if path and own:
-            rows.append((f"{path} (own ops)", own))
+        if path and report.per_module.get(path, 0):
+            rows.append((f"{path} (own ops)", report.per_module[path]))
+        numbered = [k for k in kids if k.rpartition(".")[2].isdigit()]
+        if len(numbered) > 3:
+            indices = sorted(int(k.rpartition(".")[2]) for k in numbered)
+            prefix = f"{path}." if path else ""
+            label = f"{prefix}{{{indices[0]}..{indices[-1]}}} ({len(numbered)} modules)"
+            rows.append((label, sum(report.inclusive_saved(k) for k in numbered)))
+            kids = [k for k in kids if k not in numbered]
         frontier = kids + frontier
     rows += [(path, report.inclusive_saved(path)) for path in frontier[: max(0, max_rows - len(rows))]]
     if "<outside>" in report.per_module:

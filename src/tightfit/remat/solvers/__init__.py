@@ -6,8 +6,12 @@ backward); memory models in :mod:`.problems`. Solvers: :func:`solve_chain` (Roto
 HiGHS), :func:`solve_dag_lowerset` (Kusumoto et al.). :func:`simulate` checks any schedule.
 """
 
+from .bptt import solve_bptt
 from .chain_dp import StageDecision, chain_min_memory, solve_chain, stage_decisions
+from .dag import JointGraph, bwd_index, joint_graph
 from .errors import InfeasibleBudget, InvalidSchedule
+from .ilp import solve_dag_ilp
+from .lowerset import lower_sets, solve_dag_lowerset, strategy_ops
 from .problems import (
     Backward,
     Chain,
@@ -24,6 +28,7 @@ from .problems import (
     TapeOption,
     store_all_ops,
 )
+from .revolve import beta, revolve, revolve_extra_forwards
 from .simulate import simulate
 
 __all__ = [
@@ -33,6 +38,10 @@ __all__ = [
     "store_all_ops",
     # chain solvers
     "solve_chain", "chain_min_memory", "StageDecision", "stage_decisions",
+    "revolve", "revolve_extra_forwards", "beta", "solve_bptt",
+    # DAG solvers
+    "JointGraph", "joint_graph", "bwd_index", "solve_dag_ilp", "solve_dag_lowerset", "lower_sets",
+    "strategy_ops",
     # checking
     "simulate",
     # errors

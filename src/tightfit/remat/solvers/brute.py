@@ -6,12 +6,16 @@ from :func:`.simulate.simulate`. Exponential; for tiny problems only.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 from collections.abc import Iterator
 
+from .dag import joint_graph
 from .problems import (
     Backward,
     Chain,
+    Dag,
     ForwardCheckpoint,
     ForwardNoSave,
     ForwardTape,
@@ -19,9 +23,10 @@ from .problems import (
     Loss,
     Op,
 )
-from .simulate import simulate_chain
+from .simulate import simulate_chain, simulate_dag
 
-__all__ = ["chain_persistent_schedules", "brute_chain"]
+__all__ = ["chain_persistent_schedules", "brute_chain", "brute_chain_min_memory", "brute_dag_staged",
+           "brute_dag_lowerset"]
 
 
 def chain_persistent_schedules(chain: Chain) -> Iterator[list[Op]]:
@@ -66,3 +71,78 @@ def brute_chain(chain: Chain, budget: float) -> tuple[float, float, list[Op]] | 
 def brute_chain_min_memory(chain: Chain) -> float:
     """Smallest simulated peak over all persistent schedules."""
     return min(simulate_chain(chain, ops)[0] for ops in chain_persistent_schedules(chain))
+
+
+def brute_dag_staged(dag: Dag, budget: float) -> float | None:
+    """Least time over Checkmate's staged schedules on the joint graph (Dijkstra over explicit states).
+
+    Stage ``t`` visits joint nodes ``0..t`` in order, computing any subset that includes ``t`` (inputs must
+    be in memory); after computing node ``k`` it may free any of ``k``'s inputs or ``k`` itself; at the end
+    of a stage it keeps any subset of what is in memory. Memory while computing = live + the new value.
+    Frees happen at the earliest point the ILP allows (after a value's last use in the stage), which is
+    the only place a free can help.
+    """
+    g = joint_graph(dag)
+    T = g.n
+    size = g.size
+
+    def mem(live: frozenset[int]) -> float:
+        return sum(size[i] for i in live)
+
+    start = (0, 0, frozenset())
+    dist = {start: 0.0}
+    heap = [(0.0, 0, start)]
+    counter = 1
+    while heap:
+        d, _, state = heapq.heappop(heap)
+        if d > dist.get(state, math.inf):
+            continue
+        t, k, live = state
+        if t == T:
+            return d
+        nxt: list[tuple[float, tuple]] = []
+        if k <= t:
+            if k < t:
+                nxt.append((0.0, (t, k + 1, live)))
+            if k not in live and all(u in live for u in g.deps[k]) and mem(live) + size[k] <= budget:
+                base = live | {k}
+                cands = [u for u in (*g.deps[k], k)]
+                for r in range(len(cands) + 1):
+                    for drop in itertools.combinations(cands, r):
+                        nxt.append((g.cost[k], (t, k + 1, base - frozenset(drop))))
+        else:  # end of stage t: keep any subset
+            items = sorted(live)
+            for r in range(len(items) + 1):
+                for keep in itertools.combinations(items, r):
+                    nxt.append((0.0, (t + 1, 0, frozenset(keep))))
+        for c, s in nxt:
+            nd = d + c
+            if nd < dist.get(s, math.inf):
+                dist[s] = nd
+                heapq.heappush(heap, (nd, counter, s))
+                counter += 1
+    return None
+
+
+def brute_dag_lowerset(dag: Dag, budget: float) -> float | None:
+    """Least simulated time over every chain of lower sets (all canonical strategies) within ``budget``."""
+    from .lowerset import lower_sets, strategy_ops
+
+    sets = lower_sets(dag)
+    full = (1 << dag.n) - 1
+    inner = [m for m in sets if m not in (0, full)]
+    best = None
+    # every chain of lower sets = a subset of the inner sets that is totally ordered by inclusion
+    def chains(prev: int, start: int) -> Iterator[list[int]]:
+        yield []
+        for i in range(start, len(inner)):
+            m = inner[i]
+            if m != prev and m & prev == prev:
+                for rest in chains(m, i + 1):
+                    yield [m, *rest]
+
+    for ch in chains(0, 0):
+        peak, time = simulate_dag(dag, strategy_ops(dag, [*ch, full]))
+        if peak <= budget and (best is None or time < best):
+            best = time
+    return best

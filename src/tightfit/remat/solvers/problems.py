@@ -157,11 +157,15 @@ class Chain:
 
     @classmethod
     def homogeneous(cls, n: int, fwd_time: float = 1.0, bwd_time: float = 1.0, size: float = 1.0,
-                    tape_size: float = 0.0, output_size: float = 0.0) -> Chain:
-        """A chain of ``n`` identical stages (an RNN unrolled over time, the setting of Revolve/BPTT)."""
+                    tape_size: float = 0.0, output_size: float | None = None) -> Chain:
+        """A chain of ``n`` identical stages (an RNN unrolled over time, the setting of Revolve/BPTT).
+
+        ``output_size`` defaults to ``size`` (the last hidden state), so every gradient has one size.
+        """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        return cls([fwd_time] * n, [bwd_time] * n, [size] * n, [tape_size] * n, output_size=output_size)
+        return cls([fwd_time] * n, [bwd_time] * n, [size] * n, [tape_size] * n,
+                   output_size=size if output_size is None else output_size)
 
     def store_all_peak(self) -> float:
         """Peak of plain autograd (tape every stage with option 0, no recomputation) under the model."""

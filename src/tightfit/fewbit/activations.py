@@ -9,7 +9,7 @@ bit-identical to the original. ``kind`` says how the derivative is stored:
   2-bit table (three pieces);
 - ``"smooth"``: everything else -> a fitted table (see :mod:`tightfit.fewbit.fit`).
 
-``breaks(params)`` lists the points where f' jumps (or, for step/band kinds, the kinks): fitted tables
+``breaks(params)`` lists the points where f' jumps or kinks (for step/band kinds: the kinks): fitted tables
 always have a candidate border there. transformers is never imported here: its classes are recognised by
 module and class name.
 """
@@ -55,6 +55,7 @@ class ActivationSpec:
     act2fn: tuple[str, ...] = ()
     table_of: str | None = None
     doc: str = ""
+    border_rounding: str = "opmath"  # how torch's backward compares x with the kinks (see tables.py)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -233,9 +234,11 @@ _ENTRIES = [
     _entry("hardsigmoid", F.hardsigmoid, "band", breaks=lambda p: (-3.0, 3.0),
            torch_modules=(nn.Hardsigmoid,)),
     _entry("hardshrink", _hardshrink, "band", defaults={"lambd": 0.5},
-           breaks=lambda p: (-p["lambd"], p["lambd"]), torch_modules=(nn.Hardshrink,)),
+           breaks=lambda p: (-p["lambd"], p["lambd"]), torch_modules=(nn.Hardshrink,),
+           border_rounding="input"),
     _entry("softshrink", _softshrink, "band", defaults={"lambd": 0.5},
-           breaks=lambda p: (-p["lambd"], p["lambd"]), torch_modules=(nn.Softshrink,)),
+           breaks=lambda p: (-p["lambd"], p["lambd"]), torch_modules=(nn.Softshrink,),
+           border_rounding="input"),
     # --- smooth (or with derivative jumps): fitted tables ----------------------------------------------
     _entry("gelu", _gelu, "smooth", torch_modules=(nn.GELU,), hf_modules=("GELUActivation",),
            act2fn=("gelu",)),

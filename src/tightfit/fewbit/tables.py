@@ -12,8 +12,12 @@ functions need mixed flags (hardtanh'(x) is 0 at both x = min_val and x = max_va
 is the sum of comparisons above (``Table.encode``). The flags are chosen so that piecewise-linear tables
 give torch's derivative exactly, kinks included (relu'(0) = 0, hardtanh'(±1) = 0, hardshrink'(±λ) = 0).
 
-NOTE (dtype): compare x with ``borders.to(x.dtype)``, as torch does with its scalar parameters (e.g.
-threshold's 0.1 is rounded to float32 for a float32 input); ``Table.encode`` does that.
+NOTE (dtype): compare ``x.to(compare_dtype(x.dtype))`` (float32 for float16/bfloat16, exact widening;
+x's dtype otherwise) with ``table.borders_for(x.dtype)``. That reproduces torch's kernels bit for bit,
+which treat their scalar parameters in one of two ways (``Table.border_rounding``): "opmath" (threshold,
+hardtanh: a bfloat16 x = 0.10009765625 is above threshold 0.1 = float32(0.1)) or "input" (hardshrink,
+softshrink: lambd is first rounded to x's dtype, so |x| = bfloat16(0.3) is inside the band). For float32
+and float64 inputs both are simply ``borders.to(x.dtype)``. ``Table.encode`` is the reference.
 
 ``get_table(name, bits, **params)``: exact tables for piecewise-linear functions at any parameters
 (1 bit for one kink, 2 bits for bands, whatever ``bits`` asks for: ``table.bits`` is the code width
@@ -34,10 +38,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Table", "exact_table", "get_table", "load_shipped", "tie_flags", "SHIPPED_BITS"]
+__all__ = ["Table", "compare_dtype", "exact_table", "get_table", "load_shipped", "tie_flags", "SHIPPED_BITS"]
 
 SHIPPED_BITS = tuple(range(1, 9))
 DATA_FILE = "tables.json"
+
+
+def compare_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which x and the borders are compared: torch's opmath type (see the NOTE above)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype if dtype.is_floating_point else torch.float64
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,8 +69,11 @@ class Table:
     name: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     weight: str = "normal(mean=0, std=1)"
+    border_rounding: str = "opmath"
 
     def __post_init__(self) -> None:
+        if self.border_rounding not in ("opmath", "input"):
+            raise ValueError(f"border_rounding must be 'opmath' or 'input', got {self.border_rounding!r}")
         b = torch.as_tensor(self.borders, dtype=torch.float64).detach().flatten()
         lv = torch.as_tensor(self.levels, dtype=torch.float64).detach().flatten()
         object.__setattr__(self, "borders", b)
@@ -90,9 +104,17 @@ class Table:
             return False
         return None
 
+    def borders_for(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+        """The borders to compare with ``x.to(compare_dtype(dtype))``, for inputs of ``dtype``."""
+        b = self.borders
+        if self.border_rounding == "input" and dtype.is_floating_point:
+            b = b.to(dtype)
+        return b.to(device=device, dtype=compare_dtype(dtype))
+
     def encode(self, x: Tensor) -> Tensor:
-        """Reference encoder: int64 codes in [0, len(levels)) (compares in x's dtype)."""
-        b = self.borders.to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float64)
+        """Reference encoder: int64 codes in [0, len(levels)) (compares in ``compare_dtype(x.dtype)``)."""
+        b = self.borders_for(x.dtype, x.device)
+        x = x.to(b.dtype)
         flag = self.bucketize_right
         if flag is not None:
             return torch.bucketize(x, b, right=flag)
@@ -120,6 +142,7 @@ class Table:
             "borders": [float(v) for v in self.borders.tolist()],
             "levels": [float(v) for v in self.levels.tolist()],
             "right": [bool(r) for r in self.right],
+            "border_rounding": self.border_rounding,
         }
 
     @classmethod
@@ -134,6 +157,7 @@ class Table:
             name=d.get("name"),
             params=dict(d.get("params", {})),
             weight=d.get("weight", "normal(mean=0, std=1)"),
+            border_rounding=d.get("border_rounding", "opmath"),
         )
 
     def __repr__(self) -> str:
@@ -178,6 +202,7 @@ def exact_table(name: str, **params: Any) -> Table:
         name=spec.name,
         params=p,
         weight="any",
+        border_rounding=spec.border_rounding,
     )
 
 

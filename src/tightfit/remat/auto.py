@@ -1,0 +1,353 @@
+"""Automatic rematerialization of an unmodified PyTorch model under a memory budget.
+
+    model = tightfit.rematerialize(model, batch, budget="2GiB")   # then train as usual
+    print(model.plan)
+
+The budget is the ABSOLUTE live-tensor peak of one full training step (forward, loss, backward and the
+optimizer step when ``optimizer`` is given) as the ruler ``tightfit.memory.LiveTracker`` measures it:
+parameters, gradients, optimizer state, inputs, activations and temporaries all count. It is not a budget
+for activations only, and not an allocator number (no caching or fragmentation on accelerators).
+
+How: (1) one forward with hooks finds the chain of blocks (``tightfit.remat.blocks``); (2) each group of
+identical blocks is measured once under each option: store, two selective-checkpoint policies, full
+recompute (``tightfit.remat.measure``); (3) two whole steps are measured, without remat and with every
+block recomputed, which fixes the constants of the chain memory model and the smallest feasible budget
+(``tightfit.remat.chainmodel``); (4) a DP picks the fastest option per block under the budget; (5) the plan
+is applied with ``torch.utils.checkpoint`` (``tightfit.remat.execute``) and measured; when the measured
+peak is over the budget the internal budget is lowered by the excess and the DP runs again. The returned
+plan therefore measured <= budget on this batch (same shapes => same peak on CPU; on accelerators the
+allocator may round up).
+
+NOTE [ Side effects of planning ]
+  Planning runs a few training steps. The RNG state, parameters, buffers, gradients and optimizer state
+  are restored afterwards, so training after ``rematerialize`` gives the same results as without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from tightfit._step import LossFn, call_model, loss_of, training_step
+from tightfit.remat import execute
+from tightfit.remat.blocks import Blocks, find_blocks
+from tightfit.remat.chainmodel import ChainCosts
+from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE
+from tightfit.remat.measure import OptionCost, _live_tracker, measure_group
+from tightfit.remat.plan import Decision, Plan
+from tightfit.sizes import format_size, parse_size
+
+try:
+    from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
+except ImportError:  # pragma: no cover - the solvers package is being written alongside
+
+    class _SolverInfeasible(Exception):  # type: ignore[no-redef]
+        def __init__(self, budget: float, min_budget: float, what: str = "schedule") -> None:
+            self.budget, self.min_budget = float(budget), float(min_budget)
+            super().__init__(f"no {what} fits in {budget:g}; the smallest feasible budget is {min_budget:g}")
+
+
+def _ensure_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer state the way ``tightfit.profile`` does (one step on zero gradients)."""
+    from tightfit.memory.profile import _ensure_optimizer_state as ensure
+
+    ensure(model, optimizer)
+
+
+class InfeasibleBudget(_SolverInfeasible):
+    """No remat plan keeps the training step under ``budget``; ``min_budget`` (bytes) is the measured peak
+    of the most memory-frugal plan, so ``rematerialize(..., budget=err.min_budget)`` succeeds."""
+
+    def __init__(self, budget: float, min_budget: float, what: str = "remat plan") -> None:
+        super().__init__(budget, min_budget, what)
+        self.args = (
+            f"no {what} keeps the training step under {format_size(budget)} ({int(budget)} bytes); the "
+            f"smallest feasible budget is {format_size(min_budget)} ({int(min_budget)} bytes, the measured "
+            "peak with every block recomputed)",
+        )
+
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+class _Snapshot:
+    """Everything a measurement step changes: RNG, parameters and buffers, grads, optimizer state."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.rng = torch.get_rng_state()
+        self.grads = [(p, p.grad) for p in model.parameters()]
+        self.model = model
+        self.optimizer = optimizer
+        self.state = None
+        if optimizer is not None:
+            self.state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+            self.opt_state = copy.deepcopy(optimizer.state_dict())
+        else:
+            self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.rng)
+        with torch.no_grad():
+            if self.state is not None:
+                for k, v in self.model.state_dict(keep_vars=True).items():
+                    v.copy_(self.state[k])
+                assert self.optimizer is not None
+                self.optimizer.load_state_dict(self.opt_state)
+            else:
+                for b, saved in self.buffers:
+                    b.copy_(saved)
+        for p, g in self.grads:
+            p.grad = g
+
+
+class Planner:
+    """Measure a model once, then plan for any number of budgets (``plan``) and apply plans (``apply``).
+
+    Measuring runs: one probe forward, every option of every group of identical blocks in isolation, and
+    whole training steps without remat and with every block recomputed. ``progress(what, done, total)``
+    is called as it goes (the CLI draws a progress bar with it).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch: Any,
+        loss_fn: LossFn | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        options: Sequence[str] = OPTIONS,
+        progress: Progress | None = None,
+        timing_reps: int = 1,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not model.training:
+            raise ValueError("rematerialize plans a training step: call model.train() first")
+        bad = [o for o in options if o not in OPTIONS]
+        if bad:
+            raise ValueError(f"unknown remat options {bad}; valid options: {', '.join(OPTIONS)}")
+        started = time.perf_counter()
+        self.model, self.batch, self.loss_fn, self.optimizer = model, batch, loss_fn, optimizer
+        self.options = [STORE, *[o for o in options if o != STORE]]
+        if RECOMPUTE not in self.options:
+            self.options.append(RECOMPUTE)
+        self.timing_reps = timing_reps
+        self.notes: list[str] = []
+        self._progress = progress or (lambda what, done, total: None)
+        execute.undo(model)
+        snap = _Snapshot(model, optimizer)
+        try:
+            self._measure()
+        finally:
+            snap.restore()
+        self.measure_time = time.perf_counter() - started
+
+    # -- measuring ----------------------------------------------------------------------------------
+    def _step(self) -> None:
+        training_step(self.model, self.batch, self.loss_fn, self.optimizer)
+
+    def _tracked_step(self) -> int:
+        """Peak of one step measured as ``tightfit.profile`` measures it (the output stays alive until the
+        step ends; optimizer state is created first by a step on zero gradients)."""
+        if self.optimizer is not None:
+            _ensure_optimizer_state(self.model, self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in self.model.parameters():
+                p.grad = None
+        with _live_tracker()(track=[self.model, self.optimizer, self.batch]) as t:
+            output = call_model(self.model, self.batch)
+            loss = loss_of(output, self.loss_fn)
+            loss.backward()
+            if self.optimizer is not None:
+                self.optimizer.step()
+            del output, loss
+        return t.peak
+
+    def measure_step(
+        self, options: dict[str, list[str]] | None = None, *, timed: bool = True
+    ) -> tuple[int, float]:
+        """(peak bytes, step seconds) of one training step with ``options`` applied (None: no remat).
+
+        The model is restored afterwards (parameters, optimizer state, RNG, grads).
+        """
+        snap = _Snapshot(self.model, self.optimizer)
+        try:
+            if options:
+                execute.apply(self.model, options)
+            peak = self._tracked_step()
+            seconds = float("nan")
+            if timed:
+                runs = []
+                for _ in range(max(1, self.timing_reps)):
+                    t0 = time.perf_counter()
+                    self._step()
+                    runs.append(time.perf_counter() - t0)
+                seconds = sorted(runs)[len(runs) // 2]
+        finally:
+            execute.undo(self.model)
+            snap.restore()
+        return peak, seconds
+
+    def _measure(self) -> None:
+        total = 4
+        self._progress("finding blocks", 0, total)
+        self.blocks: Blocks = find_blocks(self.model, self.batch, self.loss_fn)
+        groups = self.blocks.groups
+        total = 3 + len(groups) * len(self.options)
+        self._progress("measuring no remat", 1, total)
+        self.baseline_peak, self.baseline_time = self.measure_step(None)
+        done = [2]
+        self.group_costs: list[dict[str, OptionCost] | None] = []
+        for gi, group in enumerate(groups):
+
+            def tick(option: str, gi: int = gi) -> None:
+                done[0] += 1
+                self._progress(f"measuring block group {gi + 1}/{len(groups)} ({option})", done[0], total)
+
+            try:
+                self.group_costs.append(measure_group(group, self.options, on_option=tick))
+            except RuntimeError as err:  # a block that cannot run on its own stays unplanned (glue)
+                self.group_costs.append(None)
+                self.notes.append(f"{group.path} is not planned: {err}")
+        self.blocks.blocks = [b for b in self.blocks.blocks if self.group_costs[b.group] is not None]
+        if not self.blocks.blocks:
+            raise RuntimeError(f"no block of the model could be measured: {'; '.join(self.notes)}")
+        blocks = self.blocks.blocks
+        paths = dict(self.model.named_modules())
+        later: list[int] = []
+        seen: set[int] = set()
+        acc = 0
+        for b in reversed(blocks):
+            later.append(acc)
+            module = paths[b.path]
+            if id(module) not in seen:
+                seen.add(id(module))
+                acc += sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        later.reverse()
+        self.chain = ChainCosts([self.group_costs[b.group] for b in blocks], later, self.baseline_time)  # type: ignore[misc]
+        self.store_plan = [STORE] * len(blocks)
+        self.frugal_plan = [self._frugal(i) for i in range(len(blocks))]
+        self._progress("measuring all blocks recomputed", done[0] + 1, total)
+        self.frugal_peak, self.frugal_time = self.measure_step(self._options(self.frugal_plan), timed=False)
+        self.chain.fit(self.store_plan, self.baseline_peak, self.frugal_plan, self.frugal_peak)
+        self.min_budget = min(self.baseline_peak, self.frugal_peak)
+        self._progress("measured", total, total)
+
+    def _frugal(self, i: int) -> str:
+        """The exact option with the smallest keep for block i (full recompute unless it is not exact)."""
+        costs = self.chain.costs[i]
+        return min((o for o in costs if costs[o].exact), key=lambda o: (costs[o].keep, costs[o].bwd_peak))
+
+    def _options(self, plan: Sequence[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for b, o in zip(self.blocks.blocks, plan):
+            calls = out.setdefault(b.path, [])
+            while len(calls) < b.call:
+                calls.append(STORE)
+            calls.append(o)
+        return out
+
+    # -- planning -----------------------------------------------------------------------------------
+    def _make_plan(self, budget: int, plan: Sequence[str]) -> Plan:
+        decisions = [
+            Decision(
+                b.name, b.path, b.call, b.group, o, self.chain.costs[i][o].keep, self.chain.extra_time(i, o)
+            )
+            for i, (b, o) in enumerate(zip(self.blocks.blocks, plan))
+        ]
+        return Plan(
+            budget=budget,
+            decisions=decisions,
+            peak=self.chain.peak(plan),
+            time=self.chain.time(plan),
+            baseline_peak=self.baseline_peak,
+            baseline_time=self.baseline_time,
+            min_budget=self.min_budget,
+            source=self.blocks.source,
+            notes=list(self.notes),
+        )
+
+    def plan(self, budget: int | float | str, *, verify: bool = True, max_rounds: int = 4) -> Plan:
+        """The fastest plan whose measured peak is <= ``budget`` (see the module docstring).
+
+        Raises ``InfeasibleBudget`` when even the most frugal plan measures over the budget.
+        """
+        started = time.perf_counter()
+        budget = parse_size(budget)
+        if budget < self.min_budget:
+            raise InfeasibleBudget(budget, self.min_budget)
+        if budget >= self.baseline_peak:
+            plan = self._make_plan(budget, self.store_plan)
+            plan.measured_peak, plan.measured_time = self.baseline_peak, self.baseline_time
+            plan.notes.append("the model fits without remat")
+            return self._finish(plan, started)
+        target = float(budget)
+        seen: dict[tuple[str, ...], int] = {}
+        rounds = 0
+        chosen: Plan | None = None
+        while rounds < max_rounds:
+            rounds += 1
+            solution = self.chain.solve(target)
+            if solution is None:
+                break
+            key = tuple(solution)
+            if key not in seen:
+                seen[key] = self.measure_step(self._options(solution), timed=False)[0] if verify else 0
+            measured = seen[key]
+            if measured <= budget:
+                chosen = self._make_plan(budget, solution)
+                chosen.solve_budget = int(target)
+                chosen.measured_peak = measured if verify else None
+                break
+            target -= measured - budget + max(1.0, 0.001 * budget)
+        if chosen is None:
+            fallback = self.store_plan if self.baseline_peak <= budget else self.frugal_plan
+            chosen = self._make_plan(budget, fallback)
+            chosen.measured_peak = self.baseline_peak if fallback is self.store_plan else self.frugal_peak
+            chosen.notes.append(
+                f"no solved plan measured under the budget in {rounds} round(s); using the most frugal plan"
+            )
+        chosen.iterations = rounds
+        if verify:
+            _, chosen.measured_time = self.measure_step(self._options([d.option for d in chosen.decisions]))
+        return self._finish(chosen, started)
+
+    def _finish(self, plan: Plan, started: float) -> Plan:
+        plan.planning_time = self.measure_time + time.perf_counter() - started
+        return plan
+
+    def apply(self, plan: Plan) -> torch.nn.Module:
+        """Patch the model in place to run ``plan``; sets ``model.plan``; returns the model."""
+        execute.apply(self.model, plan.options)
+        self.model.__dict__["plan"] = plan
+        return self.model
+
+
+def rematerialize(
+    model: torch.nn.Module,
+    batch: Any,
+    budget: int | float | str,
+    loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    options: Sequence[str] = OPTIONS,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> torch.nn.Module:
+    """Make ``model`` train within ``budget`` by recomputing activations; returns the model to train.
+
+    ``budget`` (bytes, or a size such as ``"2GiB"``) is the absolute live-tensor peak of one full training
+    step on ``batch`` (see the module docstring). The model is patched in place (same object, same
+    parameters, same ``state_dict`` keys; ``tightfit.remat.execute.undo(model)`` removes the plan) and
+    gets a ``.plan`` attribute (``Plan``: predicted ``peak``/``time``, measured ones, the decisions).
+    Gradients are bit-identical to the unmodified model's, dropout included. In ``eval()`` mode or under
+    ``torch.no_grad()`` nothing is recomputed. Raises ``InfeasibleBudget`` (with ``min_budget``) when no
+    plan fits.
+    """
+    planner = Planner(model, batch, loss_fn, optimizer, options=options, progress=progress)
+    return planner.apply(planner.plan(budget, verify=verify))

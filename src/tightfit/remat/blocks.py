@@ -1,0 +1,295 @@
+"""Find a model's chain of blocks from its module structure and the order its modules run in.
+
+One forward pass is recorded with forward hooks on every submodule. Blocks are then:
+  1. the calls of the children of the shallowest ``nn.ModuleList`` / ``nn.Sequential`` containers whose
+     children are themselves composite modules and run at least two calls (GPT-2 ``transformer.h``, BERT
+     ``encoder.layer``, Llama ``model.layers``, ResNet stages, U-Net ``downs``/``ups``), or of a module
+     that is called several times in one forward (an RNN cell stepped over time: one block per step);
+     a Sequential of leaf layers (conv, norm, relu) is one block, never split into single layers;
+  2. a block that is itself a container of composite modules is replaced by its children's calls
+     (a Sequential of stages becomes its residual blocks);
+  3. families nested inside a call of another family are ignored (the outer, larger blocks win);
+  4. the root's other direct children (a stem, a head) are blocks too.
+If no family exists, the root's direct child calls are the blocks. Work outside the blocks (embeddings,
+the loss, glue code in the parent's forward) is not planned: its memory is a measured constant.
+
+Calls with the same *signature* (module class and configuration, parameter shapes, argument shapes and
+dtypes) form a group and are measured once. Blocks need not form a pure chain: a U-Net's skip tensors are
+block outputs kept alive by a later block; per-block decisions stay correct and the skip tensors are part
+of the measured constant (see ``tightfit.remat.auto``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tightfit._step import LossFn, call_model
+
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential)
+
+
+@dataclass
+class Call:
+    """One module call recorded in the probe forward."""
+
+    path: str
+    module: torch.nn.Module = field(repr=False)
+    index: int  # how many earlier calls of the same module in this forward
+    start: int
+    end: int = -1
+    parent: int = -1  # position of the enclosing call in the record, -1 for top level
+    signature: tuple = field(default=(), repr=False)
+
+
+@dataclass
+class Block:
+    """A planned unit: the ``call``-th call of submodule ``path``; ``group`` indexes identical blocks."""
+
+    path: str
+    call: int
+    group: int
+    name: str = ""  # path, with "[call]" when the module runs several times
+
+
+@dataclass
+class Group:
+    """Identical blocks (same signature): measured once, on the arguments of the first call."""
+
+    path: str
+    module: torch.nn.Module = field(repr=False)
+    args: tuple = field(repr=False)
+    kwargs: dict = field(repr=False)
+    flags: tuple[bool, ...] = ()  # requires_grad of each tensor argument in the real step
+    members: list[int] = field(default_factory=list)  # block positions
+
+
+@dataclass
+class Blocks:
+    """The blocks of a model in execution order, their groups, and how they were found."""
+
+    blocks: list[Block]
+    groups: list[Group]
+    source: str  # which rule found them, for the plan printout
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def _describe(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.dtype, x.requires_grad, x.device.type)
+    if isinstance(x, (tuple, list)):
+        return (type(x).__name__, tuple(_describe(v) for v in x))
+    if isinstance(x, Mapping):
+        return ("map", tuple((k, _describe(v)) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))))
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return type(x).__qualname__
+
+
+def _module_key(module: torch.nn.Module, cache: dict[int, tuple]) -> tuple:
+    key = cache.get(id(module))
+    if key is None:
+        params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters())
+        buffers = tuple((n, tuple(b.shape), b.dtype) for n, b in module.named_buffers())
+        key = (type(module).__qualname__, repr(module), params, buffers)
+        cache[id(module)] = key
+    return key
+
+
+def _detach(x: Any) -> Any:
+    """The arguments with every tensor detached (same storage: nothing is copied)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detach(v) for v in x)
+    if isinstance(x, list):
+        return [_detach(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+def record_calls(
+    model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None
+) -> tuple[list[Call], dict[tuple, tuple[tuple, dict, tuple[bool, ...]]]]:
+    """Run one forward with hooks; return the calls in order and, per signature, the first call's
+    arguments (detached) with the requires_grad flag of each tensor argument."""
+    del loss_fn  # the forward alone fixes the structure
+    calls: list[Call] = []
+    stack: list[int] = []
+    counts: dict[int, int] = {}
+    keys: dict[int, tuple] = {}
+    first_args: dict[tuple, tuple[tuple, dict, tuple[bool, ...]]] = {}
+    tick = [0]
+    paths = {id(m): p for p, m in model.named_modules()}
+
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        index = counts.get(id(module), 0)
+        counts[id(module)] = index + 1
+        signature = (_module_key(module, keys), module.training, _describe(args), _describe(kwargs))
+        tick[0] += 1
+        calls.append(
+            Call(
+                paths[id(module)],
+                module,
+                index,
+                tick[0],
+                parent=stack[-1] if stack else -1,
+                signature=signature,
+            )
+        )
+        stack.append(len(calls) - 1)
+        if signature not in first_args:
+            flags = tuple(t.requires_grad for t in _leaves((args, kwargs)))
+            first_args[signature] = (_detach(args), _detach(dict(kwargs)), flags)
+
+    def post(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        tick[0] += 1
+        if stack:
+            calls[stack.pop()].end = tick[0]
+
+    handles = []
+    for _, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+    try:
+        with torch.enable_grad():
+            out = call_model(model, batch)
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, first_args
+
+
+def _leaves(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _leaves(v)]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in _leaves(v)]
+    return []
+
+
+def _depth(path: str) -> int:
+    return 0 if path == "" else path.count(".") + 1
+
+
+def _leaf(module: torch.nn.Module) -> bool:
+    return next(iter(module.children()), None) is None
+
+
+def _families(calls: list[Call], model: torch.nn.Module) -> list[tuple[str, list[int]]]:
+    """(description, call positions) of the candidate families: the calls of the children of a container
+    whose children all have submodules themselves (a Sequential of layers is not a family), and the calls
+    of a module called at least twice in one forward (an RNN cell stepped over time)."""
+    modules = dict(model.named_modules())
+    families: list[tuple[str, list[int]]] = []
+    for path, module in modules.items():
+        if isinstance(module, _CONTAINERS) and not any(_leaf(m) for m in module.children()):
+            prefix = f"{path}." if path else ""
+            kids = {f"{prefix}{name}" for name, _ in module.named_children()}
+            members = [i for i, c in enumerate(calls) if c.path in kids]
+            if len(members) >= 2:
+                families.append((path, members))
+    by_module: dict[str, list[int]] = {}
+    for i, c in enumerate(calls):
+        by_module.setdefault(c.path, []).append(i)
+    for path, members in by_module.items():
+        if len(members) >= 2 and path != "":
+            families.append((f"{path} (called {len(members)}x)", members))
+    return families
+
+
+def _inside(calls: list[Call], i: int, j: int) -> bool:
+    """Whether call i runs inside call j."""
+    return calls[j].start < calls[i].start and calls[i].end <= calls[j].end
+
+
+def _expand(calls: list[Call], i: int, children: dict[int, list[int]]) -> list[int]:
+    """A container call whose children all have submodules is replaced by its children's calls."""
+    module = calls[i].module
+    kids = children.get(i, [])
+    if isinstance(module, _CONTAINERS) and kids and not any(_leaf(calls[k].module) for k in kids):
+        return [k for c in kids for k in _expand(calls, c, children)]
+    return [i]
+
+
+def select_blocks(calls: list[Call], model: torch.nn.Module) -> tuple[list[int], str]:
+    """Positions (in ``calls``) of the block calls, in execution order, and the rule that found them."""
+    children: dict[int, list[int]] = {}
+    for i, c in enumerate(calls):
+        children.setdefault(c.parent, []).append(i)
+    top = children.get(-1, [])
+    root_kids = children.get(top[0], []) if len(top) == 1 else top
+    families = _families(calls, model)
+    # shallowest families first; a family whose calls all run inside an already chosen call is skipped
+    families.sort(key=lambda f: (min(_depth(calls[i].path) for i in f[1]), -len(f[1])))
+    chosen: list[int] = []
+    names: list[str] = []
+    for name, members in families:
+        members = [m for m in members if not any(_inside(calls, m, c) for c in chosen)]
+        if len(members) < 2 or any(_inside(calls, c, m) for m in members for c in chosen):
+            continue
+        chosen.extend(members)
+        names.append(name)
+    if chosen:
+        # the root's other children (stem, head, ...) are blocks too when they hold no chosen call
+        extra = [
+            k
+            for k in root_kids
+            if k not in chosen and not any(_inside(calls, c, k) or _inside(calls, k, c) for c in chosen)
+        ]
+        chosen.extend(extra)
+        if extra:
+            names.append("other children of the root")
+    else:
+        if len(root_kids) < 2:
+            raise ValueError(
+                "no chain of blocks found: the model has no nn.ModuleList/nn.Sequential of at least two "
+                "called submodules, no submodule called twice and fewer than two top-level submodules; "
+                "wrap the repeated part of the model in an nn.ModuleList"
+            )
+        chosen, names = list(root_kids), ["children of the root module"]
+    blocks = sorted({k for c in chosen for k in _expand(calls, c, children)}, key=lambda i: calls[i].start)
+    return blocks, ", ".join(names)
+
+
+def find_blocks(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    *,
+    include: Callable[[str], bool] | None = None,
+) -> Blocks:
+    """Record one forward of ``model`` on ``batch`` and return its blocks grouped by signature.
+
+    ``include(path)`` can restrict the blocks to some module paths.
+    """
+    calls, first_args = record_calls(model, batch, loss_fn)
+    positions, source = select_blocks(calls, model)
+    if include is not None:
+        positions = [i for i in positions if include(calls[i].path)]
+    counts: dict[str, int] = {}
+    for i in positions:
+        counts[calls[i].path] = counts.get(calls[i].path, 0) + 1
+    groups: list[Group] = []
+    group_of: dict[tuple, int] = {}
+    blocks: list[Block] = []
+    for i in positions:
+        c = calls[i]
+        g = group_of.get(c.signature)
+        if g is None:
+            args, kwargs, flags = first_args[c.signature]
+            g = group_of[c.signature] = len(groups)
+            groups.append(Group(c.path, c.module, args, kwargs, flags))
+        groups[g].members.append(len(blocks))
+        name = c.path if counts[c.path] == 1 else f"{c.path}[{c.index}]"
+        blocks.append(Block(c.path, c.index, g, name))
+    return Blocks(blocks, groups, source)

@@ -1,0 +1,228 @@
+"""Carry out a remat plan with PyTorch's own machinery: each chosen block call runs through
+``torch.utils.checkpoint(use_reentrant=False)``, optionally with a selective-checkpoint policy that keeps
+some op outputs (matmuls, attention) and recomputes the rest. No custom executor.
+
+NOTE [ How a plan is applied ]
+  The instance's ``forward`` of every planned block module is replaced by a small dispatcher (an
+  instance attribute, so parameters, buffers and ``state_dict`` keys do not change). The dispatcher looks
+  up the decision for this call (a module called several times per step, like an RNN cell in a loop, has
+  one decision per call index; the count restarts at every forward of the root model) and runs the
+  original forward plainly or under checkpoint. ``undo(model)`` restores the previous ``forward``.
+  Checkpointing only happens when autograd records (grad enabled) and the block is in training mode, so
+  ``model.eval()`` and ``torch.no_grad()`` run the original code.
+
+NOTE [ Why gradients are bit-identical ]
+  Non-reentrant checkpoint stashes and restores the RNG state (CPU and the inputs' accelerators) and the
+  autocast state before recomputing, so dropout masks and autocast dtypes are the same in the recompute;
+  recomputed ops are the same kernels on the same inputs. Running statistics of batch norms inside a
+  recomputed block would be updated twice: the recompute restores them afterwards (``_frozen_stats``).
+  A block whose forward has other side effects (appending to a KV cache, printing, counters) would
+  repeat them in the recompute: pass ``use_cache=False`` to Hugging Face models when training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+aten = torch.ops.aten
+
+# -- the in-block options ------------------------------------------------------------------------------
+STORE = "store"  # plain autograd: every tensor the backward needs is kept
+RECOMPUTE = "recompute"  # checkpoint the whole block: keep its inputs, recompute everything
+SAVE_MATMUL = "save-matmul"  # SAC: keep matmul/conv/attention outputs, recompute pointwise/norm/softmax
+SAVE_LINEAR = "save-linear"  # SAC: keep projections (mm/addmm/conv) only, recompute attention too
+
+
+def _ops(*names: str) -> frozenset[Any]:
+    """Overload packets that exist in this torch build (attention kernels differ between versions)."""
+    found = []
+    for name in names:
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            found.append(packet)
+    return frozenset(found)
+
+
+_LINEAR_OPS = _ops("mm", "addmm", "convolution", "_convolution", "mkldnn_convolution", "_addmm_activation")
+_ATTENTION_OPS = _ops(
+    "bmm",
+    "baddbmm",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_efficient_attention_forward",
+    "_flash_attention_forward",
+)
+# option -> op overload packets whose outputs are kept; everything else in the block is recomputed
+SAC_SAVED_OPS: dict[str, frozenset[Any]] = {
+    SAVE_MATMUL: _LINEAR_OPS | _ATTENTION_OPS,
+    SAVE_LINEAR: _LINEAR_OPS,
+}
+OPTIONS: tuple[str, ...] = (STORE, SAVE_MATMUL, SAVE_LINEAR, RECOMPUTE)
+
+
+def _policy(saved: frozenset[Any]) -> Callable[..., CheckpointPolicy]:
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        packet = getattr(op, "overloadpacket", op)
+        return CheckpointPolicy.MUST_SAVE if packet in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _context_fn(option: str) -> Callable[[], Any] | None:
+    if option == RECOMPUTE:
+        return None
+    saved = SAC_SAVED_OPS.get(option)
+    if saved is None:
+        raise ValueError(f"unknown remat option {option!r}; valid options: {', '.join(OPTIONS)}")
+    return functools.partial(create_selective_checkpoint_contexts, _policy(saved))
+
+
+# -- running one call under an option --------------------------------------------------------------
+def _stat_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Running statistics a training-mode forward updates in place (batch norm and friends)."""
+    out: list[torch.Tensor] = []
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training:
+            out.extend(b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None)
+    return out
+
+
+@contextlib.contextmanager
+def _frozen_stats(buffers: list[torch.Tensor]) -> Iterator[None]:
+    """Undo in-place updates of running statistics made while recomputing."""
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def run_call(
+    module: torch.nn.Module, forward: Callable[..., Any], option: str, args: tuple, kwargs: Mapping[str, Any]
+) -> Any:
+    """Run ``forward(*args, **kwargs)`` (the block's original forward) under a remat option."""
+    if option == STORE or not (torch.is_grad_enabled() and module.training):
+        return forward(*args, **kwargs)
+    stats = _stat_buffers(module)
+    calls = [0]
+
+    def body(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1 or not stats:
+            return forward(*a, **k)
+        with _frozen_stats(stats):  # a recompute: leave running stats as the first pass left them
+            return forward(*a, **k)
+
+    context_fn = _context_fn(option)
+    extra = {} if context_fn is None else {"context_fn": context_fn}
+    return checkpoint(body, *args, use_reentrant=False, **extra, **kwargs)
+
+
+# -- patching the model ------------------------------------------------------------------------------
+_ATTR = "_tightfit_remat"
+
+
+class _Patched:
+    """Bookkeeping for one patched module: its original forward and decisions per call index."""
+
+    def __init__(self, module: torch.nn.Module, decisions: list[str], default: str) -> None:
+        self.had_instance_forward = "forward" in module.__dict__
+        self.previous = module.__dict__.get("forward")
+        self.original = module.forward  # bound method (or an earlier instance wrapper)
+        self.decisions = decisions
+        self.default = default
+        # the same option for every call: no per-call counting (simpler for torch.compile to trace)
+        self.constant = decisions[0] if len(decisions) == 1 else None
+        self.local = threading.local()
+
+    def next_option(self) -> str:
+        if self.constant is not None:
+            return self.constant
+        index = getattr(self.local, "calls", 0)
+        self.local.calls = index + 1
+        return self.decisions[index] if index < len(self.decisions) else self.default
+
+    def reset(self) -> None:
+        self.local.calls = 0
+
+
+def _dispatcher(state: _Patched) -> Callable[..., Any]:
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return run_call(self, state.original, state.next_option(), args, kwargs)
+
+    return forward
+
+
+def apply(
+    model: torch.nn.Module,
+    decisions: Mapping[str, list[str]],
+    *,
+    default: str = STORE,
+) -> torch.nn.Module:
+    """Patch ``model`` in place: ``decisions[path][i]`` is the option for the i-th call of the submodule
+    at ``path`` within one forward of ``model`` (calls past the end use ``default``). Returns ``model``.
+
+    Applying again replaces the previous plan. Raises ``KeyError`` naming a path that is not a submodule,
+    before anything is patched.
+    """
+    modules = dict(model.named_modules())
+    missing = [p for p in decisions if p not in modules]
+    if missing:
+        raise KeyError(f"not submodules of the model: {missing}; valid paths look like {list(modules)[1:4]}")
+    for option in {o for opts in decisions.values() for o in opts} | {default}:
+        if option != STORE:
+            _context_fn(option)  # validates the name
+    undo(model)
+    patched: dict[str, _Patched] = {}
+    for path, options in decisions.items():
+        if all(o == STORE for o in options) and default == STORE:
+            continue
+        module = modules[path]
+        state = _Patched(module, list(options), default)
+        patched[path] = state
+
+        module.forward = types.MethodType(_dispatcher(state), module)
+    many = [s for s in patched.values() if s.constant is None]
+
+    def reset(_module: torch.nn.Module, _args: Any) -> None:
+        for state in many:
+            state.reset()
+
+    handle = model.register_forward_pre_hook(reset) if many else None
+    model.__dict__[_ATTR] = (patched, modules, handle)
+    return model
+
+
+def undo(model: torch.nn.Module) -> torch.nn.Module:
+    """Remove a plan applied by :func:`apply` (a no-op on an unpatched model). Returns ``model``."""
+    record = model.__dict__.pop(_ATTR, None)
+    if record is None:
+        return model
+    patched, modules, handle = record
+    for path, state in patched.items():
+        module = modules[path]
+        if state.had_instance_forward:
+            module.forward = state.previous
+        else:
+            module.__dict__.pop("forward", None)
+    if handle is not None:
+        handle.remove()
+    return model
+
+
+def applied(model: torch.nn.Module) -> dict[str, list[str]]:
+    """The decisions currently applied to ``model`` (path -> option per call), {} when none."""
+    record = model.__dict__.get(_ATTR)
+    return {} if record is None else {p: list(s.decisions) for p, s in record[0].items()}

@@ -1,0 +1,197 @@
+"""Measure what each block costs under each in-block option, exactly, on the model's device.
+
+For one representative call per group of identical blocks, and for each option (store, selective
+checkpoint policies, full recompute), the block runs forward and backward in isolation on fresh copies of
+the recorded arguments, under the ruler (``tightfit.memory.LiveTracker``):
+
+  keep      live bytes the block leaves behind after its forward (what the backward needs, plus its
+            output, which stays alive until the next block's backward in a chain);
+  fwd_peak  highest live bytes during its forward, above the level before it;
+  bwd_peak  highest live bytes during its backward (recompute included, the block's parameter
+            gradients and input gradients included), above the level when its backward starts;
+  fwd_time, bwd_time  median wall time of untracked runs (seconds; backward includes the recompute).
+
+Every option's gradients (parameters and inputs) are compared bit for bit with the store option's under
+the same RNG seed; an option that does not reproduce them (a block that modifies its input in place, for
+instance) is marked ``exact=False`` and never chosen.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from tightfit.remat.blocks import Group, _leaves
+from tightfit.remat.execute import OPTIONS, STORE, run_call
+
+
+def _live_tracker() -> Any:
+    try:
+        from tightfit.memory import LiveTracker
+    except ImportError:  # the package __init__ may not export it yet
+        from tightfit.memory.live import LiveTracker
+    return LiveTracker
+
+
+@dataclass
+class OptionCost:
+    """Measured costs of one block under one option (bytes and seconds)."""
+
+    option: str
+    keep: int
+    fwd_peak: int
+    bwd_peak: int
+    fwd_time: float
+    bwd_time: float
+    exact: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fresh(args: Any, flags: list[bool], leaves: list[torch.Tensor]) -> Any:
+    """Copies of the recorded arguments (new storage) with the recorded requires_grad flags. An argument
+    that requires grad is a non-leaf (a clone of a leaf appended to ``leaves``), as in the real step, so
+    blocks that work in place on their input run as they do there."""
+    if isinstance(args, torch.Tensor):
+        flag = flags.pop(0) if flags else False
+        t = args.detach().clone()
+        if flag and (t.is_floating_point() or t.is_complex()):
+            leaves.append(t.requires_grad_(True))
+            return t.clone()
+        return t
+    if isinstance(args, tuple):
+        return tuple(_fresh(a, flags, leaves) for a in args)
+    if isinstance(args, list):
+        return [_fresh(a, flags, leaves) for a in args]
+    if isinstance(args, dict):
+        return {k: _fresh(v, flags, leaves) for k, v in args.items()}
+    return args
+
+
+def _differentiable(out: Any) -> list[torch.Tensor]:
+    return [t for t in _leaves(out if not hasattr(out, "to_tuple") else out.to_tuple()) if t.requires_grad]
+
+
+class _Run:
+    """One forward + backward of a group's block under an option, with fresh inputs."""
+
+    def __init__(self, group: Group, option: str, seed: int) -> None:
+        self.group, self.option, self.seed = group, option, seed
+        self.forward = group.module.forward
+        flags = list(group.flags)
+        self.leaves: list[torch.Tensor] = []
+        self.args = _fresh(group.args, flags, self.leaves)
+        self.kwargs = _fresh(group.kwargs, flags, self.leaves)
+        self.params = [p for p in group.module.parameters() if p.requires_grad]
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The leaves behind the arguments that require grad (they receive the input gradients)."""
+        return self.leaves
+
+    def grad_outputs(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        gen = torch.Generator(device=outs[0].device if outs else "cpu").manual_seed(self.seed + 1)
+        return [torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device) for o in outs]
+
+    def fwd(self) -> Any:
+        torch.manual_seed(self.seed)
+        return run_call(self.group.module, self.forward, self.option, self.args, self.kwargs)
+
+
+def _measure_memory(run: _Run, tracker_cls: Any) -> tuple[int, int, int, list[torch.Tensor | None]]:
+    for p in run.params:
+        p.grad = None
+    with tracker_cls(track=[run.args, run.kwargs]) as t:
+        t.phase = "forward"
+        base = t.current
+        t.peak = t.current
+        out = run.fwd()
+        outs = _differentiable(out)
+        keep = t.current - base
+        fwd_peak = t.peak - base
+        grads = run.grad_outputs(outs)
+        start = t.current
+        t.peak = t.current
+        t.phase = "backward"
+        if outs:
+            torch.autograd.backward(outs, grads)
+        bwd_peak = t.peak - start
+        del out, outs, grads
+    result = [p.grad for p in run.params] + [x.grad for x in run.inputs()]
+    for p in run.params:
+        p.grad = None
+    return keep, fwd_peak, bwd_peak, result
+
+
+def _measure_time(run: _Run, reps: int) -> tuple[float, float]:
+    fwd, bwd = [], []
+    for _ in range(reps):
+        for p in run.params:
+            p.grad = None
+        for x in run.inputs():
+            x.grad = None
+        t0 = time.perf_counter()
+        out = run.fwd()
+        outs = _differentiable(out)
+        t1 = time.perf_counter()
+        if outs:
+            torch.autograd.backward(outs, run.grad_outputs(outs))
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+        del out, outs
+    for p in run.params:
+        p.grad = None
+    return statistics.median(fwd), statistics.median(bwd)
+
+
+def _same(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
+    return len(a) == len(b) and all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        for x, y in zip(a, b)
+    )
+
+
+def measure_group(
+    group: Group,
+    options: Sequence[str] = OPTIONS,
+    *,
+    reps: int = 3,
+    seed: int = 1234,
+    on_option: Callable[[str], None] | None = None,
+) -> dict[str, OptionCost]:
+    """Costs of ``group``'s block under each option (see the module docstring)."""
+    tracker_cls = _live_tracker()
+    options = [STORE, *[o for o in options if o != STORE]]
+    costs: dict[str, OptionCost] = {}
+    reference: list[torch.Tensor | None] | None = None
+    for option in options:
+        run = _Run(group, option, seed)
+        try:
+            keep, fwd_peak, bwd_peak, grads = _measure_memory(run, tracker_cls)
+        except Exception as err:  # an option this block cannot run under (in-place input updates, ...)
+            if option == STORE:
+                raise RuntimeError(f"block {group.path} fails when run on its own: {err}") from err
+            costs[option] = OptionCost(option, 0, 0, 0, 0.0, 0.0, exact=False)
+            continue
+        if reference is None:
+            reference = grads
+            exact = True
+        else:
+            exact = _same(reference, grads)
+        del grads
+        warm = _Run(group, option, seed)
+        t0 = time.perf_counter()
+        _measure_time(warm, 1)  # warm-up, and a first estimate of the cost
+        once = time.perf_counter() - t0
+        n = reps if once < 0.05 else max(1, min(reps, 2))
+        fwd_time, bwd_time = _measure_time(warm, n)
+        costs[option] = OptionCost(option, keep, fwd_peak, bwd_peak, fwd_time, bwd_time, exact)
+        if on_option is not None:
+            on_option(option)
+    return costs

@@ -1,0 +1,116 @@
+"""The remat ``Plan``: which option each block runs with, and what the step is predicted and measured to cost.
+
+All memory numbers are bytes of the ABSOLUTE live-tensor peak of one full training step as the ruler
+(``tightfit.memory.LiveTracker``) measures it: parameters, gradients, optimizer state (when an optimizer
+was given), inputs, activations and temporaries. Times are seconds per training step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tightfit.sizes import format_size
+
+
+@dataclass
+class Decision:
+    """One block's decision: the ``call``-th call of submodule ``path`` runs with ``option``."""
+
+    name: str
+    path: str
+    call: int
+    group: int
+    option: str
+    keep: int  # bytes the block keeps for its backward under this option (measured, isolated)
+    extra_time: float  # seconds of recompute this option adds over storing everything
+
+
+@dataclass
+class Plan:
+    """A remat plan with predicted and (once verified) measured peak and step time."""
+
+    budget: int
+    decisions: list[Decision]
+    peak: int  # predicted peak, bytes
+    time: float  # predicted step time, seconds
+    measured_peak: int | None = None
+    measured_time: float | None = None
+    baseline_peak: int | None = None  # no remat, measured
+    baseline_time: float | None = None
+    min_budget: int | None = None  # measured peak of the most memory-frugal plan
+    planning_time: float = 0.0  # seconds: capture + measure + solve + verify
+    solve_budget: int | None = None  # the internal budget the last solve used (lowered by verification)
+    iterations: int = 0  # solve/verify rounds
+    source: str = ""  # how the blocks were found
+    notes: list[str] = field(default_factory=list)
+
+    # -- views --------------------------------------------------------------------------------------
+    @property
+    def options(self) -> dict[str, list[str]]:
+        """path -> option of each call, the form ``tightfit.remat.execute.apply`` takes."""
+        out: dict[str, list[str]] = {}
+        for d in sorted(self.decisions, key=lambda d: (d.path, d.call)):
+            out.setdefault(d.path, []).append(d.option)
+        return out
+
+    @property
+    def checkpointed(self) -> list[str]:
+        """Names of blocks that recompute something."""
+        return [d.name for d in self.decisions if d.option != "store"]
+
+    def summary(self) -> str:
+        counts = Counter(d.option for d in self.decisions)
+        return ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    # -- printing -----------------------------------------------------------------------------------
+    def _rows(self) -> list[tuple[str, str, str, str]]:
+        """(blocks, option, keep per block, extra time) with runs of equal decisions merged."""
+        rows: list[tuple[str, str, str, str]] = []
+        i = 0
+        ds = self.decisions
+        while i < len(ds):
+            j = i
+            while j + 1 < len(ds) and ds[j + 1].option == ds[i].option and ds[j + 1].group == ds[i].group:
+                j += 1
+            names = ds[i].name if i == j else f"{ds[i].name} .. {ds[j].name} ({j - i + 1})"
+            rows.append((names, ds[i].option, format_size(ds[i].keep), f"{ds[i].extra_time * 1e3:+.2f} ms"))
+            i = j + 1
+        return rows
+
+    def __str__(self) -> str:
+        def size(x: int | None) -> str:
+            return "-" if x is None else format_size(x)
+
+        def secs(x: float | None) -> str:
+            return "-" if x is None else f"{x * 1e3:.1f} ms"
+
+        lines = [
+            f"remat plan for budget {format_size(self.budget)}: {self.summary()} (blocks: {self.source})"
+        ]
+        rows = [("blocks", "option", "keeps/block", "recompute/block"), *self._rows()]
+        widths = [max(len(r[k]) for r in rows) for k in range(4)]
+        for n, r in enumerate(rows):
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if n == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        ratio = ""
+        if self.measured_time and self.baseline_time:
+            ratio = f" (x{self.measured_time / self.baseline_time:.2f} of no remat)"
+        lines += [
+            f"  peak:  predicted {size(self.peak)}, measured {size(self.measured_peak)}, "
+            f"no remat {size(self.baseline_peak)}, smallest feasible {size(self.min_budget)}",
+            f"  step:  predicted {secs(self.time)}, measured {secs(self.measured_time)}{ratio}, "
+            f"no remat {secs(self.baseline_time)}",
+            f"  planning: {self.planning_time:.2f} s, {self.iterations} solve/verify round(s)",
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)

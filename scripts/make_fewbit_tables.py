@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/make_fewbit_tables.py            # writes src/tightfit/fewbit/data/tables.json
     .venv/bin/python scripts/make_fewbit_tables.py --check    # regenerates and compares, writes nothing
+    .venv/bin/python scripts/make_fewbit_tables.py --timing   # fit times (median of 3), GELU/SiLU/Tanh
 
 For every registry function with its own tables (entries with ``table_of`` share another's), at default
 parameters, bits 1..8: smooth functions are fitted with ``tightfit.fewbit.fit(name, bits, "normal")``
@@ -49,12 +50,33 @@ def dumps(tables: list[Table]) -> str:
     return (json.dumps(head)[:-1] + ', "tables": [\n' + ",\n".join(lines) + "\n]}\n")
 
 
+def timing(names: tuple[str, ...] = ("gelu", "silu", "tanh"), repeats: int = 3) -> int:
+    """Median wall time of fit(name, bits) (one thread), runs interleaved across bit widths."""
+    fit("gelu", 1)  # warm-up: imports, autograd
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(repeats):
+        for name in names:
+            for bits in SHIPPED_BITS:
+                t0 = time.perf_counter()
+                fit(name, bits, "normal")
+                times.setdefault((name, bits), []).append(time.perf_counter() - t0)
+    print(f"fit() wall time, median of {repeats} (s), torch threads=1")
+    print(f"{'function':<10}" + "".join(f"{b:>8d}" for b in SHIPPED_BITS))
+    for name in names:
+        row = [sorted(times[(name, b)])[repeats // 2] for b in SHIPPED_BITS]
+        print(f"{name:<10}" + "".join(f"{v:>8.2f}" for v in row))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare with the shipped file, write nothing")
     ap.add_argument("--only", nargs="*", help="restrict to these registry names (with --check)")
+    ap.add_argument("--timing", action="store_true", help="time fit() for GELU/SiLU/Tanh, bits 1..8")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.timing:
+        return timing()
     names = args.only or table_names()
     tables, timings = [], {}
     for name in names:

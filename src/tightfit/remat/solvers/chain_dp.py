@@ -277,7 +277,9 @@ def solve_chain(chain: Chain, budget: float, slots: int = 500) -> Schedule:
 
     ``budget`` is in the chain's size unit (bytes) and covers ``x_0``, activations, tapes, gradients and
     overheads (not parameters). Memory is discretised into ``slots`` units of ``budget / slots``, sizes
-    rounded up. Returns a :class:`Schedule` whose ``time``/``peak`` are simulated; raises
+    rounded up (``optimal=True`` then means optimal for the rounded sizes). When plain autograd with
+    each stage's fastest option fits (checked in exact bytes) it is returned as is: nothing is faster.
+    Returns a :class:`Schedule` whose ``time``/``peak`` are simulated; raises
     :class:`InfeasibleBudget` (with the exact ``min_budget``) when no persistent schedule fits.
     """
     if not isinstance(chain, Chain):
@@ -289,6 +291,16 @@ def solve_chain(chain: Chain, budget: float, slots: int = 500) -> Schedule:
         raise ValueError(f"slots must be a positive integer, got {slots!r}")
     slots = int(slots)
     L = chain.length
+    # Autograd with the fastest option everywhere is optimal when it fits (no recomputation at all):
+    # checked in exact bytes, since rounding to slots could otherwise miss it at budgets near the top.
+    fastest = [min(range(len(o)), key=lambda k, o=o: o[k].fwd_time + o[k].bwd_time)
+               for o in (chain.stage_options(i) for i in range(L))]
+    ops_all = ([ForwardTape(i, fastest[i]) for i in range(L)] + [Loss()]
+               + [Backward(i) for i in reversed(range(L))])
+    peak_all, time_all = simulate_chain(chain, ops_all)
+    if peak_all <= budget:
+        return Schedule(ops_all, time_all, peak_all, budget=budget, solver="store_all", optimal=True,
+                        info={"slots": slots})
     if budget > 0:
         T = _tables(chain, budget / slots)
         Ct, D = _solve_slots(T, L, slots)

@@ -341,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (status 2), --help and --version (0): return, don't exit
+        return e.code if isinstance(e.code, int) else USER_ERROR
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return USER_ERROR

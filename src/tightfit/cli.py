@@ -192,7 +192,8 @@ def _by_layer_pattern(per_module: dict[str, int]) -> list[tuple[str, int, int]]:
     for path, nbytes in per_module.items():
         key = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", path) or "<model's own ops>"
         groups.setdefault(key, []).append(nbytes)
-    rows = [(k, sum(v), len(v)) for k, v in groups.items()]
+    parents = {k for k in groups for other in groups if other.startswith(k + ".")}
+    rows = [(f"{k} (own ops)" if k in parents else k, sum(v), len(v)) for k, v in groups.items()]
     return sorted(rows, key=lambda r: -r[1])
 
 
@@ -217,7 +218,7 @@ def explain(report: Any, tokens: int | None = None, top: int = 4) -> list[str]:
         f"Activations saved for the backward pass take {fs(act)} ({_pct(act, peak)} of the peak, "
         f"{ratio:.1f}x the parameters){per_token}. They grow with batch size x sequence length."
     )
-    groups = [g for g in _by_layer_pattern(report.per_module) if g[0] != "<outside>"][:top]
+    groups = [g for g in _by_layer_pattern(report.per_module) if not g[0].startswith("<outside>")][:top]
     if groups and act:
         parts = [
             f"{name} {fs(nbytes)} ({_pct(nbytes, act)}" + (f", over {n} blocks)" if n > 1 else ")")

@@ -178,6 +178,8 @@ def solve_dag_lowerset(dag: Dag, budget: float, exact: bool | None = None, slots
     if not isinstance(dag, Dag):
         raise TypeError(f"solve_dag_lowerset expects a Dag, got {type(dag).__name__}")
     budget = float(budget)
+    if int(slots) != slots or slots < 1:
+        raise ValueError(f"slots must be a positive integer, got {slots!r}")
     n = dag.n
     fam = lower_sets(dag, max_lowersets) if exact in (None, True) else None
     if fam is None and exact:

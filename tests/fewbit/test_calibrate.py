@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from tightfit.fewbit.calibrate import calibrate
+from tightfit.fewbit.calibrate import Calibration, calibrate
 from tightfit.fewbit.fit import NormalWeight, fit, table_error
 from tightfit.fewbit.tables import get_table
 
@@ -82,7 +84,12 @@ def test_gradient_weighting_and_params_untouched():
     np.testing.assert_allclose(h.grad_sq, ref, rtol=1e-12)
     wg = cal.weight("1", by="grad")
     assert wg.lo >= h.min and wg.hi <= h.max
-    cal.fit("1", 2, by="grad")
+    t = cal.fit("1", 2, by="grad")
+    # JSON round trip gives the same tables
+    again = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert again.paths == cal.paths and again.batches == 2
+    u = again.fit("1", 2, by="grad")
+    assert torch.equal(u.borders, t.borders) and torch.equal(u.levels, t.levels)
 
 
 def test_bad_input():
@@ -100,3 +107,18 @@ def test_bad_input():
         cal.weight("3")
     with pytest.raises(ValueError, match="by must be"):
         cal.weight("1", by="output")
+
+
+def test_far_outliers_do_not_spoil_the_fit():
+    """A few pre-activations at 1e4..1e6 stretch the range 10^5-fold; the grid keeps its resolution
+    where the mass is, so the table stays near the outlier-free optimum."""
+    torch.manual_seed(0)
+    x = torch.randn(200_000) * 0.5 + 1.0
+    x[:3] = torch.tensor([1e4, -2e4, 1e6])
+    cal = calibrate(nn.Sequential(nn.GELU()), [x])
+    t = cal.fit("0", 3)
+    target = NormalWeight(mean=1.0, std=0.5)
+    ideal = fit("gelu", 3, weight=target)
+    assert table_error(torch.nn.functional.gelu, t.borders, t.levels, target) == pytest.approx(
+        ideal.error, rel=0.05
+    )

@@ -150,6 +150,34 @@ class Calibration:
             return exact_table(spec.name, **params)
         return fit(spec, bits, weight=self.weight(path, by), params=params, **kw)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: per path the registry name, parameters and histogram (save and reuse)."""
+        mods = {}
+        for p, h in self.histograms.items():
+            spec, params = self.specs[p]
+            mods[p] = {
+                "fn": spec.name, "params": dict(params), "edges": h.edges.tolist(),
+                "counts": h.counts.tolist(),
+                "grad_sq": None if h.grad_sq is None else h.grad_sq.tolist(),
+                "nonfinite": h.nonfinite, "min": h.min, "max": h.max,
+            }
+        return {"format": 1, "batches": self.batches, "modules": mods}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        from .activations import spec_for_name
+
+        hist, specs = {}, {}
+        for p, m in d["modules"].items():
+            spec = spec_for_name(m["fn"])
+            specs[p] = (spec, spec.params(**m["params"]))
+            hist[p] = Histogram(
+                np.asarray(m["edges"], dtype=np.float64), np.asarray(m["counts"], dtype=np.float64),
+                None if m["grad_sq"] is None else np.asarray(m["grad_sq"], dtype=np.float64),
+                int(m["nonfinite"]), float(m["min"]), float(m["max"]),
+            )
+        return cls(hist, specs, int(d.get("batches", 0)))
+
     def summary(self) -> str:
         lines = [f"{'path':<40}{'fn':<14}{'count':>12}{'min':>10}{'max':>10}"]
         for p, h in self.histograms.items():

@@ -59,6 +59,11 @@ class Weight:
     def density(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def core(self) -> tuple[float, float]:
+        """A range holding all but a negligible part of the mass (the grid gets extra resolution there)."""
+        return self.lo, self.hi
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -170,6 +175,14 @@ class HistogramWeight(Weight):
         out[x == self.hi] = self._dens[-1]
         return out
 
+    @property
+    def core(self) -> tuple[float, float]:
+        """From the bin holding the 1e-4 quantile to the one holding the 1 - 1e-4 quantile."""
+        cum = np.cumsum(self.counts) / self.counts.sum()
+        i = int(np.searchsorted(cum, 1e-4, side="left"))
+        j = int(np.searchsorted(cum, 1.0 - 1e-4, side="left"))
+        return float(self.edges_all[i]), float(self.edges_all[min(j + 1, self.counts.size)])
+
     def describe(self) -> str:
         return f"histogram({self.counts.size} bins on [{self.lo:g}, {self.hi:g}])"
 
@@ -218,6 +231,12 @@ class _Restricted(Weight):
 
     def density(self, x: np.ndarray) -> np.ndarray:
         return self.base.density(x)
+
+    @property
+    def core(self) -> tuple[float, float]:
+        a, b = self.base.core
+        a, b = max(a, self.lo), min(b, self.hi)
+        return (a, b) if a < b else (self.lo, self.hi)
 
     def describe(self) -> str:
         return f"{self.base.describe()} on [{self.lo:g}, {self.hi:g}]"
@@ -363,21 +382,42 @@ def _symmetry(dfn, w: Weight, pre_pos: np.ndarray) -> str | None:
     return None
 
 
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
+
+
+def _pre_grid(w: Weight, a: float, b: float) -> np.ndarray:
+    """A fine grid on [a, b], doubled on the weight's core range (where the mass is)."""
+    pre = np.linspace(a, b, _PRE_GRID)
+    ca, cb = max(w.core[0], a), min(w.core[1], b)
+    if ca < cb and (cb - ca) < 0.5 * (b - a):
+        pre = np.unique(np.concatenate([pre, np.linspace(ca, cb, _PRE_GRID)]))
+    return pre
+
+
 def _shaped_grid(dfn, w: Weight, a: float, b: float, n: int, breaks: np.ndarray) -> np.ndarray:
     """n cells on [a, b]: 3/4 of them placed by the asymptotically optimal border density
-    (f''² w)^(1/3), 1/4 uniformly; then the breaks are added as grid points."""
-    pre = np.linspace(a, b, _PRE_GRID)
+    (f''² w)^(1/3), 1/4 uniformly (half on [a, b], half on the weight's core range, which differ when
+    the weight has far outliers); then the breaks are added as grid points."""
+    pre = _pre_grid(w, a, b)
     d = dfn(pre)
     wv = w.density(pre)
     d2 = np.gradient(d, pre)
     rho = np.cbrt(d2 * d2 * wv)
-    h = pre[1] - pre[0]
+    h = np.diff(pre)
+    h = np.maximum(np.concatenate([h[:1], h]), np.concatenate([h, h[-1:]]))
     for t in np.concatenate([breaks, w.edges]) if w.edges.size < 64 else breaks:
         rho[np.abs(pre - t) <= 2.5 * h] = 0.0  # a jump is a break point, not a place needing density
-    total = np.trapezoid(rho, pre) if hasattr(np, "trapezoid") else np.trapz(rho, pre)
-    mix = np.full_like(pre, 1.0 / (b - a))
+    total = _trapezoid(rho, pre)
+    ca, cb = max(w.core[0], a), min(w.core[1], b)
+    uni = np.full_like(pre, 0.5 / (b - a))
+    if ca < cb:
+        uni += np.where((pre >= ca) & (pre <= cb), 0.5 / (cb - ca), 0.0)
+    else:
+        uni *= 2.0
+    mix = uni
     if total > 0 and np.isfinite(total):
-        mix = 0.75 * rho / total + 0.25 * mix
+        mix = 0.75 * rho / total + 0.25 * uni
     cdf = np.concatenate([[0.0], np.cumsum(0.5 * (mix[1:] + mix[:-1]) * np.diff(pre))])
     cdf /= cdf[-1]
     g = np.interp(np.linspace(0.0, 1.0, n + 1), cdf, pre)
@@ -611,7 +651,7 @@ def fit(
     w = resolve_weight(weight, lo, hi)
     dfn = derivative_of(func)
 
-    pre = np.linspace(w.lo, w.hi, _PRE_GRID)
+    pre = _pre_grid(w, w.lo, w.hi)
     d_pre = dfn(pre)
     if not np.all(np.isfinite(d_pre)):
         raise ValueError(f"f' is not finite on [{w.lo}, {w.hi}]; restrict the range with lo/hi")

@@ -50,7 +50,8 @@ def grads_after_step(model: torch.nn.Module, batch: Any, seed: int = 1) -> list[
 
 def same_grads(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> bool:
     return len(a) == len(b) and all(
-        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b)
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        for x, y in zip(a, b)
     )
 
 

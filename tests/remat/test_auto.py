@@ -111,17 +111,18 @@ def test_eval_no_grad_and_autocast() -> None:
 
 
 def test_composes_with_torch_compile_aot_eager() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
-    model, batch = build("gpt2-tiny")
-    for m in model.modules():  # compiled dropout draws its own random numbers: compare without it
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    model, batch = build("gpt2-tiny")  # dropout on: checkpoint under compile replays the RNG too
     ref = clone(model)
     planner = Planner(model, batch)
-    planner.apply(planner.plan(planner.min_budget))
-    compiled = torch.compile(model, backend="aot_eager")
-    assert same_grads(grads_after_step(ref, batch), grads_after_step(compiled, batch)) or all(
-        torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_after_step(ref, batch), grads_after_step(compiled, batch))
-    )
-    peak = step_peak(compiled, batch)
-    assert peak < planner.baseline_peak
+    plan = planner.plan(planner.min_budget)
+    planner.apply(plan)
+    assert plan.checkpointed
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    assert same_grads(grads_after_step(ref, batch), grads_after_step(compiled, batch))
+    assert counter.frame_count >= 1  # the plan ran compiled, not in an eager fallback
+    assert step_peak(compiled, batch) < planner.baseline_peak
+    torch._dynamo.reset()

@@ -122,6 +122,7 @@ class Planner:
         options: Sequence[str] = OPTIONS,
         progress: Progress | None = None,
         timing_reps: int = 1,
+        flop_rate: float | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -136,8 +137,16 @@ class Planner:
         if RECOMPUTE not in self.options:
             self.options.append(RECOMPUTE)
         self.timing_reps = timing_reps
+        self.flop_rate = flop_rate  # set: times from FLOP counts (tightfit.remat.estimate), else clocks
         self.notes: list[str] = []
         self._progress = progress or (lambda what, done, total: None)
+        config = getattr(model, "config", None)
+        if getattr(config, "use_cache", False):
+            config.use_cache = False  # type: ignore[union-attr]
+            self.notes.append(
+                "set model.config.use_cache = False: a KV cache is useless in training, and a recomputed "
+                "block would append to it twice (Hugging Face does the same under gradient checkpointing)"
+            )
         execute.undo(model)
         snap = _Snapshot(model, optimizer)
         try:
@@ -150,23 +159,37 @@ class Planner:
     def _step(self) -> None:
         training_step(self.model, self.batch, self.loss_fn, self.optimizer)
 
-    def _tracked_step(self) -> int:
-        """Peak of one step measured as ``tightfit.profile`` measures it (the output stays alive until the
-        step ends; optimizer state is created first by a step on zero gradients)."""
+    def _tracked_step(self, timeline: bool = False) -> Any:
+        """One step measured as ``tightfit.profile`` measures it (the output stays alive until the step
+        ends; optimizer state is created first by a step on zero gradients); returns the tracker."""
         if self.optimizer is not None:
             _ensure_optimizer_state(self.model, self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
         else:
             for p in self.model.parameters():
                 p.grad = None
-        with _live_tracker()(track=[self.model, self.optimizer, self.batch]) as t:
+        with _live_tracker()(track=[self.model, self.optimizer, self.batch], timeline=timeline) as t:
+            t.phase = "forward"
             output = call_model(self.model, self.batch)
             loss = loss_of(output, self.loss_fn)
+            t.phase = "backward"
             loss.backward()
             if self.optimizer is not None:
+                t.phase = "optimizer"
                 self.optimizer.step()
             del output, loss
-        return t.peak
+        return t
+
+    def timeline(self, options: dict[str, list[str]] | None = None) -> list[Any]:
+        """Live bytes after every op of one training step (``TimelinePoint``s) with ``options`` applied."""
+        snap = _Snapshot(self.model, self.optimizer)
+        try:
+            if options:
+                execute.apply(self.model, options)
+            return list(self._tracked_step(timeline=True).timeline)
+        finally:
+            execute.undo(self.model)
+            snap.restore()
 
     def measure_step(
         self, options: dict[str, list[str]] | None = None, *, timed: bool = True
@@ -179,9 +202,15 @@ class Planner:
         try:
             if options:
                 execute.apply(self.model, options)
-            peak = self._tracked_step()
+            peak = self._tracked_step().peak
             seconds = float("nan")
-            if timed:
+            if timed and self.flop_rate is not None:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as counter:
+                    self._step()
+                seconds = counter.get_total_flops() / self.flop_rate
+            elif timed:
                 runs = []
                 for _ in range(max(1, self.timing_reps)):
                     t0 = time.perf_counter()
@@ -210,7 +239,9 @@ class Planner:
                 self._progress(f"measuring block group {gi + 1}/{len(groups)} ({option})", done[0], total)
 
             try:
-                self.group_costs.append(measure_group(group, self.options, on_option=tick))
+                self.group_costs.append(
+                    measure_group(group, self.options, on_option=tick, flop_rate=self.flop_rate)
+                )
             except RuntimeError as err:  # a block that cannot run on its own stays unplanned (glue)
                 self.group_costs.append(None)
                 self.notes.append(f"{group.path} is not planned: {err}")

@@ -144,6 +144,12 @@ def record_calls(
             )
         )
         stack.append(len(calls) - 1)
+        for value in (*args, *kwargs.values()):
+            if type(value).__name__.endswith("Cache") and hasattr(value, "update"):
+                raise ValueError(
+                    f"{paths[id(module)]} receives a {type(value).__name__}: recomputing it would update the "
+                    "cache twice; train with use_cache=False (in the batch or the model config)"
+                )
         if signature not in first_args:
             flags = tuple(t.requires_grad for t in _leaves((args, kwargs)))
             first_args[signature] = (_detach(args), _detach(dict(kwargs)), flags)

@@ -150,6 +150,24 @@ def _measure_time(run: _Run, reps: int) -> tuple[float, float]:
     return statistics.median(fwd), statistics.median(bwd)
 
 
+def _count_time(run: _Run, flop_rate: float) -> tuple[float, float]:
+    """(forward, backward) seconds from FLOP counts at ``flop_rate`` FLOP/s (the --estimate cost model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for p in run.params:
+        p.grad = None
+    with FlopCounterMode(display=False) as fwd_counter:
+        out = run.fwd()
+        outs = _differentiable(out)
+    grads = run.grad_outputs(outs)
+    with FlopCounterMode(display=False) as bwd_counter:
+        if outs:
+            torch.autograd.backward(outs, grads)
+    for p in run.params:
+        p.grad = None
+    return fwd_counter.get_total_flops() / flop_rate, bwd_counter.get_total_flops() / flop_rate
+
+
 def _same(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
     return len(a) == len(b) and all(
         (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
@@ -164,8 +182,13 @@ def measure_group(
     reps: int = 3,
     seed: int = 1234,
     on_option: Callable[[str], None] | None = None,
+    flop_rate: float | None = None,
 ) -> dict[str, OptionCost]:
-    """Costs of ``group``'s block under each option (see the module docstring)."""
+    """Costs of ``group``'s block under each option (see the module docstring).
+
+    With ``flop_rate`` (FLOP/s), times come from FLOP counts instead of clocks, and gradients are not
+    compared (under FakeTensorMode there are no values): the ``--estimate`` cost model.
+    """
     tracker_cls = _live_tracker()
     options = [STORE, *[o for o in options if o != STORE]]
     costs: dict[str, OptionCost] = {}
@@ -179,18 +202,21 @@ def measure_group(
                 raise RuntimeError(f"block {group.path} fails when run on its own: {err}") from err
             costs[option] = OptionCost(option, 0, 0, 0, 0.0, 0.0, exact=False)
             continue
-        if reference is None:
-            reference = grads
+        if reference is None or flop_rate is not None:
+            reference = grads if reference is None else reference
             exact = True
         else:
             exact = _same(reference, grads)
         del grads
-        warm = _Run(group, option, seed)
-        t0 = time.perf_counter()
-        _measure_time(warm, 1)  # warm-up, and a first estimate of the cost
-        once = time.perf_counter() - t0
-        n = reps if once < 0.05 else max(1, min(reps, 2))
-        fwd_time, bwd_time = _measure_time(warm, n)
+        if flop_rate is not None:
+            fwd_time, bwd_time = _count_time(_Run(group, option, seed), flop_rate)
+        else:
+            warm = _Run(group, option, seed)
+            t0 = time.perf_counter()
+            _measure_time(warm, 1)  # warm-up, and a first estimate of the cost
+            once = time.perf_counter() - t0
+            n = reps if once < 0.05 else max(1, min(reps, 2))
+            fwd_time, bwd_time = _measure_time(warm, n)
         costs[option] = OptionCost(option, keep, fwd_peak, bwd_peak, fwd_time, bwd_time, exact)
         if on_option is not None:
             on_option(option)

@@ -1,0 +1,126 @@
+"""``tightfit plan MODEL --budget X``: plan rematerialization for a model and print the plan.
+
+Wiring (``tightfit.cli``): ``add_plan_parser(subparsers)`` adds the subcommand, or use
+``configure_plan(parser)`` + ``run_plan(args)`` as a ``Command``. The plan shows the blocks checkpointed,
+the option of each, predicted and measured peak and step time, and the planning time; a rich progress
+bar runs while the blocks are measured. ``--plot FILE`` draws live memory over one training step without
+remat and with the plan. ``--estimate`` plans under fake tensors with FLOP-based times
+(``tightfit.remat.estimate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def configure_plan(p: argparse.ArgumentParser) -> None:
+    """MODEL, the batch options of ``tightfit profile``, --budget, --optimizer, --estimate, --plot, --json."""
+    from tightfit.cli import OPTIMIZERS, add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument(
+        "--budget",
+        required=True,
+        metavar="SIZE",
+        help="peak of live tensors for the whole training step (params, grads, optimizer state, "
+        "activations), e.g. 2GiB, 512MB, 1.5e9; 'min' for the smallest feasible",
+    )
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="none", help="optimizer of the step (default none)"
+    )
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="plan under FakeTensorMode with FLOP-based times (allocates nothing; approximate)",
+    )
+    p.add_argument(
+        "--flop-rate", type=float, default=None, metavar="F", help="FLOP/s for --estimate (default 1e12)"
+    )
+    p.add_argument("--plot", metavar="FILE", help="draw memory over the step, before/after (png, pdf, svg)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``plan`` subcommand to an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "plan", help="plan recomputation of MODEL under a memory budget", description=__doc__.splitlines()[0]
+    )
+    configure_plan(p)
+    p.set_defaults(_run=run_plan)
+    return p
+
+
+class _Bar:
+    """A rich progress bar fed by the planner's ``progress(what, done, total)`` callback."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            transient=True,
+        )
+        self.task = None
+
+    def __enter__(self) -> _Bar:
+        self.progress.__enter__()
+        self.task = self.progress.add_task("planning", total=1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        self.progress.update(self.task, description=what, completed=done, total=total)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Run ``tightfit plan``; returns the exit status (user mistakes raise ``tightfit.cli.CliError``)."""
+    from tightfit.cli import CliError, factories_from_args, optimizer_factory, parse_budget
+    from tightfit.remat.auto import InfeasibleBudget, Planner
+
+    model_factory, batch_factory = factories_from_args(args)
+    make_optimizer = optimizer_factory(args.optimizer)
+    budget = None if args.budget == "min" else parse_budget(args.budget)
+    if args.estimate and args.plot:
+        raise CliError("--plot needs a real run: it cannot be combined with --estimate")
+    if args.flop_rate is not None and (not args.estimate or args.flop_rate <= 0):
+        raise CliError("--flop-rate needs --estimate and a positive number of FLOP/s")
+    with _Bar() as bar:
+        if args.estimate:
+            from tightfit.remat.estimate import DEFAULT_FLOP_RATE, estimate_planner
+
+            rate = args.flop_rate or DEFAULT_FLOP_RATE
+            planner, mode = estimate_planner(
+                model_factory, batch_factory, optimizer_factory=make_optimizer, flop_rate=rate, progress=bar
+            )
+        else:
+            import contextlib
+
+            model = model_factory().train()
+            batch = batch_factory()
+            optimizer = make_optimizer(model.parameters()) if make_optimizer is not None else None
+            planner = Planner(model, batch, optimizer=optimizer, progress=bar)
+            mode = contextlib.nullcontext()
+        bar("solving and verifying", 1, 1)
+        try:
+            with mode:
+                plan = planner.plan(planner.min_budget if budget is None else budget)
+        except InfeasibleBudget as e:
+            raise CliError(str(e)) from None
+    if args.estimate:
+        plan.notes.append(
+            f"--estimate: memory measured under fake tensors (exact for this device type's kernels), "
+            f"times from FLOP counts at {rate:.3g} FLOP/s (pointwise ops count zero): approximate"
+        )
+    print(plan.to_json(indent=1) if args.json else plan)
+    if args.plot:
+        from tightfit.remat.plot import plot_memory
+
+        plot_memory(planner, plan, args.plot, title=f"{args.model}: one training step")
+        print(f"memory plot written to {args.plot}")
+    return 0

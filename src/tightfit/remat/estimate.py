@@ -1,0 +1,91 @@
+"""Plan without the target machine (``tightfit plan MODEL --budget X --estimate``).
+
+The model, its batch and the optimizer are built by factories under ``FakeTensorMode``: nothing is
+allocated, so a laptop can plan a run of a model larger than its memory. The same planner runs as for a
+real model, with two changes:
+
+- memory is exact for the kernels PyTorch picks *on this machine's device type* (FakeTensorMode runs the
+  real shape logic; research/torch-native.md §4 found it byte-identical to real runs on CPU). A GPU run can
+  pick other kernels (flash/efficient attention instead of the CPU path; cuDNN convolutions with their
+  own workspaces) and its caching allocator rounds sizes up, so the peak there may differ: APPROXIMATE.
+- time comes from FLOP counts (``torch.utils.flop_counter.FlopCounterMode``) at a nominal rate
+  ``flop_rate`` (FLOP/s): matmuls and convolutions are counted, memory-bound pointwise ops, norms and
+  softmax count zero. Recompute overheads of pointwise work are therefore underestimated, and absolute
+  times are only as good as ``flop_rate``: APPROXIMATE; ratios between plans are the useful part.
+- gradients cannot be compared under fake tensors, so the bit-exactness check of each option is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from tightfit._step import LossFn
+from tightfit.remat.auto import Planner, Progress
+from tightfit.remat.execute import OPTIONS
+from tightfit.remat.plan import Plan
+
+DEFAULT_FLOP_RATE = 1e12  # FLOP/s: a nominal 1 TFLOP/s; only ratios between plans are meaningful
+
+
+def estimate_planner(
+    model_factory: Callable[[], torch.nn.Module],
+    batch_factory: Callable[[], Any],
+    loss_fn: LossFn | None = None,
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
+    *,
+    flop_rate: float = DEFAULT_FLOP_RATE,
+    options: Sequence[str] = OPTIONS,
+    progress: Progress | None = None,
+) -> tuple[Planner, Any]:
+    """A ``Planner`` measured under FakeTensorMode, and the fake mode (plans must be made inside it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if flop_rate <= 0:
+        raise ValueError(f"flop_rate must be a positive number of FLOP/s, got {flop_rate}")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        model = model_factory().train()
+        batch = batch_factory()
+        optimizer = optimizer_factory(model.parameters()) if optimizer_factory is not None else None
+        planner = Planner(
+            model, batch, loss_fn, optimizer, options=options, progress=progress, flop_rate=flop_rate
+        )
+    return planner, mode
+
+
+def estimate_plan(
+    model_factory: Callable[[], torch.nn.Module],
+    batch_factory: Callable[[], Any],
+    budget: int | float | str,
+    loss_fn: LossFn | None = None,
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
+    *,
+    flop_rate: float = DEFAULT_FLOP_RATE,
+    options: Sequence[str] = OPTIONS,
+    progress: Progress | None = None,
+) -> Plan:
+    """The plan ``rematerialize`` would choose, computed under fake tensors (see the module docstring).
+
+    ``plan.measured_peak`` is the peak measured under fake tensors; ``plan.time`` and ``measured_time``
+    are FLOP-based. Apply it to the real model with ``tightfit.remat.execute.apply(model, plan.options)``.
+    Raises ``InfeasibleBudget`` like ``rematerialize``.
+    """
+    planner, mode = estimate_planner(
+        model_factory,
+        batch_factory,
+        loss_fn,
+        optimizer_factory,
+        flop_rate=flop_rate,
+        options=options,
+        progress=progress,
+    )
+    with mode:
+        plan = planner.plan(budget)
+    plan.notes.append(
+        f"estimated under FakeTensorMode: memory exact for this device type's kernels, times from FLOP "
+        f"counts at {flop_rate:.3g} FLOP/s (pointwise ops count zero)"
+    )
+    return plan

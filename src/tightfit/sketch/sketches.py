@@ -110,35 +110,37 @@ def _rows_per_block(k: int, m: int) -> list[int]:
 # while everything around them (gathers, matmuls) stays visible to the compiler.
 
 
-@torch.library.custom_op("tightfit::sketch_dense_draw", mutates_args=())
-def _dense_draw(
-    seed: Tensor, kind: str, n: int, k: int, m: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """(S blocks (m, ceil(k/m), b) with rows past k_j zeroed and scaled by 1/sqrt(k_j), permutation (n,))."""
-    g = _generator(seed, device)
-    b = -(-n // m)
-    kmax = -(-k // m)
-    perm = torch.randperm(n, generator=g, device=device) if m > 1 else torch.empty(0, dtype=torch.long)
+_GOLDEN = 0x9E3779B97F4A7C15  # sub-seed stride for the blocks of one sketch
+
+
+@torch.library.custom_op("tightfit::sketch_block_draw", mutates_args=())
+def _block_draw(
+    seed: Tensor, block: int, kind: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Block `block` of a gaussian/rademacher sketch: rows x cols, entries of variance 1/rows."""
+    sub = torch.tensor((int(seed.item()) + _GOLDEN * (block + 1)) % 2**63, dtype=torch.int64)
+    g = _generator(sub, device)
     if kind == "gaussian":
-        s = torch.randn(m, kmax, b, generator=g, device=device, dtype=dtype)
-    else:
-        s = torch.randint(0, 2, (m, kmax, b), generator=g, device=device, dtype=torch.int8).to(dtype)
-        s.mul_(2).sub_(1)
-    kj = torch.tensor(_rows_per_block(k, m), device=device)
-    scale = kj.to(torch.float32).rsqrt().to(dtype).view(m, 1, 1)
-    rows = torch.arange(kmax, device=device).view(1, kmax, 1)
-    s = torch.where(rows < kj.view(m, 1, 1), s * scale, torch.zeros((), dtype=dtype, device=device))
-    return s, perm.to(device)
+        s = torch.randn(rows, cols, generator=g, device=device, dtype=dtype)
+        return s.mul_(rows**-0.5)
+    s = torch.randint(0, 2, (rows, cols), generator=g, device=device, dtype=torch.int8).to(dtype)
+    return s.mul_(2 * rows**-0.5).sub_(rows**-0.5)
 
 
-@_dense_draw.register_fake
-def _(seed, kind, n, k, m, dtype, device):
-    b = -(-n // m)
-    kmax = -(-k // m)
-    return (
-        torch.empty(m, kmax, b, dtype=dtype, device=device),
-        torch.empty(n if m > 1 else 0, dtype=torch.long, device=device),
-    )
+@_block_draw.register_fake
+def _(seed, block, kind, rows, cols, dtype, device):
+    return torch.empty(rows, cols, dtype=dtype, device=device)
+
+
+@torch.library.custom_op("tightfit::sketch_perm_draw", mutates_args=())
+def _perm_draw(seed: Tensor, n: int, device: torch.device) -> Tensor:
+    """The random token permutation that assigns tokens to the blocks."""
+    return torch.randperm(n, generator=_generator(seed, device), device=device)
+
+
+@_perm_draw.register_fake
+def _(seed, n, device):
+    return torch.empty(n, dtype=torch.long, device=device)
 
 
 @torch.library.custom_op("tightfit::sketch_rows_draw", mutates_args=())
@@ -166,29 +168,21 @@ def _(seed, probs, k):
 
 
 # ------------------------------------------------------------------------------------- applying a sketch
-def _valid_rows(k: int, m: int, device: torch.device) -> Tensor | None:
-    """Flat indices of the real sketch rows in the (m * ceil(k/m)) padded layout, or None if all are real."""
-    if k % m == 0:
-        return None
-    kmax = -(-k // m)
-    kj = _rows_per_block(k, m)
-    idx = [j * kmax + r for j in range(m) for r in range(kj[j])]
-    return torch.tensor(idx, dtype=torch.long, device=device)
-
-
 def _apply_dense(a: Tensor, seed: Tensor, plan: SketchPlan) -> Tensor:
+    """S·a block by block: temporaries are one block of S and one block of gathered rows, never a copy of a."""
     n, d = a.shape
-    m, k = plan.blocks, plan.k
-    s, perm = _dense_draw(seed, plan.kind, n, k, m, a.dtype, a.device)
+    m, b = plan.blocks, plan.block_tokens
     if m == 1:
-        return s[0] @ a
-    b = plan.block_tokens
-    ap = a.index_select(0, perm)
-    if m * b != n:
-        ap = torch.nn.functional.pad(ap, (0, 0, 0, m * b - n))
-    out = torch.bmm(s, ap.view(m, b, d)).reshape(m * s.shape[1], d)
-    valid = _valid_rows(k, m, a.device)
-    return out if valid is None else out.index_select(0, valid)
+        return _block_draw(seed, 0, plan.kind, plan.k, n, a.dtype, a.device) @ a
+    perm = _perm_draw(seed, n, a.device)
+    out = a.new_empty(plan.k, d)
+    r = 0
+    for j, kj in enumerate(_rows_per_block(plan.k, m)):
+        t0, t1 = j * b, min(n, (j + 1) * b)
+        s = _block_draw(seed, j, plan.kind, kj, t1 - t0, a.dtype, a.device)
+        out[r : r + kj] = s @ a.index_select(0, perm[t0:t1])
+        r += kj
+    return out
 
 
 def sketch_input(x: Tensor, seed: Tensor, plan: SketchPlan) -> tuple[Tensor, Tensor | None]:
@@ -201,12 +195,12 @@ def sketch_input(x: Tensor, seed: Tensor, plan: SketchPlan) -> tuple[Tensor, Ten
     n = x.shape[0]
     if plan.kind == "rows":
         idx = _rows_draw(seed, n, plan.k, x.device)
-        return x.index_select(0, idx) * (n / plan.k), None
+        return x.index_select(0, idx).mul_(n / plan.k), None
     if plan.kind == "norm_rows":
         p = _norm_probs(x)
         idx = _multinomial_draw(seed, p, plan.k)
         w = (1.0 / (plan.k * p.index_select(0, idx))).to(x.dtype).unsqueeze(1)
-        return x.index_select(0, idx) * w, idx
+        return x.index_select(0, idx).mul_(w), idx
     raise ValueError(f"unknown sketch {plan.kind!r}; valid: {', '.join(SKETCHES)}")
 
 

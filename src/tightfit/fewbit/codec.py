@@ -14,9 +14,9 @@ Three implementations, tested against each other:
   gather-multiply of the backward (``decode_mul``). ``encode``/``decode_mul`` below dispatch to the
   selected backend; ``encode_reference``/``decode_mul_reference`` define what they must return.
 
-Code semantics (``encode``), the rule of `tightfit.fewbit.tables`: with t = borders rounded to x's dtype,
-``code = sum_k [x >= t_k if right[k] else x > t_k]`` (one flag for all borders is
-``torch.bucketize(x, t, right=flag)``). NaN gets code 0.
+Code semantics (``encode``), the rule of `tightfit.fewbit.tables`: x and the borders t are compared in
+``compare_dtype(x.dtype)`` (fp32 for fp16/bf16/fp32, fp64 for fp64; pass ``Table.borders_for(dtype)``
+for a table's per-op rounding), ``code = sum_k [x >= t_k if right[k] else x > t_k]``. NaN gets code 0.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = [
     "encode",
     "decode_mul",
     "compare_borders",
+    "compare_dtype",
     "get_backend",
     "set_backend",
     "BACKENDS",
@@ -151,19 +152,23 @@ def _flags(right: bool | Sequence[bool], k: int) -> list[bool]:
     return flags
 
 
+def compare_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype x and borders are compared in: fp32 for fp16/bf16/fp32 inputs (torch's opmath), else fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def compare_borders(
     borders: torch.Tensor, dtype: torch.dtype, right: bool | Sequence[bool] = False
 ) -> torch.Tensor:
     """Sorted thresholds t' in the comparison dtype with ``code(x) = #{k : x > t'_k}`` for `dtype` inputs.
 
-    Borders are first rounded to x's dtype (the convention of `tightfit.fewbit.tables`, which is how torch
-    treats its own scalar thresholds), then widened to the comparison dtype (fp32 for fp16/bf16/fp32,
-    fp64 for fp64; exact). A border whose flag says ``x >= t`` becomes the next value below t in the
-    comparison dtype, so every comparison is a strict ``>`` and the count does not depend on order.
+    Borders are rounded to the comparison dtype (`compare_dtype`; pass ``Table.borders_for(dtype)`` to
+    get a table's per-op rounding). A border whose flag says ``x >= t`` becomes the next value below t
+    in the comparison dtype (x is exactly representable there), so every comparison is a strict ``>``
+    and the count does not depend on order.
     """
     flags = _flags(right, borders.numel())
-    cmp_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    t = borders.detach().reshape(-1).to(dtype).to(cmp_dtype)
+    t = borders.detach().reshape(-1).to(compare_dtype(dtype))
     if any(flags):
         ge = torch.tensor(flags, dtype=torch.bool, device=t.device)
         t = torch.where(ge, torch.nextafter(t, torch.full_like(t, float("-inf"))), t)
@@ -171,7 +176,7 @@ def compare_borders(
 
 
 def _codes_reference(x: torch.Tensor, borders: torch.Tensor, right: bool | Sequence[bool]) -> torch.Tensor:
-    xd = x.detach().reshape(-1)
+    xd = x.detach().reshape(-1).to(compare_dtype(x.dtype))
     b = borders.detach().reshape(-1).to(xd.dtype)
     codes = torch.zeros(xd.shape, dtype=torch.int64)
     for t, r in zip(b, _flags(right, b.numel())):
@@ -182,7 +187,7 @@ def _codes_reference(x: torch.Tensor, borders: torch.Tensor, right: bool | Seque
 def encode_reference(
     x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool | Sequence[bool] = False
 ) -> torch.Tensor:
-    """Packed codes: ``code = sum_k [x >= t_k if right[k] else x > t_k]`` with t = borders.to(x.dtype)."""
+    """Packed codes: ``code = sum_k [x >= t_k if right[k] else x > t_k]``, compared in `compare_dtype`."""
     if borders.numel() >= 1 << bits:
         raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
     return pack_reference(_codes_reference(x, borders, right), bits)

@@ -15,7 +15,7 @@ from torch import Tensor
 from tightfit.fewbit.activations import spec_for_name
 from tightfit.fewbit.config import DEFAULT_BITS
 from tightfit.fewbit.gated import geglu, swiglu
-from tightfit.fewbit.ops import fewbit_apply, forward_key, register_forward
+from tightfit.fewbit.ops import apply_table, forward_key, register_forward
 from tightfit.fewbit.tables import Table, get_table
 
 __all__ = [
@@ -61,7 +61,7 @@ def activation(
     key, t = _prepared(name, bits, tuple(sorted(params.items())))
     if table is not None:
         t = table
-    return fewbit_apply(x, key, t.borders.to(x.device), t.levels.to(x.device), t.bits, t.right)
+    return apply_table(x, key, t)
 
 
 def _no_inplace(inplace: bool) -> None:

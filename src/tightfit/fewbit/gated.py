@@ -27,7 +27,7 @@ from torch import Tensor
 
 from tightfit.fewbit import codec
 from tightfit.fewbit.config import DEFAULT_BITS
-from tightfit.fewbit.ops import _lookup, backward_gather, forward_key, register_forward
+from tightfit.fewbit.ops import _lookup, backward_gather, forward_key, register_forward, table_tensors
 from tightfit.fewbit.tables import Table, get_table
 
 __all__ = ["swiglu", "geglu", "gated", "gated_saved_bytes", "FewBitGatedMLP"]
@@ -91,9 +91,8 @@ def gated(a: Tensor, b: Tensor, name: str, bits: int = DEFAULT_BITS, table: Tabl
     if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         return _lookup(key)(a) * b
     t = table if table is not None else _default_table(spec.name, bits)
-    return _GatedFunction.apply(
-        a, b, key, t.borders.to(a.device), t.levels.to(a.device), t.bits, list(t.right)
-    )[0]
+    borders, levels = table_tensors(t, a.dtype, a.device)
+    return _GatedFunction.apply(a, b, key, borders, levels, t.bits, list(t.right))[0]
 
 
 def swiglu(a: Tensor, b: Tensor, bits: int = DEFAULT_BITS, table: Table | None = None) -> Tensor:

@@ -15,14 +15,14 @@ keeps its keys) and ``model.to(dtype)`` does not round them.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from tightfit.fewbit.activations import spec_for_name
 from tightfit.fewbit.config import DEFAULT_BITS
-from tightfit.fewbit.ops import fewbit_apply, forward_key, register_forward
+from tightfit.fewbit.ops import apply_table, forward_key, register_forward
 from tightfit.fewbit.tables import Table, get_table
 
 __all__ = [
@@ -73,18 +73,9 @@ class FewBitActivation(nn.Module):
         self._key = register_forward(
             forward_key(spec.name, self.params), functools.partial(spec.fn, **self.params)
         )
-        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
-
-    def _tensors(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        got = self._on.get(device)
-        if got is None:
-            got = (self.table.borders.to(device), self.table.levels.to(device))
-            self._on[device] = got
-        return got
 
     def forward(self, input: Tensor) -> Tensor:
-        borders, levels = self._tensors(input.device)
-        return fewbit_apply(input, self._key, borders, levels, self.table.bits, self.table.right)
+        return apply_table(input, self._key, self.table)
 
     def _param_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -100,11 +91,6 @@ class FewBitActivation(nn.Module):
         elif self.table.bits != self.bits:
             parts.append(f"table bits={self.table.bits}")
         return ", ".join(parts)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_on"] = {}
-        return state
 
 
 def _inplace_ok(inplace: bool) -> None:
@@ -218,7 +204,7 @@ class Softplus(FewBitActivation):
 
 
 class LeakyReLU(FewBitActivation):
-    """torch.nn.LeakyReLU(negative_slope=0.01, inplace=False): exact 1-bit backward (inplace never applied)."""
+    """torch.nn.LeakyReLU(negative_slope=0.01, inplace=False): exact 1-bit backward (inplace not applied)."""
 
     def __init__(
         self,
@@ -258,11 +244,21 @@ class Hardtanh(FewBitActivation):
         min_val: float = -1.0,
         max_val: float = 1.0,
         inplace: bool = False,
+        min_value: float | None = None,
+        max_value: float | None = None,
         *,
         bits: int = DEFAULT_BITS,
         table: Table | None = None,
     ):
         _inplace_ok(inplace)
+        if min_value is not None or max_value is not None:  # torch's deprecated spellings, same meaning
+            warnings.warn(
+                "Hardtanh: min_value/max_value are deprecated, use min_val/max_val",
+                FutureWarning,
+                stacklevel=2,
+            )
+            min_val = min_val if min_value is None else min_value
+            max_val = max_val if max_value is None else max_value
         super().__init__("hardtanh", bits=bits, table=table, min_val=min_val, max_val=max_val)
         self.min_val, self.max_val, self.inplace = min_val, max_val, inplace
 

@@ -21,6 +21,7 @@ derivatives too: under functorch a single ``grad``/``vjp``/``jacrev`` works, and
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +30,14 @@ from torch import Tensor
 
 from tightfit.fewbit import codec
 
-__all__ = ["fewbit_apply", "register_forward", "forward_key", "DOUBLE_BACKWARD_ERROR"]
+__all__ = [
+    "fewbit_apply",
+    "apply_table",
+    "table_tensors",
+    "register_forward",
+    "forward_key",
+    "DOUBLE_BACKWARD_ERROR",
+]
 
 DOUBLE_BACKWARD_ERROR = (
     "tightfit few-bit activations do not support double backward (create_graph=True then differentiating "
@@ -162,3 +170,25 @@ def fewbit_apply(
     flags = [bool(right)] * borders.numel() if isinstance(right, bool) else [bool(r) for r in right]
     y, _packed = _FewBitFunction.apply(x, key, borders, levels, bits, flags)
     return y
+
+
+_TABLE_TENSORS: weakref.WeakKeyDictionary[Any, dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]]]
+_TABLE_TENSORS = weakref.WeakKeyDictionary()
+
+
+def table_tensors(table: Any, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(borders to compare with inputs of `dtype`, float64 levels) of a `Table` on `device`, cached."""
+    per = _TABLE_TENSORS.setdefault(table, {})
+    got = per.get((dtype, device))
+    if got is None:
+        got = (table.borders_for(dtype, device), table.levels.to(device))
+        per[(dtype, device)] = got
+    return got
+
+
+def apply_table(x: Tensor, key: str, table: Any) -> Tensor:
+    """`fewbit_apply` with a `tightfit.fewbit.tables.Table` (its per-dtype border rounding included)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a tensor, got {type(x).__name__}")
+    borders, levels = table_tensors(table, x.dtype, x.device)
+    return fewbit_apply(x, key, borders, levels, table.bits, table.right)

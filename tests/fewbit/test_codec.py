@@ -1,0 +1,120 @@
+"""The b-bit codec: exact sizes, byte layout, and every backend against the bit-matrix reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tightfit.fewbit import _native, codec
+
+LENGTHS = [0, 1, 3, 7, 8, 9, 63, 64, 65, 127, 1001]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+NATIVE = _native.available()
+
+
+def test_known_layout():
+    # bits=3: 5 -> bits 0-2, 3 -> bits 3-5: byte 5 | 3 << 3 = 29
+    assert codec.pack_reference(torch.tensor([5, 3], dtype=torch.uint8), 3).tolist() == [29]
+    # bits=5: 31 | 1 << 5 = 63, and the second byte holds the top bit of 1<<5 -> 0
+    assert codec.pack_reference(torch.tensor([31, 1], dtype=torch.uint8), 5).tolist() == [63, 0]
+    # bits=7 straddles: 127 | 127 << 7 = 0x3fff -> [255, 63]
+    assert codec.pack_reference(torch.tensor([127, 127], dtype=torch.uint8), 7).tolist() == [255, 63]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_all_lengths(bits):
+    for n in LENGTHS:
+        codes = torch.randint(0, 1 << bits, (n,), dtype=torch.uint8)
+        ref = codec.pack_reference(codes, bits)
+        assert ref.numel() == (n * bits + 7) // 8 == codec.packed_nbytes(n, bits)
+        assert torch.equal(codec.unpack_reference(ref, bits, n), codes)
+        assert torch.equal(codec.pack(codes, bits), ref)
+        assert torch.equal(codec.unpack(ref, bits, n), codes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(0, 300), seed=st.integers(0, 2**16))
+def test_roundtrip_property(bits, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n,), dtype=torch.uint8, generator=g)
+    packed = codec.pack(codes, bits)
+    assert packed.numel() == codec.packed_nbytes(n, bits)
+    assert torch.equal(codec.unpack(packed, bits, n), codes)
+
+
+def _table(bits, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randn(k, dtype=torch.float64, generator=g) * 1.5).values
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_encode_decode_against_reference(dtype, backend):
+    if backend == "native" and not NATIVE:
+        pytest.skip(f"native kernels unavailable here: {_native.build_error()}")
+    codec.set_backend(backend)
+    try:
+        for bits in range(1, 9):
+            for k in sorted({1, 2, 3, (1 << bits) - 1}):
+                if k >= 1 << bits:
+                    continue
+                for right in (False, True, [bool(i % 2) for i in range(k)]):
+                    n = 517
+                    x = (torch.randn(n + 3) * 2).to(dtype)[3:]  # offset storage
+                    borders = _table(bits, k, seed=bits * 31 + k)
+                    x[:k] = borders.to(dtype)  # exact ties with every border
+                    ref = codec.encode_reference(x, borders, bits, right)
+                    got = codec.encode(x, borders, bits, right)
+                    assert torch.equal(got, ref), (bits, k, right)
+                    levels = torch.randn(1 << bits, dtype=torch.float64)
+                    grad = torch.randn(n).to(dtype)
+                    want = codec.decode_mul_reference(ref, levels, grad, bits)
+                    assert torch.equal(codec.decode_mul(ref, levels, grad, bits), want), (bits, k)
+    finally:
+        codec.set_backend("auto")
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_non_contiguous_and_shapes(backend):
+    if backend == "native" and not NATIVE:
+        pytest.skip(f"native kernels unavailable here: {_native.build_error()}")
+    codec.set_backend(backend)
+    try:
+        x = torch.randn(9, 13, 5).transpose(0, 2)[:, ::2]
+        borders = _table(3, 7)
+        got = codec.encode(x, borders, 3)
+        assert torch.equal(got, codec.encode_reference(x.contiguous(), borders, 3))
+        grad = torch.randn(x.shape).transpose(0, 1).contiguous().transpose(0, 1)
+        out = codec.decode_mul(got, torch.randn(8, dtype=torch.float64), grad, 3)
+        assert out.shape == x.shape
+    finally:
+        codec.set_backend("auto")
+
+
+def test_native_large_multithreaded_matches_torch():
+    if not NATIVE:
+        pytest.skip(f"native kernels unavailable here: {_native.build_error()}")
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(1 << 20 | 13)
+        borders = _table(2, 3)
+        cmp = codec.compare_borders(borders, x.dtype, False)
+        assert torch.equal(_native.encode(x, cmp, 2), codec._encode_torch(x, cmp, 2))
+        p = _native.encode(x, cmp, 2)
+        levels = torch.randn(4, dtype=torch.float64)
+        assert torch.equal(_native.decode_mul(p, levels, x, 2), codec._decode_mul_torch(p, levels, x, 2))
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="1..8"):
+        codec.packed_nbytes(10, 9)
+    with pytest.raises(ValueError, match="need more than"):
+        codec.encode(torch.randn(4), torch.arange(4, dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match="cannot hold"):
+        codec.unpack(torch.zeros(3, dtype=torch.uint8), 2, 20)
+    with pytest.raises(ValueError, match="valid"):
+        codec.set_backend("cuda-magic")
+    with pytest.raises(TypeError, match="uint8"):
+        codec.pack(torch.zeros(3), 2)

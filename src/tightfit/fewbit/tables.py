@@ -6,7 +6,9 @@ the code
     code(x) = Σ_i [x > t_i]   if not right[i]     (x == t_i goes to the piece BELOW t_i)
             + Σ_i [x >= t_i]  if right[i]         (x == t_i goes to the piece ABOVE t_i)
 
-and the backward multiplies the incoming gradient by ``levels[code]``. When all ``right`` flags are
+and the backward multiplies the incoming gradient by ``levels[code]``. A NaN input gets ``nan_code``
+(the piece whose level torch's own backward gives at NaN for exact tables, which differs between ops;
+0 for fitted tables). When all ``right`` flags are
 equal this is exactly ``torch.bucketize(x, borders, right=flag)`` (``Table.bucketize_right``); band
 functions need mixed flags (hardtanh'(x) is 0 at both x = min_val and x = max_val), so the general rule
 is the sum of comparisons above (``Table.encode``). The flags are chosen so that piecewise-linear tables
@@ -70,6 +72,7 @@ class Table:
     params: dict[str, Any] = field(default_factory=dict)
     weight: str = "normal(mean=0, std=1)"
     border_rounding: str = "opmath"
+    nan_code: int = 0
 
     def __post_init__(self) -> None:
         if self.border_rounding not in ("opmath", "input"):
@@ -86,6 +89,8 @@ class Table:
             raise ValueError("table borders and levels must be finite")
         if lv.numel() > (1 << int(self.bits)):
             raise ValueError(f"{lv.numel()} levels do not fit in {self.bits} bits")
+        if not 0 <= int(self.nan_code) < lv.numel():
+            raise ValueError(f"nan_code must index a level, got {self.nan_code} for {lv.numel()} levels")
         right = tuple(bool(r) for r in self.right) if self.right else (False,) * b.numel()
         if len(right) != b.numel():
             raise ValueError(f"right needs one flag per border, got {len(right)} for {b.numel()}")
@@ -117,11 +122,12 @@ class Table:
         x = x.to(b.dtype)
         flag = self.bucketize_right
         if flag is not None:
-            return torch.bucketize(x, b, right=flag)
-        code = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
-        for t, r in zip(b, self.right):
-            code += (x >= t) if r else (x > t)
-        return code
+            code = torch.bucketize(x, b, right=flag)
+        else:
+            code = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+            for t, r in zip(b, self.right):
+                code += (x >= t) if r else (x > t)
+        return torch.where(torch.isnan(x), self.nan_code, code)
 
     def decode(self, codes: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         """levels[codes]: the approximate derivative."""
@@ -143,6 +149,7 @@ class Table:
             "levels": [float(v) for v in self.levels.tolist()],
             "right": [bool(r) for r in self.right],
             "border_rounding": self.border_rounding,
+            "nan_code": int(self.nan_code),
         }
 
     @classmethod
@@ -158,6 +165,7 @@ class Table:
             params=dict(d.get("params", {})),
             weight=d.get("weight", "normal(mean=0, std=1)"),
             border_rounding=d.get("border_rounding", "opmath"),
+            nan_code=int(d.get("nan_code", 0)),
         )
 
     def __repr__(self) -> str:
@@ -192,6 +200,10 @@ def exact_table(name: str, **params: Any) -> Table:
     levels = spec.derivative(torch.tensor(pts, dtype=torch.float64), **p)
     fn = functools.partial(spec.fn, **p)
     bits = max(1, math.ceil(math.log2(len(pts))))
+    # torch's f'(NaN) differs between ops (relu: 1, hardsigmoid: 0): NaN inputs get the code of that level
+    at_nan = spec.derivative(torch.tensor([math.nan], dtype=torch.float64), **p)
+    same = (levels == at_nan).nonzero()
+    nan_code = int(same[0, 0]) if same.numel() else 0
     return Table(
         borders=torch.tensor(borders, dtype=torch.float64),
         levels=levels,
@@ -203,6 +215,7 @@ def exact_table(name: str, **params: Any) -> Table:
         params=p,
         weight="any",
         border_rounding=spec.border_rounding,
+        nan_code=nan_code,
     )
 
 

@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tightfit._step import forward_loss
+from tightfit.sizes import format_size
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 2**20
@@ -434,6 +435,7 @@ def rows_as_dicts(rows: Sequence[Variant], base: Variant) -> list[dict[str, Any]
             "peak_pct_of_baseline": None if v.peak is None else round(100 * v.peak / base.peak, 1),
             "median_s": round(v.median, 4),
             "time_ratio": round(v.median / base.median, 3),
+            "min_time_ratio": round(min(v.times) / min(base.times), 3) if v.times else None,
             "times_s": [round(t, 4) for t in v.times],
             "grads_equal": v.grads_equal,
             "grad_max_diff": v.grad_max_diff,
@@ -473,7 +475,7 @@ def print_table(rows: Sequence[Variant], base: Variant, title: str) -> None:
     for v in rows:
         b = v.budget
         if v.family.startswith("tightfit") and b is not None:
-            bs = f"{b / MiB:.0f}MiB"
+            bs = format_size(b)
         else:
             bs = "" if b is None else f"{b:g}"
         grad = "==" if v.grads_equal else f"[red]WRONG {v.grad_max_diff:.2g}[/red]"
@@ -491,6 +493,7 @@ def print_table(rows: Sequence[Variant], base: Variant, title: str) -> None:
             "" if v.predicted_peak is None else f"{v.predicted_peak / MiB:.1f}",
             f"{v.median:.3f}",
             f"{v.median / base.median:.2f}",
+            f"{min(v.times) / min(base.times):.2f}",
             grad,
             f"{v.setup_s:.1f}" if v.setup_s else "",
             "*" if v.name in front else "",
@@ -558,9 +561,18 @@ def fresh_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, list[torch.Tens
 def conditions() -> dict[str, Any]:
     import os
     import platform
+    import subprocess
+
+    def git(*a: str) -> str:
+        try:
+            done = subprocess.run(["git", *a], capture_output=True, text=True, cwd=RESULTS.parent)
+            return done.stdout.strip()
+        except OSError:
+            return ""
 
     return {
-        "torch": torch.__version__,
+        "git_head": git("rev-parse", "--short", "HEAD"),
+        "remat_uncommitted": git("status", "--short", "--", "src/tightfit/remat", "src/tightfit/memory"),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from tightfit.sizes import format_size
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
@@ -203,7 +205,7 @@ def tightfit_variant(
     plan = getattr(out, "plan", None)
     pred_peak = getattr(plan, "peak", None)
     pred_time = getattr(plan, "time", None)
-    name = f"tightfit {budget / MiB:.0f}MiB"
+    name = f"tightfit {format_size(budget)}"
     if compiled:
         v = compile_variant(
             name + " +compile", "tightfit+compile", out, params, w.batch, w.loss_fn, None, seed, buffers=bufs
@@ -225,6 +227,9 @@ def tightfit_variant(
         )
         v.note = f"plan {plan_s:.1f}s"
     v.plan_text = str(plan) if plan is not None else ""
+    mp = getattr(plan, "measured_peak", None)
+    if mp is not None:
+        v.note += f"; planner measured {format_size(mp)}"
     v.predicted_peak = None if pred_peak is None else int(pred_peak)
     v.predicted_time = None if pred_time is None else float(pred_time)
     return v
@@ -279,6 +284,14 @@ def build_peers(
     return out
 
 
+def plan_summary(text: str) -> str:
+    """The plan's header and its peak/step/planning/note lines (the per-block list can be thousands long)."""
+    lines = text.splitlines()
+    heads = ("peak:", "step:", "planning:", "note:")
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.strip().startswith(heads)]
+    return "\n".join(keep)
+
+
 def finish(v: Variant, ref, seed: int) -> None:
     check_grads(v, ref, seed)
     measure(v, seed)
@@ -287,6 +300,8 @@ def finish(v: Variant, ref, seed: int) -> None:
         f"grads {'equal' if v.grads_equal else f'WRONG (max |diff| {v.grad_max_diff:.3g})'}"
         + (f", setup {v.setup_s:.1f}s" if v.setup_s else "")
     )
+    if v.plan_text:
+        print(plan_summary(v.plan_text), flush=True)
 
 
 def pick_budgets(min_b: int | None, peer_peaks: list[int], base_peak: int, n_extra: int) -> list[int]:
@@ -403,9 +418,11 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
         if args.compile_budgets:
             cpeaks = [v.peak for v in rows if v.family == "compile" and v.grads_equal]
             cb = [b for b in budgets if b <= base.peak]
-            chosen = sorted({min(cb), *(max([b for b in cb if b <= p], default=min(cb)) for p in cpeaks)})
+            # the largest budget under each correct compiled peer's peak first, then the smallest feasible
+            chosen = sorted({max([b for b in cb if b <= p], default=min(cb)) for p in cpeaks}, reverse=True)
+            chosen += [b for b in [min(cb)] if b not in chosen]
             for b in chosen[: args.compiled_tightfit]:
-                log(f"  tightfit {b / MiB:.0f}MiB under torch.compile(aot_eager) ...")
+                log(f"  tightfit {format_size(b)} under torch.compile(aot_eager) ...")
                 try:
                     v = tightfit_variant(w, b, ref_names, True, seed)
                 except Exception as e:

@@ -154,9 +154,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
             )
         )
     if plan_times:
-        log(
-            f"  tightfit planning time per budget (s): {[round(x, 1) for x in plan_times]}"
-        )
+        log(f"  tightfit planning time per budget (s): {[round(x, 1) for x in plan_times]}")
     meta = conditions() | {
         "desc": desc,
         "args": vars(args),

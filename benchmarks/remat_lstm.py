@@ -163,9 +163,6 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             plan_times.append(v.setup_s)
             finish(v, ref, seed)
-            plan = getattr(v, "plan_text", None)
-            if plan:
-                log(plan)
             rows.append(v)
 
     log(f"timing {len(rows)} variants, {args.rounds} interleaved rounds ...")

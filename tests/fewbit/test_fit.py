@@ -196,3 +196,38 @@ def test_bad_arguments():
         fit(lambda x: x.sum(), 2)
     with pytest.raises(ValueError, match="no parameter"):
         fit("gelu", 2, params={"alpha": 1.0})
+
+
+def _monotone_dc(C, K):
+    """The divide-and-conquer DP, which assumes argmin_i D[i] + cost(i, j) is non-decreasing in j
+    (true when cost has the quadrangle inequality, as 1-D k-means on sorted values does)."""
+    n = C.shape[0] - 1
+    D = C[:, 0].copy()
+    for _ in range(2, K + 1):
+        new = np.full(n + 1, np.inf)
+
+        def rec(lo, hi, olo, ohi, D=D, new=new):
+            if lo > hi:
+                return
+            mid = (lo + hi) // 2
+            cand = D[olo : min(mid, ohi + 1)] + C[mid, olo : min(mid, ohi + 1)]
+            best = olo + int(np.argmin(cand))
+            new[mid] = cand.min()
+            rec(lo, mid - 1, olo, best)
+            rec(mid + 1, hi, best, ohi)
+
+        rec(1, n, 0, n)
+        D = new
+    return float(D[n])
+
+
+def test_monotone_speedup_would_be_wrong_here():
+    """Why fit() uses the exact DP: a derivative is not sorted along x, the segment cost violates the
+    quadrangle inequality, and the monotone divide-and-conquer DP returns a worse table (tanh, 3 bits,
+    a 201-point grid), while the exact DP matches brute-force-checked loops (test above)."""
+    dfn = fitmod.derivative_of(torch.tanh)
+    prob = fitmod._problem(dfn, NormalWeight(), np.linspace(-6, 6, 201), np.empty(0))
+    C = prob.costs()
+    exact, cuts = fitmod._dp(C, 8)
+    assert prob.partition_cost(cuts) == pytest.approx(exact, rel=1e-12)
+    assert _monotone_dc(C, 8) > exact * (1 + 1e-3)

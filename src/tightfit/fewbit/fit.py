@@ -11,8 +11,10 @@ with prefix sums of ∫w, ∫f'w, ∫f'²w over grid cells every piece's cost is
 partition of the grid is then an exact DP: D_k[j] = min_{i<j} D_{k-1}[i] + cost(i, j).
 
 NOTE (exactness): the DP is exact over its candidate grid; no monotonicity (quadrangle inequality) is
-assumed, because it does not hold for non-monotone derivatives (GELU', tanh'...). The grid, not the
-search, is the only approximation; it is made fine where borders go.
+assumed, because it does not hold for non-monotone derivatives (GELU', tanh'...): the monotone
+divide-and-conquer DP returns a 0.4% worse 3-bit tanh table on a 201-point grid (see
+tests/fewbit/test_fit.py). The grid, not the search, is the only approximation; it is made fine where
+borders go.
 """
 
 from __future__ import annotations

@@ -1,0 +1,21 @@
+"""Lazy attribute tables for package ``__init__`` files: names resolve to their defining module on first use,
+so importing a package does not import every submodule (or torch.library registrations) up front."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+def lazy_getattr(package: str, names: dict[str, str]) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` resolving ``names[name]`` (a submodule of `package`) on demand."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{names[name]}"), name)
+        importlib.import_module(package).__dict__[name] = value
+        return value
+
+    return __getattr__

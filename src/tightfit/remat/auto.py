@@ -37,7 +37,7 @@ from tightfit.remat import execute
 from tightfit.remat.blocks import Blocks, find_blocks
 from tightfit.remat.chainmodel import ChainCosts
 from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE
-from tightfit.remat.measure import OptionCost, _live_tracker, measure_group
+from tightfit.remat.measure import OptionCost, _live_tracker, measure_group, step_cost
 from tightfit.remat.plan import Decision, Plan
 from tightfit.sizes import format_size, parse_size
 
@@ -205,11 +205,7 @@ class Planner:
             peak = self._tracked_step().peak
             seconds = float("nan")
             if timed and self.flop_rate is not None:
-                from torch.utils.flop_counter import FlopCounterMode
-
-                with FlopCounterMode(display=False) as counter:
-                    self._step()
-                seconds = counter.get_total_flops() / self.flop_rate
+                seconds = step_cost(self._step, self.flop_rate, self.flop_rate / 50)
             elif timed:
                 runs = []
                 for _ in range(max(1, self.timing_reps)):

@@ -203,7 +203,7 @@ def _families(calls: list[Call], model: torch.nn.Module) -> list[tuple[str, list
             kids = {f"{prefix}{name}" for name, _ in module.named_children()}
             members = [i for i, c in enumerate(calls) if c.path in kids]
             if len(members) >= 2:
-                families.append((path, members))
+                families.append((path or "children of the root module", members))
     by_module: dict[str, list[int]] = {}
     for i, c in enumerate(calls):
         by_module.setdefault(c.path, []).append(i)

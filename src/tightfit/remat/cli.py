@@ -115,7 +115,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.estimate:
         plan.notes.append(
             f"--estimate: memory measured under fake tensors (exact for this device type's kernels), "
-            f"times from FLOP counts at {rate:.3g} FLOP/s (pointwise ops count zero): approximate"
+            f"times from FLOPs at {rate:.3g} FLOP/s + bytes written at {rate / 50:.3g} B/s: approximate"
         )
     print(plan.to_json(indent=1) if args.json else plan)
     if args.plot:

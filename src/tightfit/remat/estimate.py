@@ -8,10 +8,11 @@ real model, with two changes:
   real shape logic; research/torch-native.md §4 found it byte-identical to real runs on CPU). A GPU run can
   pick other kernels (flash/efficient attention instead of the CPU path; cuDNN convolutions with their
   own workspaces) and its caching allocator rounds sizes up, so the peak there may differ: APPROXIMATE.
-- time comes from FLOP counts (``torch.utils.flop_counter.FlopCounterMode``) at a nominal rate
-  ``flop_rate`` (FLOP/s): matmuls and convolutions are counted, memory-bound pointwise ops, norms and
-  softmax count zero. Recompute overheads of pointwise work are therefore underestimated, and absolute
-  times are only as good as ``flop_rate``: APPROXIMATE; ratios between plans are the useful part.
+- time comes from counts: FLOPs (``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions,
+  attention) at a nominal ``flop_rate`` FLOP/s, plus the bytes every op writes at ``flop_rate / 50``
+  bytes/s (so pointwise ops, norms and softmax cost their memory traffic). No fusion, overlap, kernel
+  launch or Python overhead is modelled, and absolute times are only as good as ``flop_rate``:
+  APPROXIMATE; ratios between plans are the useful part.
 - gradients cannot be compared under fake tensors, so the bit-exactness check of each option is skipped.
 """
 
@@ -86,6 +87,6 @@ def estimate_plan(
         plan = planner.plan(budget)
     plan.notes.append(
         f"estimated under FakeTensorMode: memory exact for this device type's kernels, times from FLOP "
-        f"counts at {flop_rate:.3g} FLOP/s (pointwise ops count zero)"
+        f"and bytes written at {flop_rate:.3g} FLOP/s and {flop_rate / 50:.3g} B/s"
     )
     return plan

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tightfit.remat.blocks import Group, _leaves
 from tightfit.remat.execute import OPTIONS, STORE, run_call
@@ -150,22 +151,38 @@ def _measure_time(run: _Run, reps: int) -> tuple[float, float]:
     return statistics.median(fwd), statistics.median(bwd)
 
 
-def _count_time(run: _Run, flop_rate: float) -> tuple[float, float]:
-    """(forward, backward) seconds from FLOP counts at ``flop_rate`` FLOP/s (the --estimate cost model)."""
+class _OutputBytes(TorchDispatchMode):
+    """A dispatch mode summing the bytes of every op output (memory traffic of pointwise work)."""
+
+    total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        self.total += sum(t.nbytes for t in _leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def step_cost(fn: Callable[[], Any], flop_rate: float, byte_rate: float) -> float:
+    """Seconds of ``fn()`` by the --estimate cost model: FLOPs / flop_rate + bytes written / byte_rate."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with FlopCounterMode(display=False) as counter, _OutputBytes() as written:
+        fn()
+    return counter.get_total_flops() / flop_rate + written.total / byte_rate
+
+
+def _count_time(run: _Run, flop_rate: float, byte_rate: float) -> tuple[float, float]:
+    """(forward, backward) seconds by the --estimate cost model (see ``step_cost``)."""
     for p in run.params:
         p.grad = None
-    with FlopCounterMode(display=False) as fwd_counter:
-        out = run.fwd()
-        outs = _differentiable(out)
+    box: list[Any] = []
+    fwd = step_cost(lambda: box.append(run.fwd()), flop_rate, byte_rate)
+    outs = _differentiable(box.pop())
     grads = run.grad_outputs(outs)
-    with FlopCounterMode(display=False) as bwd_counter:
-        if outs:
-            torch.autograd.backward(outs, grads)
+    bwd = step_cost(lambda: torch.autograd.backward(outs, grads) if outs else None, flop_rate, byte_rate)
     for p in run.params:
         p.grad = None
-    return fwd_counter.get_total_flops() / flop_rate, bwd_counter.get_total_flops() / flop_rate
+    return fwd, bwd
 
 
 def _same(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
@@ -183,11 +200,13 @@ def measure_group(
     seed: int = 1234,
     on_option: Callable[[str], None] | None = None,
     flop_rate: float | None = None,
+    byte_rate: float | None = None,
 ) -> dict[str, OptionCost]:
     """Costs of ``group``'s block under each option (see the module docstring).
 
-    With ``flop_rate`` (FLOP/s), times come from FLOP counts instead of clocks, and gradients are not
-    compared (under FakeTensorMode there are no values): the ``--estimate`` cost model.
+    With ``flop_rate`` (FLOP/s) and ``byte_rate`` (bytes written per second; default flop_rate / 50),
+    times come from counts instead of clocks, and gradients are not compared (under FakeTensorMode there
+    are no values): the ``--estimate`` cost model.
     """
     tracker_cls = _live_tracker()
     options = [STORE, *[o for o in options if o != STORE]]
@@ -209,7 +228,8 @@ def measure_group(
             exact = _same(reference, grads)
         del grads
         if flop_rate is not None:
-            fwd_time, bwd_time = _count_time(_Run(group, option, seed), flop_rate)
+            rate = byte_rate if byte_rate is not None else flop_rate / 50
+            fwd_time, bwd_time = _count_time(_Run(group, option, seed), flop_rate, rate)
         else:
             warm = _Run(group, option, seed)
             t0 = time.perf_counter()

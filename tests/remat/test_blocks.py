@@ -1,0 +1,69 @@
+"""Finding blocks: transformer layers, ResNet stages, U-Net levels, LSTM time steps; identical blocks
+grouped; a clear error when there is no chain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tightfit.remat.blocks import find_blocks
+
+from ._models import build
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix", "count", "groups"),
+    [
+        ("gpt2-tiny", "transformer.h.", 4, 2),
+        ("bert-base-tiny", "bert.encoder.layer.", 4, 2),
+        ("llama-1b-tiny", "model.layers.", 4, 2),
+        ("resnet50-tiny", "stages.", 4, 7),
+        ("unet-tiny", "downs.", 2, 6),
+    ],
+)
+def test_zoo_blocks(name: str, prefix: str, count: int, groups: int) -> None:
+    model, batch = build(name)
+    blocks = find_blocks(model, batch)
+    paths = [b.path for b in blocks.blocks]
+    assert sum(p.startswith(prefix) for p in paths) == count
+    assert len(blocks.groups) == groups  # identical layers share one group (measured once)
+    assert len(paths) == len(set(paths))
+
+
+def test_transformer_layers_after_the_first_share_a_group() -> None:
+    model, batch = build("gpt2-tiny")
+    blocks = find_blocks(model, batch)
+    layer_groups = [b.group for b in blocks.blocks if b.path.startswith("transformer.h.")]
+    assert len(set(layer_groups)) == 1
+
+
+def test_lstm_time_steps_are_blocks() -> None:
+    model, batch = build("lstm-tiny")
+    blocks = find_blocks(model, batch)
+    steps = [b for b in blocks.blocks if b.path == "rnn.cells.0"]
+    assert [b.call for b in steps] == list(range(12))
+    assert "rnn.cells.0[3]" in [b.name for b in blocks.blocks]
+    # the first step (zero state, no grad) differs from the others; the rest are measured once
+    assert len({b.group for b in steps}) == 2
+
+
+def test_sequential_of_layers_is_split_into_its_composite_children_only() -> None:
+    mlp = lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))  # noqa: E731
+    model = nn.Sequential(mlp(), mlp(), mlp())
+    blocks = find_blocks(model, torch.randn(2, 8))
+    assert [b.path for b in blocks.blocks] == ["0", "1", "2"]
+    # the first block's input does not require grad, the others' do: two groups
+    assert [b.group for b in blocks.blocks] == [0, 1, 1]
+    assert blocks.source == "children of the root module"
+
+
+def test_no_chain_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no chain of blocks"):
+        find_blocks(nn.Linear(4, 1), torch.randn(2, 4))
+
+
+def test_kv_cache_is_rejected() -> None:
+    model, batch = build("gpt2-tiny")
+    with pytest.raises(ValueError, match="use_cache=False"):
+        find_blocks(model, {**batch, "use_cache": True})

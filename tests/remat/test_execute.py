@@ -1,0 +1,137 @@
+"""Executing plans with torch.utils.checkpoint / selective-checkpoint policies: bit-identical gradients,
+state_dict keys, undo, per-call decisions, batch-norm statistics, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tightfit.remat import execute
+from tightfit.remat.execute import OPTIONS, RECOMPUTE, SAVE_LINEAR, SAVE_MATMUL, STORE
+
+from ._models import clone, grads_after_step, same_grads
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = 24) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(4 * d, d)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = self.drop(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+        scores = torch.softmax(h @ h.transpose(-1, -2) / 8, dim=-1)
+        return x + self.fc2(scores @ h)
+
+
+class Net(nn.Module):
+    def __init__(self, n: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(n))
+        self.bn = nn.BatchNorm1d(24)
+        self.head = nn.Linear(24, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.bn(x.transpose(1, 2)).transpose(1, 2)).square().mean()
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 10, 24)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_option_gives_identical_gradients_with_dropout(option: str) -> None:
+    model, x = Net().train(), _x()
+    reference = grads_after_step(clone(model), x)
+    keys = list(model.state_dict())
+    execute.apply(model, {f"blocks.{i}": [option] for i in range(3)})
+    assert list(model.state_dict()) == keys
+    assert same_grads(reference, grads_after_step(model, x))
+    recomputes = model.blocks[0].calls
+    assert recomputes == (1 if option == STORE else 2)  # one forward, plus one recompute when checkpointed
+
+
+def test_undo_restores_the_original_forward_and_apply_replaces() -> None:
+    model = Net()
+    original = model.blocks[1].forward
+    execute.apply(model, {"blocks.1": [RECOMPUTE]})
+    assert "forward" in model.blocks[1].__dict__
+    assert execute.applied(model) == {"blocks.1": [RECOMPUTE]}
+    execute.apply(model, {"blocks.2": [SAVE_MATMUL]})
+    assert "forward" not in model.blocks[1].__dict__
+    execute.undo(model)
+    assert execute.applied(model) == {} and "forward" not in model.blocks[2].__dict__
+    assert model.blocks[1].forward == original
+    execute.undo(model)  # a no-op
+
+
+def test_per_call_decisions_for_a_module_called_in_a_loop() -> None:
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = Block()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(4):
+                x = self.cell(x)
+            return x.square().mean()
+
+    model, x = Loop().train(), _x()
+    reference = grads_after_step(clone(model), x)
+    execute.apply(model, {"cell": [RECOMPUTE, STORE, SAVE_LINEAR, STORE]})
+    for _ in range(2):  # the per-call count restarts at every forward of the model
+        model.cell.calls = 0
+        assert same_grads(reference, grads_after_step(model, x))
+        assert model.cell.calls == 4 + 2  # two of the four calls are recomputed
+
+
+def test_recompute_leaves_batch_norm_statistics_as_without_remat() -> None:
+    class BNBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.bn(self.conv(x)))
+
+    class Mean(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.square().mean()
+
+    model = nn.Sequential(BNBlock(), BNBlock(), Mean()).train()
+    x = torch.randn(2, 3, 8, 8)
+    ref = clone(model)
+    reference = grads_after_step(ref, x)
+    execute.apply(model, {"0": [RECOMPUTE], "1": [RECOMPUTE]})
+    assert same_grads(reference, grads_after_step(model, x))
+    for a, b in zip(ref.buffers(), model.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_eval_and_no_grad_do_not_checkpoint() -> None:
+    model, x = Net(), _x()
+    execute.apply(model, {"blocks.0": [RECOMPUTE]})
+    model.eval()
+    model(x).backward()
+    assert model.blocks[0].calls == 1
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert model.blocks[0].calls == 2
+
+
+def test_bad_input_is_rejected_before_patching() -> None:
+    model = Net()
+    with pytest.raises(KeyError, match="not submodules"):
+        execute.apply(model, {"blocks.0": [RECOMPUTE], "nope": [RECOMPUTE]})
+    with pytest.raises(ValueError, match="unknown remat option"):
+        execute.apply(model, {"blocks.0": ["fast"]})
+    assert execute.applied(model) == {} and "forward" not in model.blocks[0].__dict__

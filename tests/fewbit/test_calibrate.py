@@ -122,3 +122,13 @@ def test_far_outliers_do_not_spoil_the_fit():
     assert table_error(torch.nn.functional.gelu, t.borders, t.levels, target) == pytest.approx(
         ideal.error, rel=0.05
     )
+
+
+def test_public_name_is_callable_whatever_was_imported_first():
+    import importlib
+
+    import tightfit
+
+    mod = importlib.import_module("tightfit.fewbit.calibrate")
+    for f in (mod, tightfit.fewbit.calibrate):
+        assert f(nn.Sequential(nn.Tanh()), [torch.randn(5)]).paths == ["0"]

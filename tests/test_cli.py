@@ -118,6 +118,12 @@ def test_internal_bugs_keep_their_traceback(capsys, monkeypatch):
         cli.main(["profile", "gpt2-tiny", *SMALL])
 
 
+def test_plan_is_wired_and_its_budget_errors_are_one_line(capsys):
+    code, _, err = run(capsys, "plan", "gpt2-tiny", "--budget", "2gigs")
+    assert code == 2 and "--budget: invalid size '2gigs'" in err and "GiB" in err
+    assert "Traceback" not in err
+
+
 def test_parse_budget_names_accepted_forms():
     assert cli.parse_budget("2GiB") == 2 * 2**30
     with pytest.raises(cli.CliError, match="--budget: invalid size '2 gigs'.*GiB"):

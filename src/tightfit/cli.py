@@ -306,12 +306,30 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_plan(p: argparse.ArgumentParser) -> None:
+    from tightfit.remat.cli import configure_plan
+
+    configure_plan(p)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from tightfit.remat.cli import run_plan
+
+    return run_plan(args)
+
+
 COMMANDS: list[Command] = [
     Command(
         "profile",
         "measure (or --estimate) the memory of one training step of MODEL",
         _configure_profile,
         _run_profile,
+    ),
+    Command(
+        "plan",
+        "plan recomputation of MODEL under a memory budget (--budget 2GiB)",
+        _configure_plan,
+        _run_plan,
     ),
     Command("demo", "profile a real model and show where its memory goes", _configure_demo, _run_demo),
     Command("models", "list the built-in models", _configure_list, _run_list),

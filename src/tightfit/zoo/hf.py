@@ -50,7 +50,9 @@ def _hf_factory(
         tf = _transformers()
         cfg_cls = getattr(tf, config_class)
         check_overrides(name, overrides, set(cfg_cls().to_dict()) | set(config))
-        cfg = cfg_cls(**{**config, **overrides})
+        # No KV cache: useless in training, and a recomputed (checkpointed) block would append to it twice.
+        defaults = {"use_cache": False} if "use_cache" in cfg_cls().to_dict() else {}
+        cfg = cfg_cls(**{**defaults, **config, **overrides})
         with building(resolve_dtype(dtype), device, seed):
             model = getattr(tf, model_class)(cfg)
         model.loss_type = loss_type  # GPT2LMHeadModel's class name does not name its loss; say it

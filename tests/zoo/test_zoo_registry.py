@@ -100,6 +100,12 @@ def test_model_factory_is_deterministic_and_leaves_global_rng_alone():
     assert not torch.equal(next(a.parameters()), next(c.parameters()))
 
 
+def test_causal_lms_train_without_a_kv_cache():
+    for name in ["gpt2-tiny", "llama-1b-tiny"]:
+        assert zoo.get(name).model_factory().config.use_cache is False
+    assert zoo.get("gpt2-tiny").model_factory(use_cache=True).config.use_cache is True
+
+
 def test_dtype_and_overrides():
     model = zoo.get("gpt2-tiny").model_factory(dtype=torch.bfloat16, n_layer=1)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

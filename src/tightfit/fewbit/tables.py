@@ -6,13 +6,14 @@ the code
     code(x) = Σ_i [x > t_i]   if not right[i]     (x == t_i goes to the piece BELOW t_i)
             + Σ_i [x >= t_i]  if right[i]         (x == t_i goes to the piece ABOVE t_i)
 
-and the backward multiplies the incoming gradient by ``levels[code]``. A NaN input gets ``nan_code``
-(the piece whose level torch's own backward gives at NaN for exact tables, which differs between ops;
-0 for fitted tables). When all ``right`` flags are
+and the backward multiplies the incoming gradient by ``levels[code]``. When all ``right`` flags are
 equal this is exactly ``torch.bucketize(x, borders, right=flag)`` (``Table.bucketize_right``); band
 functions need mixed flags (hardtanh'(x) is 0 at both x = min_val and x = max_val), so the general rule
 is the sum of comparisons above (``Table.encode``). The flags are chosen so that piecewise-linear tables
 give torch's derivative exactly, kinks included (relu'(0) = 0, hardtanh'(±1) = 0, hardshrink'(±λ) = 0).
+Fitted tables use one flag for all borders. A NaN input gets the code ``nan_code``: for exact tables
+the piece whose level torch's own backward gives at NaN (it differs between ops: relu 1, hardsigmoid
+0), 0 for fitted tables.
 
 NOTE (dtype): compare ``x.to(compare_dtype(x.dtype))`` (float32 for float16/bfloat16, exact widening;
 x's dtype otherwise) with ``table.borders_for(x.dtype)``. That reproduces torch's kernels bit for bit,
@@ -122,7 +123,7 @@ class Table:
         x = x.to(b.dtype)
         flag = self.bucketize_right
         if flag is not None:
-            code = torch.bucketize(x, b, right=flag)
+            code = torch.bucketize(x.contiguous(), b, right=flag)
         else:
             code = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
             for t, r in zip(b, self.right):

@@ -189,6 +189,8 @@ def test_bad_arguments():
         fit("gelu", True)
     with pytest.raises(ValueError, match="grid"):
         fit("gelu", 4, grid=8)
+    with pytest.raises(ValueError, match="too fine"):
+        fit("gelu", 2, grid=100_000)
     with pytest.raises(ValueError, match="weight"):
         fit("gelu", 2, weight="laplace")
     with pytest.raises(TypeError, match="fn"):

@@ -47,6 +47,7 @@ MAX_BITS = 8
 _GL_NODES = 8  # Gauss-Legendre nodes per integration sub-interval (exact for polynomials of degree 15)
 _PRE_GRID = 8193  # uniform pre-grid used to shape the candidate grid and to detect symmetry / jumps
 _SYM_TOL = 1e-9
+_MAX_GRID = 8192
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -635,6 +636,12 @@ def fit(
     elif isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 2 * K:
         raise ValueError(
             f"grid must be an int >= 2**(bits+1) = {2 * K} or an array of candidates, got {grid!r}"
+        )
+    n_cells = explicit.size + 1 if explicit is not None else int(grid)
+    if n_cells > _MAX_GRID:
+        raise ValueError(
+            f"grid of {n_cells} cells is too fine: the DP keeps (n+1)² float64 costs, so at most "
+            f"{_MAX_GRID} cells ({(_MAX_GRID + 1) ** 2 * 8 / 2**30:.1f} GiB per array)"
         )
     name = None
     spec_breaks: tuple[float, ...] = ()

@@ -66,6 +66,9 @@ def test_profile_a_model_file(capsys, tmp_path):
 
             def make():
                 return Net(), torch.randn(4, 8)
+
+            def logits():
+                return torch.nn.Linear(8, 3), torch.randn(4, 8)
             """
         )
     )
@@ -75,6 +78,14 @@ def test_profile_a_model_file(capsys, tmp_path):
     assert data["model"] == f"{path}:make"
     assert data["params_bytes"] == 4 * (8 * 16 + 16 + 16 + 1) and data["optimizer_bytes"] == 0
     assert data["inputs_bytes"] == 4 * 4 * 8
+    # the factory takes no dtype: it builds under the default dtype, which works under fake tensors too
+    code, out, err = run(capsys, "profile", f"{path}:make", "--json", "--estimate", "--dtype", "bfloat16")
+    assert code == 0, err
+    half = json.loads(out)
+    assert half["estimated"] and half["params_bytes"] * 2 == data["params_bytes"]
+    assert half["inputs_bytes"] * 2 == data["inputs_bytes"]
+    code, _, err = run(capsys, "profile", f"{path}:logits")
+    assert code == 2 and "the loss must be a scalar tensor, got (4, 3)" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

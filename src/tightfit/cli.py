@@ -116,15 +116,43 @@ def measure(args: argparse.Namespace, estimate: bool) -> Any:
 
     model_factory, batch_factory = factories_from_args(args)
     make_optimizer = optimizer_factory(args.optimizer)
-    if estimate:
-        report = tightfit.estimate(model_factory, batch_factory, optimizer_factory=make_optimizer)
-    else:
-        model = model_factory()
-        batch = batch_factory()
-        optimizer = make_optimizer(model.parameters()) if make_optimizer is not None else None
-        report = tightfit.profile(model, batch, optimizer=optimizer)
+    try:
+        if estimate:
+            report = tightfit.estimate(model_factory, batch_factory, optimizer_factory=make_optimizer)
+        else:
+            model = model_factory()
+            batch = batch_factory()
+            optimizer = make_optimizer(model.parameters()) if make_optimizer is not None else None
+            report = tightfit.profile(model, batch, optimizer=optimizer)
+    except (TypeError, ValueError) as e:
+        if _raised_by_input_check(e):
+            hint = (
+                " (here: make the model return a scalar loss, or an output with .loss)"
+                if "loss" in str(e)
+                else ""
+            )
+            raise CliError(f"{args.model}: {e}{hint}") from e
+        raise
     report.model = args.model
     return report
+
+
+# Functions of the step convention and the ruler that raise TypeError/ValueError only about what the user
+# passed (no loss in the output, nothing to train). Matched on the raising frame, so errors from deeper
+# down (bugs) keep their traceback.
+_INPUT_CHECKS = {("_step.py", "loss_of"), ("profile.py", "_check_inputs"), ("profile.py", "_measure")}
+
+
+def _raised_by_input_check(e: BaseException) -> bool:
+    import traceback
+    from pathlib import Path
+
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return False
+    last = frames[-1]
+    path = Path(last.filename)
+    return "tightfit" in path.parts and (path.name, last.name) in _INPUT_CHECKS
 
 
 # ------------------------------------------------------------------------------------------ commands

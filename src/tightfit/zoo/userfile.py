@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tightfit.zoo.registry import Factories, ModelFileError, resolve_device, resolve_dtype
+from tightfit.zoo.registry import Factories, ModelFileError, building, resolve_device, resolve_dtype
 
 BATCH_FUNCTION = "sample_batch"
 
@@ -99,6 +99,14 @@ def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+def _misplaced(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None) -> bool:
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        return True
+    if device is not None and (t.device.type != device.type or device.index not in (None, t.device.index)):
+        return True
+    return False
+
+
 def _move(batch: Any, dtype: torch.dtype | None, device: torch.device | None) -> Any:
     """Floating tensors to `dtype`, all tensors to `device`, through dicts, lists and tuples."""
     if isinstance(batch, torch.Tensor):
@@ -147,14 +155,20 @@ def load(spec: str) -> Factories:
         return model, batch
 
     def model_factory(**kwargs: Any) -> nn.Module:
-        model = call_factory(**kwargs)[0]
-        taken = _accepted(factory, kwargs)  # dtype/device the factory did not take are applied here
-        dtype = kwargs.get("dtype") if "dtype" not in taken else None
-        device = kwargs.get("device") if "device" not in taken else None
-        if dtype is not None:
-            model = model.to(resolve_dtype(dtype))
-        if device is not None:
-            model = model.to(resolve_device(device))
+        # A factory that does not take dtype/device still builds in them: they are the default dtype and
+        # device while it runs (this also works under FakeTensorMode, where module.to() cannot swap).
+        dtype = resolve_dtype(kwargs["dtype"]) if kwargs.get("dtype") is not None else None
+        device = resolve_device(kwargs["device"]) if kwargs.get("device") is not None else None
+        with building(dtype or torch.get_default_dtype(), device, seed=None):
+            model = call_factory(**kwargs)[0]
+        if any(_misplaced(t, dtype, device) for t in [*model.parameters(), *model.buffers()]):
+            try:
+                model = model.to(device=device, dtype=dtype)
+            except RuntimeError as e:
+                raise ModelFileError(
+                    f"{spec}: the model's parameters are not {dtype or ''} on {device or 'the device'} and "
+                    f"cannot be moved here ({e}); let {attr}() take dtype= and device= arguments"
+                ) from e
         return model
 
     def batch_factory(**kwargs: Any) -> Any:

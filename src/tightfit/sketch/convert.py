@@ -101,7 +101,9 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     return (st.data_ptr(), st.nbytes())
 
 
-def probe_inputs(model: nn.Module, candidates: dict[str, nn.Module], example: Any, loss_fn=None) -> InputProbe:  # noqa: ANN001
+def probe_inputs(
+    model: nn.Module, candidates: dict[str, nn.Module], example: Any, loss_fn: Any = None
+) -> InputProbe:
     """Run one forward on `example` (global RNG state restored afterwards) and record, for each candidate,
     its input storage, and the storages that ops outside the candidates save for backward."""
     probe = InputProbe()
@@ -274,7 +276,8 @@ def _predicted_notes(config: Sketch, candidates: dict, chosen: dict, probe: Inpu
         if kk >= n or n < config.min_tokens:
             continue  # runs exactly
         sketches = 1 if config.shared == "share" else len(readers)
-        saving += n * d * elt - sketches * (kk * d * elt + 8 + (8 * kk if config.sketch == "norm_rows" else 0))
+        per_sketch = kk * d * elt + 8 + (8 * kk if config.sketch == "norm_rows" else 0)
+        saving += n * d * elt - sketches * per_sketch
     shared_groups = sum(1 for key in seen if len(groups[key]) > 1)
     return [
         f"predicted saving on the example: {format_size(saving)} of saved activations "

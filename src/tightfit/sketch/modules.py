@@ -1,4 +1,4 @@
-"""Drop-in modules: `RandomizedLinear` (nn.Linear's signature, init and state_dict) and the GPT-2 Conv1D form."""
+"""Drop-in modules: `RandomizedLinear` (nn.Linear's signature, init, state_dict) and a GPT-2 Conv1D form."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ __all__ = ["RandomizedLinear"]
 
 def _check_dtype(dtype: torch.dtype | None) -> None:
     if dtype is not None and not dtype.is_floating_point:
-        raise TypeError(f"RandomizedLinear needs a floating-point dtype (float32, bfloat16, float16), got {dtype}")
+        raise TypeError(f"RandomizedLinear needs a floating-point dtype (float32, bfloat16...), got {dtype}")
 
 
 class _SketchOptions:

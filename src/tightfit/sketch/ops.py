@@ -71,7 +71,9 @@ class SketchShare:
         self.hits += 1
         return plan, seed, sx, idx
 
-    def store(self, x: Tensor, key: tuple, plan: SketchPlan, seed: Tensor, sx: Tensor, idx: Tensor | None) -> None:
+    def store(
+        self, x: Tensor, key: tuple, plan: SketchPlan, seed: Tensor, sx: Tensor, idx: Tensor | None
+    ) -> None:
         key_id = id(x)
         entries = self._entries
 
@@ -189,4 +191,6 @@ def sketched_linear(
             sx, idx = sketch_input(x2, seed, plan)
         if share is not None and not torch.compiler.is_compiling():
             share.store(key_x, key, plan, seed, sx, idx)
-    return SketchedLinearFunction.apply(x, weight, bias, sx, seed, idx, plan.kind, plan.n, plan.k, plan.blocks)
+    return SketchedLinearFunction.apply(
+        x, weight, bias, sx, seed, idx, plan.kind, plan.n, plan.k, plan.blocks
+    )

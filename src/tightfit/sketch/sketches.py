@@ -56,7 +56,7 @@ SKETCHES = ("gaussian", "rademacher", "rows", "norm_rows")
 UNBIASED = SKETCHES  # all four are unbiased estimators of grad_W (tested over 2000 seeds)
 _DENSE = ("gaussian", "rademacher")
 _UNIFORM_MIX = 0.1  # norm_rows: share of uniform probability (caps the importance weights at N/(0.1 k))
-# auto_blocks: the sketch matmuls (forward S·X, backward S·G) may cost this fraction of the layer's three GEMMs
+# auto_blocks: the sketch matmuls (forward S·X, backward S·G) may cost this share of the layer's 3 GEMMs
 _SKETCH_COST_SHARE = 0.05
 
 
@@ -169,7 +169,7 @@ def _(seed, probs, k):
 
 # ------------------------------------------------------------------------------------- applying a sketch
 def _apply_dense(a: Tensor, seed: Tensor, plan: SketchPlan) -> Tensor:
-    """S·a block by block: temporaries are one block of S and one block of gathered rows, never a copy of a."""
+    """S·a block by block: temporaries are one block of S and of gathered rows, never a copy of a."""
     n, d = a.shape
     m, b = plan.blocks, plan.block_tokens
     if m == 1:
@@ -237,7 +237,7 @@ def sketch_matrix(seed: Tensor, plan: SketchPlan, x: Tensor | None = None) -> Te
 
 def _norm_probs(x: Tensor) -> Tensor:
     """norm_rows probabilities: ‖x_t‖/Σ‖x‖ mixed with 10% uniform (uniform when x is all zeros)."""
-    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
     total = norms.sum()
     n = x.shape[0]
     p = torch.where(total > 0, norms / total.clamp_min(1e-30), torch.full_like(norms, 1.0 / n))

@@ -8,12 +8,15 @@ as `tightfit.nn` and `tightfit.functional`), `FewBit` + `tightfit.convert_` (who
 
 from tightfit._lazy import lazy_getattr
 
+# NOTE: `fit` and `calibrate` name both a submodule and its function. Importing the functions here binds
+# the package attributes to them for good (a later `import tightfit.fewbit.fit` does not rebind).
+from tightfit.fewbit.calibrate import calibrate
+from tightfit.fewbit.fit import fit
+
 _NAMES = {
     # tables
-    "fit": "fit",
     "get_table": "tables",
     "Table": "tables",
-    "calibrate": "calibrate",
     "Calibration": "calibrate",
     "ACTIVATIONS": "activations",
     "spec_for_module": "activations",
@@ -25,5 +28,5 @@ _NAMES = {
     "FewBitGatedMLP": "gated",
     "convert_fewbit": "convert",
 }
-__all__ = list(_NAMES)
+__all__ = ["fit", "calibrate", *_NAMES]
 __getattr__ = lazy_getattr(__name__, _NAMES)

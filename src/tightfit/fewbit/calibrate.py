@@ -16,8 +16,6 @@ table's error is exactly the expected squared error of the input gradient it pro
 from __future__ import annotations
 
 import math
-import sys
-import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,15 +254,3 @@ def calibrate(
     if n == 0:
         raise ValueError("no batches given")
     return Calibration(hist, specs, n)
-
-
-class _CallableModule(types.ModuleType):
-    """NOTE (name clash): ``tightfit.fewbit.calibrate`` names both this module and :func:`calibrate`;
-    Python binds the package attribute to the module when it is first imported, so the module forwards
-    calls to the function (see the same NOTE in fit.py)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Calibration:
-        return calibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

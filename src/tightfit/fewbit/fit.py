@@ -20,8 +20,6 @@ borders go.
 from __future__ import annotations
 
 import math
-import sys
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -734,16 +732,3 @@ def _symmetrize(levels: np.ndarray, sym: str) -> np.ndarray:
         return 0.5 * (levels + rev)
     c = np.median(levels + rev)
     return 0.5 * (levels + (c - rev))
-
-
-class _CallableModule(types.ModuleType):
-    """NOTE (name clash): ``tightfit.fewbit.fit`` names both this module and its function :func:`fit`.
-    Python binds the package attribute to the module when the module is first imported, so whichever
-    of the two a caller gets, ``tightfit.fewbit.fit(fn, bits, weight=...)`` must work: the module
-    forwards calls to the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Table:
-        return fit(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -192,7 +192,7 @@ class Planner:
             snap.restore()
 
     def measure_step(
-        self, options: dict[str, list[str]] | None = None, *, timed: bool = True
+        self, options: dict[str, list[str]] | None = None, *, timed: bool = True, tracked: bool = True
     ) -> tuple[int, float]:
         """(peak bytes, step seconds) of one training step with ``options`` applied (None: no remat).
 
@@ -202,7 +202,7 @@ class Planner:
         try:
             if options:
                 execute.apply(self.model, options)
-            peak = self._tracked_step().peak
+            peak = self._tracked_step().peak if tracked else -1
             seconds = float("nan")
             if timed and self.flop_rate is not None:
                 seconds = step_cost(self._step, self.flop_rate, self.flop_rate / 50)
@@ -262,8 +262,30 @@ class Planner:
         self._progress("measuring all blocks recomputed", done[0] + 1, total)
         self.frugal_peak, self.frugal_time = self.measure_step(self._options(self.frugal_plan), timed=False)
         self.chain.fit(self.store_plan, self.baseline_peak, self.frugal_plan, self.frugal_peak)
+        # the least-keep plan need not have the least peak (recomputing a head can raise it): also measure
+        # the plan the model predicts lowest, and keep whichever measures lower as the frugal plan
+        lowest = self._lowest_predicted()
+        if lowest is not None and lowest != self.frugal_plan:
+            peak, _ = self.measure_step(self._options(lowest), timed=False)
+            if peak < self.frugal_peak:
+                self.frugal_plan, self.frugal_peak = lowest, peak
         self.min_budget = min(self.baseline_peak, self.frugal_peak)
         self._progress("measured", total, total)
+
+    def _lowest_predicted(self) -> list[str] | None:
+        """The plan of least predicted peak (bisection on the DP's budget), or None."""
+        lo, hi = 0.0, float(self.chain.peak(self.frugal_plan))
+        best = self.chain.solve(hi)
+        for _ in range(30):
+            if hi - lo <= max(1.0, 1e-4 * hi):
+                break
+            mid = (lo + hi) / 2
+            plan = self.chain.solve(mid)
+            if plan is None:
+                lo = mid
+            else:
+                hi, best = mid, plan
+        return best
 
     def _frugal(self, i: int) -> str:
         """The exact option with the smallest keep for block i (full recompute unless it is not exact)."""
@@ -341,7 +363,9 @@ class Planner:
             )
         chosen.iterations = rounds
         if verify:
-            _, chosen.measured_time = self.measure_step(self._options([d.option for d in chosen.decisions]))
+            _, chosen.measured_time = self.measure_step(
+                self._options([d.option for d in chosen.decisions]), tracked=False
+            )
         return self._finish(chosen, started)
 
     def _finish(self, plan: Plan, started: float) -> Plan:

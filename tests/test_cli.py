@@ -120,6 +120,14 @@ def test_model_file_failures_say_which_part(capsys, tmp_path):
     assert code == 2 and "no attribute named 'build'; callables defined there: make" in err
 
 
+def test_refuses_to_profile_a_model_larger_than_ram(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "available_ram", lambda: 1000)
+    code, _, err = run(capsys, "profile", "gpt2-tiny", *SMALL)
+    assert code == 2 and "more than the 1000 B of RAM available; add --estimate" in err
+    code, out, err = run(capsys, "profile", "gpt2-tiny", *SMALL, "--estimate", "--json")
+    assert code == 0, err
+
+
 def test_internal_bugs_keep_their_traceback(capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in tightfit")

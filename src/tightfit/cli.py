@@ -116,6 +116,8 @@ def measure(args: argparse.Namespace, estimate: bool) -> Any:
 
     model_factory, batch_factory = factories_from_args(args)
     make_optimizer = optimizer_factory(args.optimizer)
+    if not estimate:
+        check_fits_in_ram(args, model_factory)
     try:
         if estimate:
             report = tightfit.estimate(model_factory, batch_factory, optimizer_factory=make_optimizer)
@@ -135,6 +137,41 @@ def measure(args: argparse.Namespace, estimate: bool) -> Any:
         raise
     report.model = args.model
     return report
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM available now (Linux/Unix sysconf), or None where unknown."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_ram(args: argparse.Namespace, model_factory: Callable[..., torch.nn.Module]) -> None:
+    """Refuse to profile on the CPU a zoo model whose parameters, gradients and optimizer state alone exceed
+    the available RAM (a lower bound: activations come on top), instead of swapping the machine to death.
+    The count comes from building the model on the meta device, which allocates nothing."""
+    from tightfit.sizes import format_size
+    from tightfit.zoo import is_file_spec
+
+    if torch.device(args.device).type != "cpu" or is_file_spec(args.model):
+        return
+    available = available_ram()
+    if available is None:
+        return
+    with torch.device("meta"):
+        params = model_factory(device=None).parameters()
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+    copies = 2 + {"adamw": 2, "sgd": 0, "none": 0}.get(args.optimizer, 0)  # params, grads, optimizer state
+    need = copies * param_bytes
+    if need > available:
+        raise CliError(
+            f"{args.model}: its parameters, gradients and optimizer state alone need {format_size(need)}, "
+            f"more than the {format_size(available)} of RAM available; add --estimate to measure it "
+            "without allocating"
+        )
 
 
 # Functions of the step convention and the ruler that raise TypeError/ValueError only about what the user

@@ -52,6 +52,11 @@ class ModelSpec:
     family: str  # e.g. "gpt2", "llama", "resnet": groups a model with its tiny/cpu variants
 
     @property
+    def sample_batch(self) -> BatchFactory:
+        """The batch factory under the name the issue uses."""
+        return self.batch_factory
+
+    @property
     def factories(self) -> Factories:
         return Factories(self.model_factory, self.batch_factory)
 
@@ -129,10 +134,14 @@ def building(dtype: torch.dtype, device: torch.device | str | None, seed: int | 
     The global RNG state is restored afterwards, so building a model does not change later random draws.
     """
     on_device = nullcontext() if device is None else resolve_device(device)
+    # fork the RNG of the device built on too (manual_seed seeds every device)
+    forked = (
+        [on_device.index or 0] if isinstance(on_device, torch.device) and on_device.type == "cuda" else []
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.random.fork_rng(devices=[]), on_device:
+        with torch.random.fork_rng(devices=forked), on_device:
             if seed is not None:
                 torch.manual_seed(seed)
             yield

@@ -452,12 +452,16 @@ def rows_as_dicts(rows: Sequence[Variant], base: Variant) -> list[dict[str, Any]
 
 
 def print_table(rows: Sequence[Variant], base: Variant, title: str) -> None:
+    print_rows(rows_as_dicts(rows, base), title)
+
+
+def print_rows(rows: Sequence[dict[str, Any]], title: str) -> None:
+    """The results table (from `rows_as_dicts`, or the "rows" of a results JSON file)."""
     from rich.console import Console
     from rich.table import Table
 
-    front = pareto_front(rows)
     t = Table(title=title, show_lines=False)
-    for col in (
+    cols = (
         "variant",
         "budget",
         "peak MiB",
@@ -467,38 +471,53 @@ def print_table(rows: Sequence[Variant], base: Variant, title: str) -> None:
         "pred. peak",
         "step s",
         "ratio",
+        "min ratio",
         "grads",
         "setup s",
         "front",
-    ):
+    )
+    for col in cols:
         t.add_column(col, justify="left" if col == "variant" else "right")
-    for v in rows:
-        b = v.budget
-        if v.family.startswith("tightfit") and b is not None:
+    for d in rows:
+        b = d["budget"]
+        if d["family"].startswith("tightfit") and b is not None:
             bs = format_size(b)
         else:
             bs = "" if b is None else f"{b:g}"
-        grad = "==" if v.grads_equal else f"[red]WRONG {v.grad_max_diff:.2g}[/red]"
-        if v.buffers_equal is False:
+        grad = "==" if d["grads_equal"] else f"[red]WRONG {d['grad_max_diff']:.2g}[/red]"
+        if d.get("buffers_equal") is False:
             grad += " [yellow]bufs≠[/yellow]"
-        if v.compiled and v.graphs_ran is False:
+        if d["compiled"] and d.get("graphs_ran_under_ruler") is False:
             grad += " [red](eager?)[/red]"
+        pp = d.get("predicted_peak_bytes")
+        af = d.get("after_forward_mib")
+        mr = d.get("min_time_ratio")
         t.add_row(
-            v.name,
+            d["name"],
             bs,
-            f"{v.peak / MiB:.1f}",
-            f"{v.peak_above_params / MiB:.1f}",
-            f"{100 * v.peak / base.peak:.1f}",
-            "" if v.after_forward is None else f"{v.after_forward / MiB:.1f}",
-            "" if v.predicted_peak is None else f"{v.predicted_peak / MiB:.1f}",
-            f"{v.median:.3f}",
-            f"{v.median / base.median:.2f}",
-            f"{min(v.times) / min(base.times):.2f}",
+            f"{d['peak_mib']:.1f}",
+            f"{d['peak_above_params_mib']:.1f}",
+            f"{d['peak_pct_of_baseline']:.1f}",
+            "" if af is None else f"{af:.1f}",
+            "" if pp is None else f"{pp / MiB:.1f}",
+            f"{d['median_s']:.3f}",
+            f"{d['time_ratio']:.2f}",
+            "" if mr is None else f"{mr:.2f}",
             grad,
-            f"{v.setup_s:.1f}" if v.setup_s else "",
-            "*" if v.name in front else "",
+            f"{d['setup_s']:.1f}" if d["setup_s"] else "",
+            "*" if d["pareto"] else "",
         )
-    Console(width=160).print(t)
+    Console(width=170).print(t)
+
+
+def show(path: str | Path) -> None:
+    """Reprint a results JSON file's table: `python benchmarks/_harness.py benchmarks/results/X.json`."""
+    data = json.loads(Path(path).read_text())
+    meta = data["meta"]
+    print_rows(data["rows"], f"{Path(path).name}: {meta.get('desc', '')} ({meta.get('utc', '')} UTC)")
+    for key in ("target_check", "headline", "summary"):
+        if meta.get(key):
+            print(key, json.dumps(meta[key], indent=1))
 
 
 def write_results(stem: str, rows: Sequence[Variant], base: Variant, meta: dict[str, Any]) -> dict[str, Path]:
@@ -582,6 +601,12 @@ def conditions() -> dict[str, Any]:
         "note": "shared machine (several agents); step times are medians of interleaved rounds, ratios ~±0.1",
     }
 
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:
+        show(arg)
 
 __all__ = [
     "LivePeak",

@@ -1,4 +1,4 @@
-"""The ``tightfit`` command line: ``profile`` a model's training step, ``demo`` where memory goes.
+"""The ``tightfit`` command line: ``profile`` a training step, ``plan`` recomputation, ``demo``, ``models``.
 
 Each subcommand is a `Command` in `COMMANDS` (name, help, configure(parser), run(args) -> exit code);
 adding one is a function pair and one line there. Commands that take a model share `add_model_arguments`

@@ -220,9 +220,13 @@ def sketch_(
         replace_module(model, path, new)
         report.converted.append((path, _describe(candidates[path]), _describe_new(new)))
 
-    report.notes.extend(_predicted_notes(config, candidates, chosen, probe))
+    notes, predicted = _predicted_notes(config, candidates, chosen, probe)
+    report.notes.extend(notes)
+    # structured numbers next to the notes (ConversionReport has no field for them yet)
+    report.metrics = {"predicted_saved_bytes": predicted, "peak_before": before_peak, "peak_after": None}
     if before_peak is not None:
         after_peak = _measure_peak(model, example, loss_fn)
+        report.metrics["peak_after"] = after_peak
         if after_peak is not None:
             delta = before_peak - after_peak
             report.notes.append(
@@ -245,21 +249,24 @@ def _describe_new(module: nn.Module) -> str:
     return f"{type(module).__name__}({size}, {module.sketch})"
 
 
-def _predicted_notes(config: Sketch, candidates: dict, chosen: dict, probe: InputProbe | None) -> list[str]:
+def _predicted_notes(
+    config: Sketch, candidates: dict, chosen: dict, probe: InputProbe | None
+) -> tuple[list[str], int | None]:
+    """Report lines on the predicted saving, and the saving in bytes when an example fixes N."""
     if not chosen:
-        return []
+        return [], 0
     if probe is None:
         # without an example: per token, assuming every converted layer's input is freed
         ratio = config.ratio if config.k is None else None
         per_token = sum(_in_features(candidates[p]) * candidates[p].weight.element_size() for p in chosen)
         if ratio is None:
             return [f"predicted saving: up to (N - {config.k}) x {per_token} bytes per call of the model "
-                    "(N = tokens), if no other op keeps the inputs; pass example= to check and measure"]
+                    "(N = tokens), if no other op keeps the inputs; pass example= to check and measure"], None
         return [
             f"predicted saving: up to {(1 - ratio) * per_token:.0f} bytes per token ({1 - ratio:.0%} of the "
             f"{per_token} bytes/token the converted inputs take), counting shared inputs once per layer; "
             "pass example= to check what other ops keep alive and to measure the real peak"
-        ]
+        ], None
     saving = 0
     groups = probe.groups()
     seen: set[tuple[int, int]] = set()
@@ -282,7 +289,7 @@ def _predicted_notes(config: Sketch, candidates: dict, chosen: dict, probe: Inpu
     return [
         f"predicted saving on the example: {format_size(saving)} of saved activations "
         f"({len(seen)} distinct inputs, {shared_groups} read by several converted layers)"
-    ]
+    ], saving
 
 
 @register_converter(Sketch)

@@ -50,20 +50,36 @@ def test_forward_identical_and_backward_is_table_gather(name, dtype):
         assert torch.equal(x.grad, xx.grad)
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
-def test_saved_bytes_exact(bits):
+def test_saved_bytes_exact():
+    """ceil(n*bits/8) bytes per call for every bits and odd lengths: per call (hooks), and in total (ruler)."""
     key = ops.register_forward("test-gelu", torch.nn.functional.gelu)
-    borders = torch.linspace(-2, 2, (1 << bits) - 1, dtype=torch.float64)
-    levels = torch.linspace(0, 1, 1 << bits, dtype=torch.float64)
-    for n in (1, 7, 13, 1001):
+    cases = [(bits, n) for bits in range(1, 9) for n in (1, 7, 13, 1001)]
+    tables = {
+        bits: (
+            torch.linspace(-2, 2, (1 << bits) - 1, dtype=torch.float64),
+            torch.linspace(0, 1, 1 << bits, dtype=torch.float64),
+        )
+        for bits in range(1, 9)
+    }
+    outs = []
+    for bits, n in cases:  # per call: the innermost saved-tensor hook sees exactly what is kept
+        borders, levels = tables[bits]
         x = torch.randn(n, requires_grad=True)
-        with SavedTensorCounter(exclude=[levels]) as c:  # the table is a shared constant
-            y = ops.fewbit_apply(x, key, borders, levels, bits)
-        assert c.bytes == (n * bits + 7) // 8, (bits, n)
-        with SavedTensorCounter() as c_torch:
-            torch.nn.functional.gelu(x)
-        assert c_torch.bytes == 4 * n  # what torch keeps: the fp32 input
-        y.sum().backward()
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, seen=seen: seen.append(t) or t, lambda t: t):
+            outs.append(ops.fewbit_apply(x, key, borders, levels, bits))
+        packed = [t for t in seen if t is not levels]
+        assert [t.untyped_storage().nbytes() for t in packed] == [(n * bits + 7) // 8], (bits, n)
+        assert packed[0].dtype == torch.uint8
+    with SavedTensorCounter(exclude=[lv for _, lv in tables.values()]) as total:  # the ruler, all at once
+        for bits, n in cases:
+            borders, levels = tables[bits]
+            outs.append(ops.fewbit_apply(torch.randn(n, requires_grad=True), key, borders, levels, bits))
+    assert total.bytes == sum((n * bits + 7) // 8 for bits, n in cases)
+    with SavedTensorCounter() as c_torch:
+        torch.nn.functional.gelu(torch.randn(1001, requires_grad=True))
+    assert c_torch.bytes == 4 * 1001  # what torch keeps: the fp32 input
+    sum(o.sum() for o in outs).backward()
 
 
 def test_non_contiguous_input():

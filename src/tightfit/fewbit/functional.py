@@ -15,8 +15,8 @@ from torch import Tensor
 from tightfit.fewbit.activations import spec_for_name
 from tightfit.fewbit.config import DEFAULT_BITS
 from tightfit.fewbit.gated import geglu, swiglu
-from tightfit.fewbit.ops import apply_table, forward_key, register_forward
-from tightfit.fewbit.tables import Table, get_table
+from tightfit.fewbit.ops import apply_named, apply_tensors, forward_key, register_forward, table_tensors
+from tightfit.fewbit.tables import Table
 
 __all__ = [
     "activation",
@@ -46,22 +46,20 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=512)
-def _prepared(name: str, bits: int, params: tuple[tuple[str, Any], ...]) -> tuple[str, Table]:
-    spec = spec_for_name(name)
-    p = spec.params(**dict(params))
-    key = register_forward(forward_key(spec.name, p), functools.partial(spec.fn, **p))
-    return key, get_table(spec.name, bits, **p)
-
-
 def activation(
     x: Tensor, name: str, bits: int = DEFAULT_BITS, table: Table | None = None, **params: Any
 ) -> Tensor:
-    """Registry activation `name` (torch or ACT2FN name, e.g. "gelu_new") of x with a few-bit backward."""
-    key, t = _prepared(name, bits, tuple(sorted(params.items())))
-    if table is not None:
-        t = table
-    return apply_table(x, key, t)
+    """Registry activation `name` (torch or ACT2FN name, e.g. "gelu_new") of x with a few-bit backward.
+
+    With ``table=`` (e.g. calibrated) the table's tensors are made on every call; prefer the module form
+    (`tightfit.fewbit.modules.FewBitActivation`) for that, especially under torch.compile.
+    """
+    if table is None:
+        return apply_named(x, name, bits, params)
+    spec = spec_for_name(name)
+    p = spec.params(**params)
+    key = register_forward(forward_key(spec.name, p), functools.partial(spec.fn, **p))
+    return apply_tensors(x, key, table_tensors(table), table.bits, table.right)
 
 
 def _no_inplace(inplace: bool) -> None:

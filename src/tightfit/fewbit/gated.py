@@ -19,7 +19,6 @@ grad_b = grad * f(a), both tested exactly against that formula.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -27,7 +26,14 @@ from torch import Tensor
 
 from tightfit.fewbit import codec
 from tightfit.fewbit.config import DEFAULT_BITS
-from tightfit.fewbit.ops import _lookup, backward_gather, forward_key, register_forward, table_tensors
+from tightfit.fewbit.ops import (
+    _lookup,
+    backward_gather,
+    forward_key,
+    named_table_constants,
+    register_forward,
+    table_tensors,
+)
 from tightfit.fewbit.tables import Table, get_table
 
 __all__ = ["swiglu", "geglu", "gated", "gated_saved_bytes", "FewBitGatedMLP"]
@@ -73,11 +79,6 @@ class _GatedFunction(torch.autograd.Function):
         return grad_a, grad_b, None, None, None, None, None
 
 
-@functools.lru_cache(maxsize=64)
-def _default_table(name: str, bits: int) -> Table:
-    return get_table(name, bits)
-
-
 def gated(a: Tensor, b: Tensor, name: str, bits: int = DEFAULT_BITS, table: Table | None = None) -> Tensor:
     """``f(a) * b`` for registry activation `name`, saving b, f(a) and a `bits`-bit code of a."""
     from tightfit.fewbit.activations import spec_for_name
@@ -86,13 +87,30 @@ def gated(a: Tensor, b: Tensor, name: str, bits: int = DEFAULT_BITS, table: Tabl
         raise ValueError(
             f"gated units need a and b of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    spec = spec_for_name(name)
-    key = register_forward(forward_key(spec.name), spec.fn)
+    if table is None:
+        key, borders_c, levels_c, tbits, right = named_table_constants(
+            spec_for_name(name).name, bits, (), a.dtype
+        )
+        cmp = torch.float64 if a.dtype == torch.float64 else torch.float32
+        borders = torch.tensor(borders_c, dtype=cmp, device=a.device)
+        levels = torch.tensor(levels_c, dtype=torch.float64, device=a.device)
+    else:
+        spec = spec_for_name(name)
+        key = register_forward(forward_key(spec.name), spec.fn)
+        borders, levels = table_tensors(table)[a.dtype]
+        borders, levels, tbits, right = (
+            borders.to(a.device),
+            levels.to(a.device),
+            table.bits,
+            tuple(table.right),
+        )
+    return _apply(a, b, key, borders, levels, tbits, right)
+
+
+def _apply(a: Tensor, b: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: Any) -> Tensor:
     if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         return _lookup(key)(a) * b
-    t = table if table is not None else _default_table(spec.name, bits)
-    borders, levels = table_tensors(t, a.dtype, a.device)
-    return _GatedFunction.apply(a, b, key, borders, levels, t.bits, list(t.right))[0]
+    return _GatedFunction.apply(a, b, key, borders, levels, bits, list(right))[0]
 
 
 def swiglu(a: Tensor, b: Tensor, bits: int = DEFAULT_BITS, table: Table | None = None) -> Tensor:
@@ -143,10 +161,20 @@ class FewBitGatedMLP(torch.nn.Module):
         self.name = spec.name
         self.bits = bits
         self.table = table if table is not None else get_table(spec.name, bits)
+        self._key = register_forward(forward_key(spec.name), spec.fn)
+        self._consts = table_tensors(self.table)  # per input dtype, made eagerly (compile reads constants)
         self.original_class = type(original).__name__
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(gated(self.gate_proj(x), self.up_proj(x), self.name, self.bits, self.table))
+        a, b = self.gate_proj(x), self.up_proj(x)
+        if a.shape != b.shape:
+            raise ValueError(
+                f"gate_proj and up_proj outputs differ in shape: {tuple(a.shape)}, {tuple(b.shape)}"
+            )
+        borders, levels = self._consts[a.dtype]
+        if borders.device != a.device:
+            borders, levels = borders.to(a.device), levels.to(a.device)
+        return self.down_proj(_apply(a, b, self._key, borders, levels, self.table.bits, self.table.right))
 
     def extra_repr(self) -> str:
         return f"{self.original_class}, act={self.name!r}, bits={self.bits}"

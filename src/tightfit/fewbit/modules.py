@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from tightfit.fewbit.activations import spec_for_name
 from tightfit.fewbit.config import DEFAULT_BITS
-from tightfit.fewbit.ops import apply_table, forward_key, register_forward
+from tightfit.fewbit.ops import apply_tensors, forward_key, register_forward, table_tensors
 from tightfit.fewbit.tables import Table, get_table
 
 __all__ = [
@@ -70,12 +70,13 @@ class FewBitActivation(nn.Module):
         elif not isinstance(table, Table):
             raise TypeError(f"table must be a tightfit.fewbit.tables.Table, got {type(table).__name__}")
         self.table = table
+        self._consts = table_tensors(table)  # per input dtype, made eagerly: compiled code reads constants
         self._key = register_forward(
             forward_key(spec.name, self.params), functools.partial(spec.fn, **self.params)
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        return apply_table(input, self._key, self.table)
+        return apply_tensors(input, self._key, self._consts, self.table.bits, self.table.right)
 
     def _param_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.params.items())

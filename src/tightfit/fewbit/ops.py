@@ -20,8 +20,8 @@ derivatives too: under functorch a single ``grad``/``vjp``/``jacrev`` works, and
 
 from __future__ import annotations
 
+import functools
 import json
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +32,9 @@ from tightfit.fewbit import codec
 
 __all__ = [
     "fewbit_apply",
-    "apply_table",
+    "apply_tensors",
+    "apply_named",
+    "named_table_constants",
     "table_tensors",
     "register_forward",
     "forward_key",
@@ -172,23 +174,68 @@ def fewbit_apply(
     return y
 
 
-_TABLE_TENSORS: weakref.WeakKeyDictionary[Any, dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]]]
-_TABLE_TENSORS = weakref.WeakKeyDictionary()
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def table_tensors(table: Any, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(borders to compare with inputs of `dtype`, float64 levels) of a `Table` on `device`, cached."""
-    per = _TABLE_TENSORS.setdefault(table, {})
-    got = per.get((dtype, device))
-    if got is None:
-        got = (table.borders_for(dtype, device), table.levels.to(device))
-        per[(dtype, device)] = got
-    return got
+def table_tensors(table: Any) -> dict[torch.dtype, tuple[Tensor, Tensor]]:
+    """{input dtype: (borders to compare with, float64 levels)} of a `Table` on CPU, for every float dtype.
+
+    Made once, eagerly (modules do it at construction), so compiled code only reads constants.
+    """
+    return {dt: (table.borders_for(dt), table.levels.clone()) for dt in FLOAT_DTYPES}
 
 
-def apply_table(x: Tensor, key: str, table: Any) -> Tensor:
-    """`fewbit_apply` with a `tightfit.fewbit.tables.Table` (its per-dtype border rounding included)."""
+def apply_tensors(
+    x: Tensor, key: str, consts: dict[torch.dtype, tuple[Tensor, Tensor]], bits: int, right: Sequence[bool]
+) -> Tensor:
+    """`fewbit_apply` with the per-dtype constants of `table_tensors`."""
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a tensor, got {type(x).__name__}")
-    borders, levels = table_tensors(table, x.dtype, x.device)
-    return fewbit_apply(x, key, borders, levels, table.bits, table.right)
+    if x.dtype not in consts:
+        raise TypeError(f"few-bit activations need a float16/bfloat16/float32/float64 input, got {x.dtype}")
+    borders, levels = consts[x.dtype]
+    if borders.device != x.device:
+        borders, levels = borders.to(x.device), levels.to(x.device)
+    return fewbit_apply(x, key, borders, levels, bits, right)
+
+
+@torch.compiler.assume_constant_result
+def named_table_constants(
+    name: str, bits: int, params: tuple[tuple[str, Any], ...], dtype: torch.dtype
+) -> tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[bool, ...]]:
+    """(forward key, borders for `dtype` inputs, levels, code bits, tie flags) of a registry function.
+
+    Plain Python constants (cached), so functional calls compile with fullgraph=True: torch.compile runs
+    this once at trace time instead of tracing table loading.
+    """
+    return _named_table_constants(name, bits, params, dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _named_table_constants(
+    name: str, bits: int, params: tuple[tuple[str, Any], ...], dtype: torch.dtype
+) -> tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[bool, ...]]:
+    from tightfit.fewbit.activations import spec_for_name
+    from tightfit.fewbit.tables import get_table
+
+    spec = spec_for_name(name)
+    p = spec.params(**dict(params))
+    key = register_forward(forward_key(spec.name, p), functools.partial(spec.fn, **p))
+    t = get_table(spec.name, bits, **p)
+    cmp_dtype = dtype if dtype in FLOAT_DTYPES else torch.float32
+    borders = tuple(float(v) for v in t.borders_for(cmp_dtype).tolist())
+    return key, borders, tuple(float(v) for v in t.levels.tolist()), t.bits, tuple(t.right)
+
+
+def apply_named(x: Tensor, name: str, bits: int, params: dict[str, Any] | None = None) -> Tensor:
+    """Registry function `name` with `params` applied to x with a `bits`-bit backward (functional API)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a tensor, got {type(x).__name__}")
+    key, borders, levels, tbits, right = named_table_constants(
+        name, bits, tuple(sorted((params or {}).items())), x.dtype
+    )
+    b = torch.tensor(
+        borders, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
+    )
+    lv = torch.tensor(levels, dtype=torch.float64, device=x.device)
+    return fewbit_apply(x, key, b, lv, tbits, right)

@@ -135,3 +135,24 @@ def test_bad_input_is_rejected_before_patching() -> None:
     with pytest.raises(ValueError, match="unknown remat option"):
         execute.apply(model, {"blocks.0": ["fast"]})
     assert execute.applied(model) == {} and "forward" not in model.blocks[0].__dict__
+
+
+def test_a_deep_copy_of_a_patched_model_runs_its_own_parameters() -> None:
+    import copy
+
+    model, x = Net().train(), _x()
+    execute.apply(model, {"blocks.0": [RECOMPUTE], "blocks.1": [SAVE_MATMUL, STORE]})
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    reference = grads_after_step(clone_unpatched(twin), x)
+    assert same_grads(reference, grads_after_step(twin, x))
+    assert execute.applied(twin) == execute.applied(model)
+    assert twin.blocks[0].calls == 2 and model.blocks[0].calls == 0
+
+
+def clone_unpatched(model: nn.Module) -> nn.Module:
+    import copy
+
+    return execute.undo(copy.deepcopy(model))

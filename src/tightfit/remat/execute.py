@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -131,38 +130,54 @@ def run_call(
 
 
 # -- patching the model ------------------------------------------------------------------------------
-_ATTR = "_tightfit_remat"
+_ATTR = "_tightfit_remat"  # on the root: {path: _Patched} and the reset hook's handle
+_STATE = "_tightfit_remat_state"  # on each patched module: its _Patched
 
 
 class _Patched:
-    """Bookkeeping for one patched module: its original forward and decisions per call index."""
+    """Bookkeeping for one patched module: how to call its original forward, and the decision per call.
+
+    Kept in the module's ``__dict__`` and holding no reference to the module itself, so that
+    ``copy.deepcopy`` of a patched model gives a patched copy that runs its own parameters.
+    """
 
     def __init__(self, module: torch.nn.Module, decisions: list[str], default: str) -> None:
-        self.had_instance_forward = "forward" in module.__dict__
-        self.previous = module.__dict__.get("forward")
-        self.original = module.forward  # bound method (or an earlier instance wrapper)
+        previous = module.__dict__.get("forward")
+        self.had_instance_forward = previous is not None
+        self.previous = previous
+        if previous is None:
+            self.func: Callable[..., Any] | None = type(module).forward
+        elif isinstance(previous, types.MethodType) and previous.__self__ is module:
+            self.func = previous.__func__
+        else:  # some other instance-level callable (another library's wrapper): call it as it is
+            self.func = None
         self.decisions = decisions
         self.default = default
-        # the same option for every call: no per-call counting (simpler for torch.compile to trace)
+        # one planned call: the same option for every call (no counting; simpler for torch.compile)
         self.constant = decisions[0] if len(decisions) == 1 else None
-        self.local = threading.local()
+        self.calls = 0
 
     def next_option(self) -> str:
         if self.constant is not None:
             return self.constant
-        index = getattr(self.local, "calls", 0)
-        self.local.calls = index + 1
+        index = self.calls
+        self.calls = index + 1
         return self.decisions[index] if index < len(self.decisions) else self.default
 
-    def reset(self) -> None:
-        self.local.calls = 0
+
+def _forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The patched forward: the original one, run under this call's option."""
+    state: _Patched = self.__dict__[_STATE]
+    original = functools.partial(state.func, self) if state.func is not None else state.previous
+    return run_call(self, original, state.next_option(), args, kwargs)
 
 
-def _dispatcher(state: _Patched) -> Callable[..., Any]:
-    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return run_call(self, state.original, state.next_option(), args, kwargs)
-
-    return forward
+def _reset_counts(root: torch.nn.Module, _args: Any) -> None:
+    """Forward pre-hook on the root: per-call counting restarts at every forward of the model."""
+    for m in root.modules():
+        state = m.__dict__.get(_STATE)
+        if state is not None:
+            state.calls = 0
 
 
 def apply(
@@ -174,8 +189,8 @@ def apply(
     """Patch ``model`` in place: ``decisions[path][i]`` is the option for the i-th call of the submodule
     at ``path`` within one forward of ``model`` (calls past the end use ``default``). Returns ``model``.
 
-    Applying again replaces the previous plan. Raises ``KeyError`` naming a path that is not a submodule,
-    before anything is patched.
+    Applying again replaces the previous plan. Raises ``KeyError`` naming a path that is not a submodule
+    and ``ValueError`` for an unknown option, before anything is patched.
     """
     modules = dict(model.named_modules())
     missing = [p for p in decisions if p not in modules]
@@ -185,23 +200,19 @@ def apply(
         if option != STORE:
             _context_fn(option)  # validates the name
     undo(model)
-    patched: dict[str, _Patched] = {}
+    patched: list[str] = []
+    counting = False
     for path, options in decisions.items():
         if all(o == STORE for o in options) and default == STORE:
             continue
         module = modules[path]
         state = _Patched(module, list(options), default)
-        patched[path] = state
-
-        module.forward = types.MethodType(_dispatcher(state), module)
-    many = [s for s in patched.values() if s.constant is None]
-
-    def reset(_module: torch.nn.Module, _args: Any) -> None:
-        for state in many:
-            state.reset()
-
-    handle = model.register_forward_pre_hook(reset) if many else None
-    model.__dict__[_ATTR] = (patched, modules, handle)
+        module.__dict__[_STATE] = state
+        module.forward = types.MethodType(_forward, module)
+        patched.append(path)
+        counting = counting or state.constant is None
+    handle = model.register_forward_pre_hook(_reset_counts) if counting else None
+    model.__dict__[_ATTR] = (patched, handle)
     return model
 
 
@@ -210,9 +221,11 @@ def undo(model: torch.nn.Module) -> torch.nn.Module:
     record = model.__dict__.pop(_ATTR, None)
     if record is None:
         return model
-    patched, modules, handle = record
-    for path, state in patched.items():
+    paths, handle = record
+    modules = dict(model.named_modules())
+    for path in paths:
         module = modules[path]
+        state = module.__dict__.pop(_STATE)
         if state.had_instance_forward:
             module.forward = state.previous
         else:
@@ -225,4 +238,7 @@ def undo(model: torch.nn.Module) -> torch.nn.Module:
 def applied(model: torch.nn.Module) -> dict[str, list[str]]:
     """The decisions currently applied to ``model`` (path -> option per call), {} when none."""
     record = model.__dict__.get(_ATTR)
-    return {} if record is None else {p: list(s.decisions) for p, s in record[0].items()}
+    if record is None:
+        return {}
+    modules = dict(model.named_modules())
+    return {p: list(modules[p].__dict__[_STATE].decisions) for p in record[0]}

@@ -185,6 +185,25 @@ def _count_time(run: _Run, flop_rate: float, byte_rate: float) -> tuple[float, f
     return fwd, bwd
 
 
+def _time_interleaved(group: Group, costs: dict[str, OptionCost], reps: int, seed: int) -> None:
+    """Median forward/backward times of every runnable option, timed round-robin (one warm-up run each)
+    so that load changes on a shared machine hit all options alike."""
+    timed = [o for o, c in costs.items() if c.exact]
+    runs = {o: _Run(group, o, seed) for o in timed}
+    t0 = time.perf_counter()
+    for o in timed:
+        _measure_time(runs[o], 1)  # warm-up
+    once = (time.perf_counter() - t0) / max(1, len(timed))
+    n = reps if once < 0.05 else max(1, min(reps, 2))
+    samples: dict[str, list[tuple[float, float]]] = {o: [] for o in timed}
+    for _ in range(n):
+        for o in timed:
+            samples[o].append(_measure_time(runs[o], 1))
+    for o in timed:
+        costs[o].fwd_time = statistics.median(f for f, _ in samples[o])
+        costs[o].bwd_time = statistics.median(b for _, b in samples[o])
+
+
 def _same(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
     return len(a) == len(b) and all(
         (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
@@ -231,13 +250,10 @@ def measure_group(
             rate = byte_rate if byte_rate is not None else flop_rate / 50
             fwd_time, bwd_time = _count_time(_Run(group, option, seed), flop_rate, rate)
         else:
-            warm = _Run(group, option, seed)
-            t0 = time.perf_counter()
-            _measure_time(warm, 1)  # warm-up, and a first estimate of the cost
-            once = time.perf_counter() - t0
-            n = reps if once < 0.05 else max(1, min(reps, 2))
-            fwd_time, bwd_time = _measure_time(warm, n)
+            fwd_time = bwd_time = 0.0  # timed below, all options interleaved
         costs[option] = OptionCost(option, keep, fwd_peak, bwd_peak, fwd_time, bwd_time, exact)
         if on_option is not None:
             on_option(option)
+    if flop_rate is None:
+        _time_interleaved(group, costs, reps, seed)
     return costs

@@ -53,12 +53,16 @@ def _row(name: str, r: dict, base: dict | None) -> str:
     d = "" if base is None else f"{100 * (r['test_accuracy'] - base['test_accuracy']):+.1f}"
     peak = "n/a" if r["peak_bytes"] is None else tightfit.format_size(r["peak_bytes"])
     st = r["step_time_median"]
-    return (f"| {name:<10} | {100 * r['test_accuracy']:6.2f} | {d:>6} | {r['losses'][0]:.3f} | {loss:.3f} "
-            f"| {st:.2f} s | {peak:>10} |")
+    return (
+        f"| {name:<10} | {100 * r['test_accuracy']:6.2f} | {d:>6} | {r['losses'][0]:.3f} | {loss:.3f} "
+        f"| {st:.2f} s | {peak:>10} |"
+    )
 
 
-HEADER = ("| variant    | acc %  | Δ pts  | loss0 | loss (last 10) | step (median) | peak (step 2) |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = (
+    "| variant    | acc %  | Δ pts  | loss0 | loss (last 10) | step (median) | peak (step 2) |\n"
+    "|---|---|---|---|---|---|---|"
+)
 
 
 def run(title: str, recipe, variants: list[tuple[str, object]]) -> None:
@@ -74,9 +78,12 @@ def run(title: str, recipe, variants: list[tuple[str, object]]) -> None:
             return
         if base is None:
             base = r
-            print(f"  task: {r['task']}; steps={r['steps']} batch={r['batch_size']} lr={r['lr']} "
-                  f"seed={r['seed']} n_train={r['n_train']} n_test={r['n_test']}"
-                  + (f" max_len={r['max_len']}" if "max_len" in r else ""), flush=True)
+            print(
+                f"  task: {r['task']}; steps={r['steps']} batch={r['batch_size']} lr={r['lr']} "
+                f"seed={r['seed']} n_train={r['n_train']} n_test={r['n_test']}"
+                + (f" max_len={r['max_len']}" if "max_len" in r else ""),
+                flush=True,
+            )
         rows.append(_row(name, r, None if r is base else base))
         print(f"  {name}: acc {r['test_accuracy']:.4f}, {time.time() - t0:.0f} s", flush=True)
     print(HEADER)
@@ -98,16 +105,26 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"command: {' '.join(sys.argv)}\ntorch {torch.__version__}, {a.threads} thread(s), CPU; "
-          f"fewbit backend: {tightfit.fewbit.codec.get_backend()}")
+    print(
+        f"command: {' '.join(sys.argv)}\ntorch {torch.__version__}, {a.threads} thread(s), CPU; "
+        f"fewbit backend: {tightfit.fewbit.codec.get_backend()}"
+    )
     if not a.skip_minilm:
         variants = [("baseline", None)] + [(f"{b}-bit", convert(b)) for b in a.bits]
-        run("MiniLM-L6 on BBC News", lambda prep: realdata.finetune_minilm(
-            prep, steps=a.steps, batch_size=a.batch_size, max_len=a.max_len, lr=a.lr, seed=a.seed), variants)
+        run(
+            "MiniLM-L6 on BBC News",
+            lambda prep: realdata.finetune_minilm(
+                prep, steps=a.steps, batch_size=a.batch_size, max_len=a.max_len, lr=a.lr, seed=a.seed
+            ),
+            variants,
+        )
     if not a.skip_fashion:
         variants = [("baseline", None), (f"{a.fashion_bits}-bit", convert(a.fashion_bits))]
-        run("GELU CNN on Fashion-MNIST", lambda prep: realdata.train_fashion_cnn(
-            prep, epochs=a.fashion_epochs, seed=a.seed), variants)
+        run(
+            "GELU CNN on Fashion-MNIST",
+            lambda prep: realdata.train_fashion_cnn(prep, epochs=a.fashion_epochs, seed=a.seed),
+            variants,
+        )
 
 
 if __name__ == "__main__":

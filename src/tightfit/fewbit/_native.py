@@ -70,8 +70,11 @@ static void NAME(const void* x, int64_t n, int64_t b0, int64_t b1, const CT* B, 
     else { for (int j = 0; j < 64; j++) xv[j] = j < cnt ? LD(x, base + j) : (CT)0; }                \
     for (int j = 0; j < 64; j++) c[j] = 0;                                                          \
     if (K <= 16) {                                                                                  \
-      if (right) { for (int k = 0; k < K; k++) { CT b = B[k]; for (int j = 0; j < 64; j++) c[j] += xv[j] >= b; } } \
-      else { for (int k = 0; k < K; k++) { CT b = B[k]; for (int j = 0; j < 64; j++) c[j] += xv[j] > b; } }        \
+      for (int k = 0; k < K; k++) {                                                                 \
+        CT b = B[k];                                                                                \
+        if (right) { for (int j = 0; j < 64; j++) c[j] += xv[j] >= b; }                             \
+        else { for (int j = 0; j < 64; j++) c[j] += xv[j] > b; }                                    \
+      }                                                                                             \
     } else {                                                                                        \
       for (int j = 0; j < 64; j++) {                                                                \
         uint32_t idx = 0;                                                                           \
@@ -150,8 +153,10 @@ static void dec_f32_simd(const uint8_t* in, int64_t b0, int64_t b1, const float*
     for (int gi = 0; gi < 8; gi += 2) {
       uint64_t w0, w1;
       memcpy(&w0, p + gi * bits, 8); memcpy(&w1, p + (gi + 1) * bits, 8);
-      __m256i i0 = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((long long)w0), shifts), mask));
-      __m256i i1 = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(_mm512_set1_epi64((long long)w1), shifts), mask));
+      __m512i v0 = _mm512_srlv_epi64(_mm512_set1_epi64((long long)w0), shifts);
+      __m512i v1 = _mm512_srlv_epi64(_mm512_set1_epi64((long long)w1), shifts);
+      __m256i i0 = _mm512_cvtepi64_epi32(_mm512_and_si512(v0, mask));
+      __m256i i1 = _mm512_cvtepi64_epi32(_mm512_and_si512(v1, mask));
       __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(i0), i1, 1);
       __m512 lv = bits <= 4 ? _mm512_permutexvar_ps(idx, L16) : _mm512_i32gather_ps(idx, L, 4);
       _mm512_storeu_ps(out + base + gi * 8, _mm512_mul_ps(lv, _mm512_loadu_ps(g + base + gi * 8)));
@@ -165,11 +170,12 @@ typedef struct { int op, dtype, K, bits, right; const void* x; const void* aux; 
 
 static void run_job(job_t* j) {
   if (j->op == 0) {
+    uint8_t* o = (uint8_t*)j->out;
     switch (j->dtype) {
-      case 0: enc_f32(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, (uint8_t*)j->out); break;
-      case 1: enc_f64(j->x, j->n, j->g0, j->g1, (const double*)j->aux, j->K, j->bits, j->right, (uint8_t*)j->out); break;
-      case 2: enc_f16(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, (uint8_t*)j->out); break;
-      default: enc_bf16(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, (uint8_t*)j->out);
+      case 0: enc_f32(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, o); break;
+      case 1: enc_f64(j->x, j->n, j->g0, j->g1, (const double*)j->aux, j->K, j->bits, j->right, o); break;
+      case 2: enc_f16(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, o); break;
+      default: enc_bf16(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, o);
     }
   } else {
     switch (j->dtype) {
@@ -180,7 +186,8 @@ static void run_job(job_t* j) {
         int64_t lim = nbytes_all >= 8 ? (nbytes_all - 8) / (8 * j->bits) : 0;
         if (lim > j->n / 64) lim = j->n / 64;
         int64_t safe = lim < j->g0 ? j->g0 : (lim > j->g1 ? j->g1 : lim);
-        if (safe > j->g0) dec_f32_simd(j->in, j->g0, safe, (const float*)j->aux, j->bits, (const float*)j->grad, (float*)j->out);
+        if (safe > j->g0)
+          dec_f32_simd(j->in, j->g0, safe, (const float*)j->aux, j->bits, (const float*)j->grad, (float*)j->out);
         dec_f32(j->in, j->n, safe, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
 #else
         dec_f32(j->in, j->n, j->g0, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
@@ -246,7 +253,8 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC or install gcc/clang)")
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cc + _cpu_key() + sys.platform).encode()).hexdigest()[:16]
+    key_text = _SOURCE + " ".join(_FLAGS) + cc + _cpu_key() + sys.platform
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TIGHTFIT_CACHE", Path.home() / ".cache" / "tightfit"))
     lib_path = cache / f"fewbit_native_{key}.so"
     if not lib_path.exists():

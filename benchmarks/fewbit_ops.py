@@ -1,0 +1,159 @@
+"""Few-bit activation ops against torch's native ones: saved bytes and forward+backward time, side by side.
+
+For GELU, SiLU, Tanh and SwiGLU (silu(a)*b) at bits in --bits, on --n fp32 elements (default 12.6M) on
+CPU: saved bytes measured by the ruler (tightfit.memory.SavedTensorCounter, the shared derivative table
+excluded) and wall time of forward and backward. Variants are interleaved round-robin for --repeats
+rounds and the median is reported, so machine load hits every variant alike. The fewbit backend is the
+default ('native' C kernels when they build, else 'torch'); --backends adds the pure-torch fallback for
+comparison, which is how the default was chosen.
+
+    .venv/bin/python benchmarks/fewbit_ops.py --n 12600000 --repeats 7 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import tightfit.fewbit.codec as codec
+from tightfit.fewbit import _native
+from tightfit.fewbit.functional import activation
+from tightfit.fewbit.gated import swiglu
+from tightfit.memory import SavedTensorCounter
+
+FUNCS = {
+    "GELU": (lambda x: F.gelu(x), "gelu"),
+    "SiLU": (lambda x: F.silu(x), "silu"),
+    "Tanh": (lambda x: torch.tanh(x), "tanh"),
+}
+
+
+def make_variants(n: int, bits_list: list[int], backends: list[str]):
+    """(fn, bits, backend, step) where step(inputs) runs forward then backward and returns (t_fwd, t_bwd)."""
+    out = []
+    for fname, (ref, name) in FUNCS.items():
+
+        def torch_op(x, ref=ref):
+            return ref(x)
+
+        out.append((fname, "torch", "-", torch_op))
+        for backend in backends:
+            for bits in bits_list:
+
+                def ours(x, name=name, bits=bits):
+                    return activation(x, name, bits)
+
+                out.append((fname, bits, backend, ours))
+    out.append(("SwiGLU", "torch", "-", lambda a, b: F.silu(a) * b))
+    for backend in backends:
+        for bits in bits_list:
+            out.append(("SwiGLU", bits, backend, lambda a, b, bits=bits: swiglu(a, b, bits=bits)))
+    return out
+
+
+def inputs_for(fname: str, n: int):
+    if fname == "SwiGLU":
+        return (torch.randn(n, requires_grad=True), torch.randn(n, requires_grad=True))
+    return (torch.randn(n, requires_grad=True),)
+
+
+def timed(op, args, grad):
+    for a in args:
+        a.grad = None
+    t0 = time.perf_counter()
+    y = op(*args)
+    t1 = time.perf_counter()
+    y.backward(grad)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=12_600_000)
+    p.add_argument("--bits", type=int, nargs="*", default=[1, 2, 3, 4, 8])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backends", nargs="*", default=["default"], help="default, native, torch")
+    p.add_argument("--inductor-check", action="store_true", help="also compile GELU(bits=2) with inductor")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    default = codec.get_backend()
+    backends = [default if b == "default" else b for b in a.backends]
+    print(f"command: {' '.join(sys.argv)}")
+    print(
+        f"torch {torch.__version__}, {a.threads} thread(s), n={a.n:,} fp32 elements; default backend: {default}"
+        f" (native build: {'ok' if _native.available() else _native.build_error()})"
+    )
+    variants = make_variants(a.n, a.bits, backends)
+    inputs = {f: inputs_for(f, a.n) for f in ("GELU", "SwiGLU")}
+    inputs["SiLU"] = inputs["Tanh"] = inputs["GELU"]
+    grad = torch.randn(a.n)
+
+    # saved bytes (exact, the ruler): count everything the op keeps, inputs included (torch keeps x)
+    saved = {}
+    for fname, bits, backend, op in variants:
+        codec.set_backend(backend if backend != "-" else "auto")
+        args = inputs[fname]
+        with SavedTensorCounter() as c:
+            y = op(*args)
+        saved[(fname, bits, backend)] = c.bytes
+        del y
+    # times: round robin over variants, median per variant
+    times: dict[tuple, list[tuple[float, float]]] = {(f, b, k): [] for f, b, k, _ in variants}
+    for _ in range(a.repeats):
+        for fname, bits, backend, op in variants:
+            codec.set_backend(backend if backend != "-" else "auto")
+            times[(fname, bits, backend)].append(timed(op, inputs[fname], grad))
+    codec.set_backend("auto")
+
+    def med(key):
+        ts = times[key]
+        return (
+            statistics.median(f for f, _ in ts),
+            statistics.median(b for _, b in ts),
+            statistics.median(f + b for f, b in ts),
+        )
+
+    print("\n| op | bits | backend | saved bytes | vs torch | fwd ms | bwd ms | fwd+bwd ms | time vs torch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for fname, bits, backend, _ in variants:
+        base = (fname, "torch", "-")
+        f, b, t = med((fname, bits, backend))
+        tf = med(base)[2]
+        sb, st = saved[(fname, bits, backend)], saved[base]
+        print(
+            f"| {fname} | {bits} | {backend} | {sb:,} | {sb / st:.4f} | {1e3 * f:.1f} | {1e3 * b:.1f} "
+            f"| {1e3 * t:.1f} | {t / tf:.2f} |"
+        )
+    print(
+        f"\nmedians of {a.repeats} interleaved rounds; saved bytes by tightfit.memory.SavedTensorCounter "
+        "(the 2**bits-entry table is a shared constant and counted in the few-bit rows: 8-2048 bytes)"
+    )
+
+    if a.inductor_check:
+        import tightfit
+
+        torch._dynamo.reset()
+        m = tightfit.nn.GELU(bits=2)
+        x = torch.randn(64, 33, requires_grad=True)
+        t0 = time.time()
+        y = torch.compile(m, fullgraph=True, backend="inductor")(x)
+        y.sum().backward()
+        t = m.table
+        ok = torch.equal(y, F.gelu(x.detach())) and torch.equal(
+            x.grad, t.levels.float()[t.encode(x.detach())]
+        )
+        print(
+            f"\ninductor fullgraph check: {'OK' if ok else 'MISMATCH'} ({time.time() - t0:.0f} s incl. compile)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,9 @@ its simulated peak is at most the ILP's ``U``.
 
 NOTE (approximation). ``exact=False`` solves the LP relaxation (its objective is a valid lower bound),
 rounds ``S`` at thresholds 0.1..0.9 (plus "keep nothing"), computes the cheapest ``R`` for each fixed
-``S`` (Checkmate's two-phase rounding), simulates each candidate and returns the fastest that fits.
+``S`` (Checkmate's two-phase rounding), simulates each candidate and returns the fastest that fits. If
+none fits, the LP is re-solved with the memory bound tightened to 0.9, 0.75 and 0.5 of the budget
+(Checkmate used a 0.9 margin) to leave the rounding room.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class _Model:
                         haz.append((self.S[t + 1, i], 1.0))
                     n_h = 1 + len(haz)
                     f = self.F[t, i, k]
-                    add([(f, 1.0), (self.R[t, k], -1.0)] + haz, 0.0, inf)              # FREE >= 1 - hazards
+                    add([(f, 1.0), (self.R[t, k], -1.0)] + haz, 0.0, inf)  # FREE >= 1 - hazards
                     add([(f, float(n_h)), (self.R[t, k], -1.0)] + haz, -inf, n_h - 1.0)  # FREE <= 1 - haz/n_h
             if self.Bcol is not None:
                 for k in range(t + 1):
@@ -134,9 +136,13 @@ class _Model:
         opts = {"disp": False}
         if time_limit is not None:
             opts["time_limit"] = float(time_limit)
-        return milp(objective, constraints=LinearConstraint(self.A, self.lo, self.hi),
-                    integrality=self.integrality if integral else np.zeros(self.ncol),
-                    bounds=self.bounds, options=opts)
+        return milp(
+            objective,
+            constraints=LinearConstraint(self.A, self.lo, self.hi),
+            integrality=self.integrality if integral else np.zeros(self.ncol),
+            bounds=self.bounds,
+            options=opts,
+        )
 
     def rows_of(self, x: np.ndarray, thr: float = 0.5) -> tuple[list[list[int]], list[set[int]]]:
         R = [[i for i in range(t + 1) if x[self.R[t, i]] > thr] for t in range(self.T)]
@@ -158,7 +164,7 @@ def schedule_from_rs(g: JointGraph, R: list[list[int]], S: list[set[int]]) -> li
         for idx, k in enumerate(comp):
             ops.append(Compute(k))
             live.add(k)
-            later = comp[idx + 1:]
+            later = comp[idx + 1 :]
             for i in list(g.deps[k]) + [k]:
                 if i in live and i not in keep and not any(i in g.deps[j] for j in later):
                     ops.append(Release(i))
@@ -219,13 +225,23 @@ def solve_dag_ilp(dag: Dag, budget: float, exact: bool = True, time_limit: float
     m = _Model(g, budget)
     build = _time.perf_counter() - t0
     res = m.solve(m.cost, exact, time_limit)
-    info = {"build_s": build, "solve_s": _time.perf_counter() - t0 - build, "n_vars": m.ncol,
-            "n_rows": m.A.shape[0], "status": res.status, "message": res.message}
+    info = {
+        "build_s": build,
+        "solve_s": _time.perf_counter() - t0 - build,
+        "n_vars": m.ncol,
+        "n_rows": m.A.shape[0],
+        "status": res.status,
+        "message": res.message,
+    }
     if res.x is None:
         if res.status == 2 or (res.status == 1 and "nfeasible" in str(res.message)):
             mb, proven = _min_budget(m, dag, time_limit)
-            raise InfeasibleBudget(budget, mb, "Checkmate schedule" + ("" if proven else
-                                   " (min_budget not proven minimal: solver time limit)"))
+            raise InfeasibleBudget(
+                budget,
+                mb,
+                "Checkmate schedule"
+                + ("" if proven else " (min_budget not proven minimal: solver time limit)"),
+            )
         raise RuntimeError(f"HiGHS returned no solution ({res.message}); raise time_limit or use exact=False")
     if exact:
         R, S = m.rows_of(res.x)
@@ -234,19 +250,50 @@ def solve_dag_ilp(dag: Dag, budget: float, exact: bool = True, time_limit: float
         bound = getattr(res, "mip_dual_bound", None)
         if bound is None or not np.isfinite(bound):
             bound = None
-        return Schedule(ops, tm, peak, budget=budget, solver="checkmate_ilp", optimal=res.status == 0,
-                        lower_bound=None if bound is None else min(float(bound), tm), info=info)
+        return Schedule(
+            ops,
+            tm,
+            peak,
+            budget=budget,
+            solver="checkmate_ilp",
+            optimal=res.status == 0,
+            lower_bound=None if bound is None else min(float(bound), tm),
+            info=info,
+        )
     best = None
-    for thr in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01):
-        S = _round_s(m, res.x, thr)
-        ops = schedule_from_rs(g, _min_r(g, S), S)
-        peak, tm = simulate_dag(dag, ops)
-        if peak <= budget * (1 + 1e-12) and (best is None or tm < best[0]):
-            best = (tm, peak, ops, thr)
+    lp_bound = float(res.fun)
+    # Checkmate solves the relaxation with a memory margin so that rounding has room; try a few margins
+    for margin in (1.0, 0.9, 0.75, 0.5):
+        if margin < 1.0:
+            m.bounds.ub[[c for c in m.U.values()]] = margin * budget
+            r2 = m.solve(m.cost, False, time_limit)
+            m.bounds.ub[[c for c in m.U.values()]] = budget
+            if r2.x is None:
+                break
+            x = r2.x
+        else:
+            x = res.x
+        for thr in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01):
+            S = _round_s(m, x, thr)
+            ops = schedule_from_rs(g, _min_r(g, S), S)
+            peak, tm = simulate_dag(dag, ops)
+            if peak <= budget * (1 + 1e-12) and (best is None or tm < best[0]):
+                best = (tm, peak, ops, (margin, thr))
+        if best is not None:
+            break
     if best is None:
         raise RuntimeError(
             f"LP rounding found no schedule within budget {budget:g} (the LP itself is feasible); "
-            "use exact=True or solve_dag_lowerset")
-    info["threshold"] = best[3]
-    return Schedule(best[2], best[0], best[1], budget=budget, solver="checkmate_lp_rounding", optimal=False,
-                    lower_bound=min(float(res.fun), best[0]), info=info)
+            "use exact=True or solve_dag_lowerset"
+        )
+    info["margin"], info["threshold"] = best[3]
+    return Schedule(
+        best[2],
+        best[0],
+        best[1],
+        budget=budget,
+        solver="checkmate_lp_rounding",
+        optimal=False,
+        lower_bound=min(lp_bound, best[0]),
+        info=info,
+    )

@@ -61,101 +61,140 @@ def _approx_family(dag: Dag) -> list[int]:
     return sorted(fam, key=lambda m: (bin(m).count("1"), m))
 
 
+class _Ctx:
+    """Per-DAG data shared by all segments: users, bitmasks, gradient-blob sizes, pending-blob sums."""
+
+    def __init__(self, dag: Dag) -> None:
+        n = dag.n
+        self.dag, self.n, self.full = dag, n, (1 << n) - 1
+        self.users = _users(dag)
+        self.deps = [list(d) for d in dag.deps]
+        self.bwd_deps = [list(d) for d in dag.bwd_deps]  # type: ignore[union-attr]
+        self.depmask = [sum(1 << u for u in d) for d in dag.deps]
+        self.size = [float(x) for x in dag.size]
+        self.bsize = [float(sum(self.size[u] for u in dag.deps[w])) for w in range(n)]
+        self._pending: dict[int, float] = {}
+
+    def pending(self, Lp: int) -> float:
+        """Bytes of the gradient blobs alive when the backward reaches ``Lp``: users outside, deps inside."""
+        if Lp not in self._pending:
+            self._pending[Lp] = sum(self.bsize[w] for w in range(self.n)
+                                    if not (Lp >> w) & 1 and self.depmask[w] & Lp)
+        return self._pending[Lp]
+
+
 class _Seg:
-    """Ops and costs of one segment ``V = L' \\ L`` (see module NOTE)."""
+    """One segment ``V = L' \\ L`` (see module NOTE): local peak, kept bytes, recompute time, and ops."""
 
     __slots__ = ("fwd", "bwd", "need", "kept", "recompute")
 
-    def __init__(self, dag: Dag, users: list[list[int]], L: int, Lp: int, sizes: list[np.ndarray]) -> None:
-        n = dag.n
-        last = Lp == (1 << n) - 1
-        V = [v for v in range(n) if (Lp >> v) & 1 and not (L >> v) & 1]
+    def __init__(self, ctx: _Ctx, L: int, Lp: int, emit: bool = False) -> None:
+        n, users, deps, size, bsize = ctx.n, ctx.users, ctx.deps, ctx.size, ctx.bsize
+        last = Lp == ctx.full
+        V = []
+        rest = Lp & ~L
+        while rest:
+            low = rest & -rest
+            V.append(low.bit_length() - 1)
+            rest ^= low
         inV = set(V)
         K = set(V) if last else {u for u in V if any(not (Lp >> w) & 1 for w in users[u])}
-        bsize = [[float(sum(sz[u] for u in dag.deps[w])) for w in range(n)] for sz in sizes]
         fwd: list[Op] = []
-        cur = [0.0] * len(sizes)
-        peak_f = [0.0] * len(sizes)
-        live: set[int] = set()
+        bwd: list[Op] = []
+        # forward phase: compute V in order, free what is neither kept nor needed later in the segment
+        cur = peak_f = 0.0
         pending_users = {u: sum(1 for w in users[u] if w in inV) for u in V}
         for v in V:
-            fwd.append(Compute(v))
-            for q, sz in enumerate(sizes):
-                cur[q] += sz[v]
-                peak_f[q] = max(peak_f[q], cur[q])
-            live.add(v)
-            for u in dag.deps[v]:
+            if emit:
+                fwd.append(Compute(v))
+            cur += size[v]
+            peak_f = max(peak_f, cur)
+            for u in (*deps[v], v):  # a value goes when its last user in the segment has run
                 if u in inV:
-                    pending_users[u] -= 1
-            for u in [*dag.deps[v], v]:
-                if u in inV and u in live and u not in K and pending_users[u] == 0:
-                    fwd.append(Release(u))
-                    live.discard(u)
-                    for q, sz in enumerate(sizes):
-                        cur[q] -= sz[u]
-        # backward phase of this segment
-        bwd: list[Op] = []
-        grad_done = {w for w in range(n) if not (Lp >> w) & 1}  # later segments are done
-        blobs = {w for w in range(n) if not (Lp >> w) & 1 and any((Lp >> u) & 1 for u in dag.deps[w])}
-        cur = [sum(sz[u] for u in K) + sum(bs[w] for w in blobs) for sz, bs in zip(sizes, bsize)]
-        peak_b = list(cur)
-        flive = set(K)
+                    if u != v:
+                        pending_users[u] -= 1
+                    if pending_users[u] == 0 and u not in K:
+                        if emit:
+                            fwd.append(Release(u))
+                        cur -= size[u]
+        # backward phase: recompute V \\ K, then the backwards of V in reverse order with eager frees
+        cur = sum(size[u] for u in K) + ctx.pending(Lp)
+        peak_b = cur
         for v in V:
-            if v not in flive:
-                bwd.append(Compute(v))
-                flive.add(v)
-                for q, sz in enumerate(sizes):
-                    cur[q] += sz[v]
-                    peak_b[q] = max(peak_b[q], cur[q])
-        bw_need = {u: 0 for u in V}
+            if v not in K:
+                if emit:
+                    bwd.append(Compute(v))
+                cur += size[v]
+        peak_b = max(peak_b, cur)
+        bw_need = dict.fromkeys(V, 0)
         for x in V:
-            for u in dag.bwd_deps[x]:  # type: ignore[index]
+            for u in ctx.bwd_deps[x]:
                 if u in inV:
                     bw_need[u] += 1
-
-        def release_fwd() -> None:
-            for u in sorted(flive):
-                if bw_need[u] == 0:
+        for u in V:
+            if bw_need[u] == 0:
+                if emit:
                     bwd.append(Release(u))
-                    flive.discard(u)
-                    for q, sz in enumerate(sizes):
-                        cur[q] -= sz[u]
-
-        release_fwd()
+                cur -= size[u]
+        done: set[int] = set()
         for v in reversed(V):
-            bwd.append(Compute(bwd_index(n, v)))
-            for q, bs in enumerate(bsize):
-                cur[q] += bs[v]
-                peak_b[q] = max(peak_b[q], cur[q])
-            grad_done.add(v)
-            blobs.add(v)
-            for u in dag.bwd_deps[v]:  # type: ignore[index]
+            if emit:
+                bwd.append(Compute(bwd_index(n, v)))
+            cur += bsize[v]
+            peak_b = max(peak_b, cur)
+            done.add(v)
+            for w in (*users[v], v):  # a gradient blob goes once the backwards of all its targets ran
+                if all(not (Lp >> u) & 1 or u in done for u in deps[w]):
+                    if emit:
+                        bwd.append(Release(bwd_index(n, w)))
+                    cur -= bsize[w]
+            for u in ctx.bwd_deps[v]:
                 if u in inV:
                     bw_need[u] -= 1
-            for w in [*users[v], v]:
-                if w in blobs and all(u in grad_done for u in dag.deps[w]):
-                    bwd.append(Release(bwd_index(n, w)))
-                    blobs.discard(w)
-                    for q, bs in enumerate(bsize):
-                        cur[q] -= bs[w]
-            release_fwd()
+                    if bw_need[u] == 0:
+                        if emit:
+                            bwd.append(Release(u))
+                        cur -= size[u]
         self.fwd, self.bwd = fwd, bwd
-        self.need = [max(a, b) for a, b in zip(peak_f, peak_b)]
-        self.kept = [0.0 if last else float(sum(sz[u] for u in K)) for sz in sizes]
-        self.recompute = 0.0 if last else float(sum(dag.fwd_time[v] for v in V if v not in K))
+        self.need = max(peak_f, peak_b)
+        self.kept = 0.0 if last else float(sum(size[u] for u in K))
+        self.recompute = 0.0 if last else float(sum(ctx.dag.fwd_time[v] for v in V if v not in K))
 
 
 def strategy_ops(dag: Dag, strategy: list[int]) -> list[Op]:
     """Ops of the canonical strategy ``strategy`` (increasing lower-set bitmasks ending with all nodes)."""
-    users = _users(dag)
-    sizes = [np.asarray(dag.size, dtype=float)]
-    segs = [_Seg(dag, users, a, b, sizes) for a, b in zip([0, *strategy[:-1]], strategy)]
+    ctx = _Ctx(dag)
+    segs = [_Seg(ctx, a, b, emit=True) for a, b in zip([0, *strategy[:-1]], strategy)]
     ops: list[Op] = []
     for s in segs:
         ops += s.fwd
     for s in reversed(segs):
         ops += s.bwd
     return ops
+
+
+_SEG_CACHE: dict[tuple, dict[tuple[int, int], _Seg]] = {}
+
+
+def _segments(dag: Dag, fam: list[int], max_segment: int) -> dict[tuple[int, int], _Seg]:
+    """Stats of every nested pair of the family (segments of at most ``max_segment`` nodes); cached."""
+    key = (dag.to_json(), tuple(fam), max_segment)
+    if key in _SEG_CACHE:
+        return _SEG_CACHE[key]
+    ctx = _Ctx(dag)
+    seg: dict[tuple[int, int], _Seg] = {}
+    counts = [bin(m).count("1") for m in fam]
+    for a, A in enumerate(fam):
+        for b in range(a + 1, len(fam)):
+            if counts[b] - counts[a] > max_segment:
+                break  # fam is sorted by size
+            B = fam[b]
+            if B != A and A & B == A:
+                seg[a, b] = _Seg(ctx, A, B)
+    if len(_SEG_CACHE) >= 4:
+        _SEG_CACHE.pop(next(iter(_SEG_CACHE)))
+    _SEG_CACHE[key] = seg
+    return seg
 
 
 def _users(dag: Dag) -> list[list[int]]:
@@ -166,13 +205,22 @@ def _users(dag: Dag) -> list[list[int]]:
     return users
 
 
-def solve_dag_lowerset(dag: Dag, budget: float, exact: bool | None = None, slots: int = 200,
-                       max_lowersets: int = 3000) -> Schedule:
+def solve_dag_lowerset(
+    dag: Dag,
+    budget: float,
+    exact: bool | None = None,
+    slots: int = 200,
+    max_lowersets: int = 3000,
+    max_segment: int | None = None,
+) -> Schedule:
     """Fastest canonical strategy (Kusumoto et al.) for ``dag`` under ``budget`` (memory model: :mod:`.dag`).
 
     ``exact=None`` uses all lower sets when there are at most ``max_lowersets`` of them, else the
-    approximate family; ``exact=True`` insists (ValueError if too many). Memory is discretised into
-    ``slots`` units, sizes rounded up; ``time``/``peak`` are simulated. Raises :class:`InfeasibleBudget`
+    approximate family; ``exact=True`` insists (ValueError if too many). In the approximate family a
+    segment ``L' \\ L`` has at most ``max_segment`` nodes (default: no limit up to 100 nodes, else
+    ``3 sqrt(n)``), which keeps the pair count near-linear. Memory is discretised into ``slots`` units;
+    each segment's peak and kept bytes are rounded up (safe in bytes: a sum of rounded-up parts);
+    ``time``/``peak`` are simulated. Raises :class:`InfeasibleBudget`
     with the exact smallest peak over the family.
     """
     if not isinstance(dag, Dag):
@@ -187,22 +235,16 @@ def solve_dag_lowerset(dag: Dag, budget: float, exact: bool | None = None, slots
     is_exact = fam is not None
     if fam is None:
         fam = _approx_family(dag)
+        if max_segment is None:
+            max_segment = n if n <= 100 else int(3 * math.sqrt(n))
+    else:
+        max_segment = n
     full = (1 << n) - 1
-    users = _users(dag)
     M = int(slots)
     unit = budget / M if budget > 0 else 1.0
-    qsize = np.array([math.ceil(s / unit) for s in dag.size], dtype=float)
-    sizes = [np.asarray(dag.size, dtype=float), qsize]
     F = len(fam)
     pos = {m: i for i, m in enumerate(fam)}
-    # segment stats for every nested pair
-    seg: dict[tuple[int, int], _Seg] = {}
-    for a in range(F):
-        A = fam[a]
-        for b in range(a + 1, F):
-            B = fam[b]
-            if B != A and A & B == A:
-                seg[a, b] = _Seg(dag, users, A, B, sizes)
+    seg = _segments(dag, fam, max_segment)
     V = pos[full]
     # exact min peak over the family (no discretisation)
     mm = np.full(F, np.inf)
@@ -211,10 +253,13 @@ def solve_dag_lowerset(dag: Dag, budget: float, exact: bool | None = None, slots
         for b in range(a + 1, F):
             s = seg.get((a, b))
             if s is not None:
-                mm[a] = min(mm[a], max(s.need[0], s.kept[0] + mm[b]))
+                mm[a] = min(mm[a], max(s.need, s.kept + mm[b]))
     if mm[pos[0]] > budget:
-        raise InfeasibleBudget(budget, float(mm[pos[0]]),
-                               "lower-set strategy" + ("" if is_exact else " in the approximate family"))
+        raise InfeasibleBudget(
+            budget,
+            float(mm[pos[0]]),
+            "lower-set strategy" + ("" if is_exact else " in the approximate family"),
+        )
     best = np.full((F, M + 1), np.inf)
     best[V, :] = 0.0
     for a in range(F - 1, -1, -1):
@@ -225,11 +270,11 @@ def solve_dag_lowerset(dag: Dag, budget: float, exact: bool | None = None, slots
             s = seg.get((a, b))
             if s is None:
                 continue
-            need, kept = int(s.need[1]), int(s.kept[1])
+            need, kept = math.ceil(s.need / unit), math.ceil(s.kept / unit)  # round up: safe in bytes
             lo = max(need, kept)
             if lo > M:
                 continue
-            cand = s.recompute + best[b, lo - kept:M + 1 - kept]
+            cand = s.recompute + best[b, lo - kept : M + 1 - kept]
             np.minimum(row[lo:], cand, out=row[lo:])
     if np.isfinite(best[pos[0], M]):
         strategy = []
@@ -239,9 +284,10 @@ def solve_dag_lowerset(dag: Dag, budget: float, exact: bool | None = None, slots
                 s = seg.get((a, b))
                 if s is None:
                     continue
-                need, kept = int(s.need[1]), int(s.kept[1])
+                need, kept = math.ceil(s.need / unit), math.ceil(s.kept / unit)
                 if r >= max(need, kept) and s.recompute + best[b, r - kept] <= best[a, r] + 1e-9 * max(
-                        1.0, abs(best[a, r])):
+                    1.0, abs(best[a, r])
+                ):
                     strategy.append(fam[b])
                     a, r = b, r - kept
                     break
@@ -254,7 +300,7 @@ def solve_dag_lowerset(dag: Dag, budget: float, exact: bool | None = None, slots
         while a != V:
             for b in range(a + 1, F):
                 s = seg.get((a, b))
-                if s is not None and max(s.need[0], s.kept[0] + mm[b]) <= mm[a]:
+                if s is not None and max(s.need, s.kept + mm[b]) <= mm[a]:
                     strategy.append(fam[b])
                     a = b
                     break
@@ -263,6 +309,12 @@ def solve_dag_lowerset(dag: Dag, budget: float, exact: bool | None = None, slots
     peak, tm = simulate_dag(dag, ops)
     if peak > budget * (1 + 1e-12):
         raise AssertionError(f"internal: lower-set schedule peaks at {peak} > budget {budget}")
-    return Schedule(ops, tm, peak, budget=budget, solver="lowerset" if is_exact else "lowerset_approx",
-                    optimal=optimal, info={"n_sets": F, "strategy": strategy, "exact_family": is_exact,
-                                           "slots": M})
+    return Schedule(
+        ops,
+        tm,
+        peak,
+        budget=budget,
+        solver="lowerset" if is_exact else "lowerset_approx",
+        optimal=optimal,
+        info={"n_sets": F, "strategy": strategy, "exact_family": is_exact, "slots": M},
+    )

@@ -70,9 +70,7 @@ def compare(title: str, model: torch.nn.Module, batch: dict, bits: int, rounds: 
         f"\n## {title}: {len(report.converted)} module(s) converted, {len(report.skipped)} skipped; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params"
     )
-    print(
-        "| variant | peak (step) | vs baseline | saved activations | vs baseline | step time (median) | vs baseline |"
-    )
+    print("| variant | peak (step) | vs base | saved activations | vs base | step time (median) | vs base |")
     print("|---|---|---|---|---|---|---|")
     b = mem["baseline"]
     bt = statistics.median(times["baseline"])
@@ -81,7 +79,8 @@ def compare(title: str, model: torch.nn.Module, batch: dict, bits: int, rounds: 
         t = statistics.median(times[k])
         print(
             f"| {k} | {tightfit.format_size(r.peak_bytes)} | {r.peak_bytes / b.peak_bytes:.3f} "
-            f"| {tightfit.format_size(r.activations_bytes)} | {r.activations_bytes / b.activations_bytes:.3f} "
+            f"| {tightfit.format_size(r.activations_bytes)} "
+            f"| {r.activations_bytes / b.activations_bytes:.3f} "
             f"| {t:.3f} s | {t / bt:.2f} |"
         )
 

@@ -88,7 +88,8 @@ def main() -> None:
     backends = [default if b == "default" else b for b in a.backends]
     print(f"command: {' '.join(sys.argv)}")
     print(
-        f"torch {torch.__version__}, {a.threads} thread(s), n={a.n:,} fp32 elements; default backend: {default}"
+        f"torch {torch.__version__}, {a.threads} thread(s), n={a.n:,} fp32 elements; "
+        f"default backend: {default}"
         f" (native build: {'ok' if _native.available() else _native.build_error()})"
     )
     variants = make_variants(a.n, a.bits, backends)
@@ -151,7 +152,8 @@ def main() -> None:
             x.grad, t.levels.float()[t.encode(x.detach())]
         )
         print(
-            f"\ninductor fullgraph check: {'OK' if ok else 'MISMATCH'} ({time.time() - t0:.0f} s incl. compile)"
+            f"\ninductor fullgraph check: {'OK' if ok else 'MISMATCH'} "
+            f"({time.time() - t0:.0f} s incl. compile)"
         )
 
 

@@ -1,4 +1,4 @@
-"""convert_ with FewBit: tiny GPT-2 / BERT / Llama from the zoo, keys kept, all activations converted, trains."""
+"""convert_ with FewBit: tiny zoo GPT-2 / BERT / Llama: all activations converted, keys kept, trains."""
 
 import pytest
 import torch

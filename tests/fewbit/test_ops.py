@@ -51,7 +51,7 @@ def test_forward_identical_and_backward_is_table_gather(name, dtype):
 
 
 def test_saved_bytes_exact():
-    """ceil(n*bits/8) bytes per call for every bits and odd lengths: per call (hooks), and in total (ruler)."""
+    """ceil(n*bits/8) bytes for every bits and odd lengths: per call (hooks), and in total (the ruler)."""
     key = ops.register_forward("test-gelu", torch.nn.functional.gelu)
     cases = [(bits, n) for bits in range(1, 9) for n in (1, 7, 13, 1001)]
     tables = {

@@ -187,7 +187,8 @@ static void run_job(job_t* j) {
         if (lim > j->n / 64) lim = j->n / 64;
         int64_t safe = lim < j->g0 ? j->g0 : (lim > j->g1 ? j->g1 : lim);
         if (safe > j->g0)
-          dec_f32_simd(j->in, j->g0, safe, (const float*)j->aux, j->bits, (const float*)j->grad, (float*)j->out);
+          dec_f32_simd(j->in, j->g0, safe, (const float*)j->aux, j->bits, (const float*)j->grad,
+                       (float*)j->out);
         dec_f32(j->in, j->n, safe, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
 #else
         dec_f32(j->in, j->n, j->g0, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
@@ -312,8 +313,9 @@ def encode(x: torch.Tensor, cmp_borders: torch.Tensor, bits: int) -> torch.Tenso
     n = xc.numel()
     out = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
     b = cmp_borders.contiguous()
-    lib.tf_encode(DTYPES[xc.dtype], xc.data_ptr(), n, b.data_ptr(), b.numel(), bits, 0,
-                  out.data_ptr(), _threads(n))
+    lib.tf_encode(
+        DTYPES[xc.dtype], xc.data_ptr(), n, b.data_ptr(), b.numel(), bits, 0, out.data_ptr(), _threads(n)
+    )
     return out
 
 
@@ -330,6 +332,14 @@ def decode_mul(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, b
     table = torch.zeros(256, dtype=lv.dtype)  # any code < 2**bits is a valid index
     table[: lv.numel()] = lv
     out = torch.empty_like(g)
-    lib.tf_decode_mul(DTYPES[g.dtype], packed.contiguous().data_ptr(), n, table.data_ptr(), bits,
-                      g.data_ptr(), out.data_ptr(), _threads(n))
+    lib.tf_decode_mul(
+        DTYPES[g.dtype],
+        packed.contiguous().data_ptr(),
+        n,
+        table.data_ptr(),
+        bits,
+        g.data_ptr(),
+        out.data_ptr(),
+        _threads(n),
+    )
     return out

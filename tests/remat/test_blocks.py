@@ -67,3 +67,13 @@ def test_kv_cache_is_rejected() -> None:
     model, batch = build("gpt2-tiny")
     with pytest.raises(ValueError, match="use_cache=False"):
         find_blocks(model, {**batch, "use_cache": True})
+
+
+def test_unet_skip_connections_are_detected_and_chains_have_none() -> None:
+    model, batch = build("unet-tiny")
+    blocks = find_blocks(model, batch)
+    names = [b.name for b in blocks.blocks]
+    into = sorted({names[j] for _, j in blocks.skips})
+    assert into == ["ups.0", "ups.1"]
+    model, batch = build("gpt2-tiny")
+    assert find_blocks(model, batch).skips == []

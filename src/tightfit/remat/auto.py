@@ -10,11 +10,12 @@ for activations only, and not an allocator number (no caching or fragmentation o
 
 How: (1) one forward with hooks finds the chain of blocks (``tightfit.remat.blocks``); (2) each group of
 identical blocks is measured once under each option: store, two selective-checkpoint policies, full
-recompute (``tightfit.remat.measure``); (3) two whole steps are measured, without remat and with every
-block recomputed, which fixes the constants of the chain memory model and the smallest feasible budget
-(``tightfit.remat.chainmodel``); (4) a DP picks the fastest option per block under the budget; (5) the plan
-is applied with ``torch.utils.checkpoint`` (``tightfit.remat.execute``) and measured; when the measured
-peak is over the budget the internal budget is lowered by the excess and the DP runs again. The returned
+recompute (``tightfit.remat.measure``); (3) whole steps are measured without remat and with every block
+recomputed, which fixes the constants of the chain memory model (``tightfit.remat.chainmodel``), and with
+the plan of least predicted peak: the lower of the last two is the smallest feasible budget; (4) a DP
+picks the fastest option per block under the budget; (5) the plan is applied with
+``torch.utils.checkpoint`` (``tightfit.remat.execute``) and measured; when the measured peak is over the
+budget the internal budget is lowered by the excess and the DP runs again. The returned
 plan therefore measured <= budget on this batch (same shapes => same peak on CPU; on accelerators the
 allocator may round up).
 
@@ -223,6 +224,12 @@ class Planner:
         self._progress("finding blocks", 0, total)
         self.blocks: Blocks = find_blocks(self.model, self.batch, self.loss_fn)
         groups = self.blocks.groups
+        if self.blocks.skips:
+            names = [self.blocks.blocks[j].name for _, j in self.blocks.skips]
+            self.notes.append(
+                f"not a chain: {len(self.blocks.skips)} skip connection(s) into {', '.join(names[:4])}; "
+                "per-block decisions, skip tensors counted in the measured constant"
+            )
         total = 3 + len(groups) * len(self.options)
         self._progress("measuring no remat", 1, total)
         self.baseline_peak, self.baseline_time = self.measure_step(None)
@@ -397,8 +404,9 @@ def rematerialize(
     parameters, same ``state_dict`` keys; ``tightfit.remat.execute.undo(model)`` removes the plan) and
     gets a ``.plan`` attribute (``Plan``: predicted ``peak``/``time``, measured ones, the decisions).
     Gradients are bit-identical to the unmodified model's, dropout included. In ``eval()`` mode or under
-    ``torch.no_grad()`` nothing is recomputed. Raises ``InfeasibleBudget`` (with ``min_budget``) when no
-    plan fits.
+    ``torch.no_grad()`` nothing is recomputed. Call it in the context you train in (same autocast, same
+    batch shapes): the plan is measured there. Hugging Face models get ``config.use_cache = False``.
+    Raises ``InfeasibleBudget`` (with ``min_budget``) when no plan fits.
     """
     planner = Planner(model, batch, loss_fn, optimizer, options=options, progress=progress)
     return planner.apply(planner.plan(budget, verify=verify))

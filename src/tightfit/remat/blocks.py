@@ -10,13 +10,17 @@ One forward pass is recorded with forward hooks on every submodule. Blocks are t
      (a Sequential of stages becomes its residual blocks);
   3. families nested inside a call of another family are ignored (the outer, larger blocks win);
   4. the root's other direct children (a stem, a head) are blocks too.
-If no family exists, the root's direct child calls are the blocks. Work outside the blocks (embeddings,
-the loss, glue code in the parent's forward) is not planned: its memory is a measured constant.
+If no family exists, the root's direct child calls are the blocks.
+
+Non-chains: ``Blocks.skips`` lists (i, j) where block j reads block i's output with i < j - 1 (U-Net skip
+connections). The planner keeps per-block decisions there too (always correct: each block is checkpointed
+on its own), and the skip tensors, alive from block i to block j whatever the plan, are part of the
+measured constant of the memory model; the verification loop covers what that model misses.
+Work outside the blocks (embeddings, the loss, glue code in the parent's forward) is not planned: its
+memory is a measured constant.
 
 Calls with the same *signature* (module class and configuration, parameter shapes, argument shapes and
-dtypes) form a group and are measured once. Blocks need not form a pure chain: a U-Net's skip tensors are
-block outputs kept alive by a later block; per-block decisions stay correct and the skip tensors are part
-of the measured constant (see ``tightfit.remat.auto``).
+dtypes) form a group and are measured once.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Call:
     end: int = -1
     parent: int = -1  # position of the enclosing call in the record, -1 for top level
     signature: tuple = field(default=(), repr=False)
+    inputs: frozenset = field(default=frozenset(), repr=False)  # data pointers of tensor arguments
+    outputs: frozenset = field(default=frozenset(), repr=False)  # data pointers of tensor outputs
 
 
 @dataclass
@@ -74,6 +80,9 @@ class Blocks:
     blocks: list[Block]
     groups: list[Group]
     source: str  # which rule found them, for the plan printout
+    skips: list[tuple[int, int]] = field(
+        default_factory=list
+    )  # (i, j): block j reads block i's output, i < j-1
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -141,6 +150,7 @@ def record_calls(
                 tick[0],
                 parent=stack[-1] if stack else -1,
                 signature=signature,
+                inputs=_storages((args, kwargs)),
             )
         )
         stack.append(len(calls) - 1)
@@ -157,7 +167,9 @@ def record_calls(
     def post(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         tick[0] += 1
         if stack:
-            calls[stack.pop()].end = tick[0]
+            call = calls[stack.pop()]
+            call.end = tick[0]
+            call.outputs = _storages(output)
 
     handles = []
     for _, m in model.named_modules():
@@ -171,6 +183,17 @@ def record_calls(
         for h in handles:
             h.remove()
     return calls, first_args
+
+
+def _storages(x: Any) -> frozenset:
+    """Identities of the storages behind the tensors in ``x`` (to see which block feeds which)."""
+    out = set()
+    for t in _leaves(x):
+        try:
+            out.add(t.untyped_storage()._cdata)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return frozenset(out)
 
 
 def _leaves(x: Any) -> list[torch.Tensor]:
@@ -298,4 +321,6 @@ def find_blocks(
         groups[g].members.append(len(blocks))
         name = c.path if counts[c.path] == 1 else f"{c.path}[{c.index}]"
         blocks.append(Block(c.path, c.index, g, name))
-    return Blocks(blocks, groups, source)
+    record = [calls[i] for i in positions]
+    skips = [(i, j) for j in range(len(record)) for i in range(j - 1) if record[i].outputs & record[j].inputs]
+    return Blocks(blocks, groups, source, skips)

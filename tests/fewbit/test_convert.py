@@ -103,3 +103,19 @@ def test_config_json_roundtrip_and_validation():
         FewBit(bits=0)
     with pytest.raises(ValueError, match="unknown activation"):
         FewBit(include=("gelu_nwe",))
+
+
+def test_calibrated_tables():
+    from tightfit.fewbit.calibrate import calibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 16), nn.SiLU())
+    batches = [torch.randn(32, 4) * 3 for _ in range(3)]
+    cal = calibrate(model, batches)
+    report = convert(model, FewBit(bits=2, calibration=cal))
+    assert len(report) == 2
+    default = M.GELU(bits=2).table
+    assert model[1].table.bits == 2 and not torch.equal(model[1].table.borders, default.borders)
+    x = torch.randn(8, 4, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None

@@ -67,10 +67,15 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _table(config: FewBit, spec_name: str, path: str, params: dict[str, Any]) -> Table | None:
-    if config.calibration is None:
+def _table(config: FewBit, path: str, report: ConversionReport) -> Table | None:
+    """The calibrated table of the activation at `path`, or None (the default N(0,1) table)."""
+    cal = config.calibration
+    if cal is None:
         return None
-    return get_table(spec_name, config.bits, weight=config.calibration.weight(path), **params)
+    if path not in cal.paths:
+        report.notes.append(f"{path}: not in the calibration, default N(0,1) table used")
+        return None
+    return cal.fit(path, config.bits)
 
 
 def _new_activation(
@@ -122,7 +127,7 @@ def convert_fewbit(model: nn.Module, config: FewBit, filter_fn: FilterFn | None 
                         (
                             mod,
                             FewBitGatedMLP(
-                                mod, got[0].name, config.bits, _table(config, got[0].name, path, {})
+                                mod, got[0].name, config.bits, _table(config, f"{path}.act_fn", report)
                             ),
                         )
                     )
@@ -146,9 +151,7 @@ def convert_fewbit(model: nn.Module, config: FewBit, filter_fn: FilterFn | None 
         if reason is not None:
             report.skipped.append((path, reason))
             continue
-        plan.append(
-            (mod, _new_activation(mod, spec, params, config, _table(config, spec.name, path, params)))
-        )
+        plan.append((mod, _new_activation(mod, spec, params, config, _table(config, path, report))))
     if errors:
         raise ValueError(
             "FewBit conversion stopped before changing anything; unsupported activations:\n  "

@@ -28,7 +28,7 @@ from tightfit.fewbit import modules as fb_modules
 from tightfit.fewbit.activations import spec_for_module, spec_for_name
 from tightfit.fewbit.config import FewBit
 from tightfit.fewbit.gated import FewBitGatedMLP
-from tightfit.fewbit.tables import Table, get_table
+from tightfit.fewbit.tables import Table
 
 __all__ = ["convert_fewbit", "is_gated_mlp"]
 

@@ -14,6 +14,15 @@ from typing import Any
 
 from tightfit.sizes import format_size
 
+# what each option keeps for the backward (printed under the plan table)
+OPTION_LEGEND = {
+    "store": "keeps everything autograd saves (no recompute)",
+    "save-matmul": "keeps outputs of matmuls, convolutions and attention; recomputes pointwise ops, norms, "
+    "softmax, dropout",
+    "save-linear": "keeps outputs of matmuls and convolutions (projections); recomputes attention too",
+    "recompute": "keeps only the block's inputs; recomputes the whole block",
+}
+
 
 @dataclass
 class Decision:
@@ -102,6 +111,8 @@ class Plan:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
             if n == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
+        for option in sorted({d.option for d in self.decisions}):
+            lines.append(f"  {option}: {OPTION_LEGEND.get(option, '')}")
         ratio = ""
         if self.measured_time and self.baseline_time:
             ratio = f" (x{self.measured_time / self.baseline_time:.2f} of no remat)"

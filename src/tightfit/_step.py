@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tightfit.errors import LossError
+
 LossFn = Callable[[Any], torch.Tensor]
 
 
@@ -35,13 +37,13 @@ def loss_of(output: Any, loss_fn: LossFn | None = None) -> torch.Tensor:
     elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         loss = output[0]
     else:
-        raise TypeError(
+        raise LossError(
             f"cannot find a loss in the model output of type {type(output).__name__}: pass "
             "loss_fn=lambda output: <scalar tensor>, or return a scalar / an object with .loss"
         )
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise TypeError(f"the loss must be a scalar tensor, got {shape}; pass a loss_fn that reduces it")
+        raise LossError(f"the loss must be a scalar tensor, got {shape}; pass a loss_fn that reduces it")
     return loss.reshape(())
 
 

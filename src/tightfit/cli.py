@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from tightfit.errors import LossError, UserError
+
 USER_ERROR = 2
 
 
@@ -29,9 +31,10 @@ class CliError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the user asked for something invalid" (ours only: no bare ValueError)."""
+    from tightfit.errors import UserError
     from tightfit.zoo import ZooError
 
-    return (CliError, ZooError)
+    return (CliError, ZooError, UserError)
 
 
 # ------------------------------------------------------------------------------- shared argument helpers
@@ -126,15 +129,11 @@ def measure(args: argparse.Namespace, estimate: bool) -> Any:
             batch = batch_factory()
             optimizer = make_optimizer(model.parameters()) if make_optimizer is not None else None
             report = tightfit.profile(model, batch, optimizer=optimizer)
-    except (TypeError, ValueError) as e:
-        if _raised_by_input_check(e):
-            hint = (
-                " (here: make the model return a scalar loss, or an output with .loss)"
-                if "loss" in str(e)
-                else ""
-            )
-            raise CliError(f"{args.model}: {e}{hint}") from e
-        raise
+    except LossError as e:
+        hint = " (here: make the model return a scalar loss, or an output with .loss)"
+        raise CliError(f"{args.model}: {e}{hint}") from e
+    except UserError as e:
+        raise CliError(f"{args.model}: {e}") from e
     report.model = args.model
     return report
 
@@ -177,21 +176,6 @@ def check_fits_in_ram(args: argparse.Namespace, model_factory: Callable[..., tor
 # Functions of the step convention and the ruler that raise TypeError/ValueError only about what the user
 # passed (no loss in the output, nothing to train). Matched on the raising frame, so errors from deeper
 # down (bugs) keep their traceback.
-_INPUT_CHECKS = {("_step.py", "loss_of"), ("profile.py", "_check_inputs"), ("profile.py", "_measure")}
-
-
-def _raised_by_input_check(e: BaseException) -> bool:
-    import traceback
-    from pathlib import Path
-
-    frames = traceback.extract_tb(e.__traceback__)
-    if not frames:
-        return False
-    last = frames[-1]
-    path = Path(last.filename)
-    return "tightfit" in path.parts and (path.name, last.name) in _INPUT_CHECKS
-
-
 # ------------------------------------------------------------------------------------------ commands
 @dataclass(frozen=True)
 class Command:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tightfit._step import LossFn, call_model, loss_of, training_step
+from tightfit.errors import InvalidInput, NothingToTrain
 from tightfit.memory.live import LiveTracker, _tensors, storage_key
 from tightfit.memory.report import MemoryReport, ModuleMemory
 from tightfit.memory.saved import SavedTensorCounter
@@ -64,11 +65,13 @@ def _ensure_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optim
 
 def _check_inputs(model: Any, optimizer: Any) -> None:
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a torch.nn.Module to profile, got {type(model).__name__}")
+        raise InvalidInput(f"expected a torch.nn.Module to profile, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        raise InvalidInput(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(
+        raise NothingToTrain(
             "the model has no parameter that requires grad: there is no training step to measure"
         )
 
@@ -97,7 +100,7 @@ def _measure(
             output = call_model(model, batch)
             loss = loss_of(output, loss_fn)
         if not loss.requires_grad:
-            raise ValueError(
+            raise NothingToTrain(
                 "the loss does not require grad: nothing to backpropagate "
                 "(is torch.no_grad() active, or does the loss not depend on trainable parameters?)"
             )

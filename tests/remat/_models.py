@@ -22,12 +22,13 @@ ZOO_TINY: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def build(name: str) -> tuple[torch.nn.Module, Any]:
-    """(model in train mode, batch) for a tiny zoo model, built under seed 0."""
+def build(name: str, **config: Any) -> tuple[torch.nn.Module, Any]:
+    """(model in train mode, batch) for a tiny zoo model, built under seed 0 (``config`` overrides)."""
     import tightfit.zoo as zoo
 
     model_factory, batch_factory = zoo.get(name)
     overrides, batch_options = ZOO_TINY.get(name, ({}, {}))
+    overrides = {**overrides, **config}
     torch.manual_seed(0)
     model = model_factory(**overrides).train()
     batch = batch_factory(**batch_options)

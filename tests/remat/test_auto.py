@@ -125,3 +125,35 @@ def test_composes_with_torch_compile_aot_eager() -> None:
     assert counter.frame_count >= 1  # the plan ran compiled, not in an eager fallback
     assert step_peak(compiled, batch) < planner.baseline_peak
     torch._dynamo.reset()
+
+
+def test_own_model_with_loss_fn() -> None:
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.drop = nn.Linear(32, 128), nn.Linear(128, 32), nn.Dropout(0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.fc2(self.drop(torch.tanh(self.fc1(x))))
+
+    model = nn.Sequential(*[Layer() for _ in range(6)], nn.Linear(32, 3)).train()
+    x = torch.randn(256, 32)
+
+    def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+        return logits.logsumexp(-1).mean()
+
+    def grads(m: torch.nn.Module) -> list[torch.Tensor | None]:
+        for p in m.parameters():
+            p.grad = None
+        torch.manual_seed(3)
+        loss_fn(m(x)).backward()
+        return [p.grad for p in m.parameters()]
+
+    reference = grads(clone(model))
+    planner = Planner(model, x, loss_fn)
+    budget = (planner.min_budget + planner.baseline_peak) // 2
+    out = tightfit.rematerialize(model, x, budget, loss_fn=loss_fn)
+    assert out.plan.checkpointed and out.plan.measured_peak <= budget
+    assert same_grads(reference, grads(out))

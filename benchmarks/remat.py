@@ -72,6 +72,7 @@ class Workload:
     loss_fn: Callable | None = None
     desc: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    planner: Any = None  # a shared tightfit.remat.auto.Planner (--reuse-planner)
 
 
 def _get(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -96,7 +97,7 @@ def install_sequential(model: torch.nn.Module, paths: list[str], segments: int) 
     for i, p in enumerate(paths):
         kind = type(_get(model, p))
         items = [SequentialRunner(blocks, segments)] if i == 0 else []
-        _set(model, p, kind(items))
+        _set(model, p, kind(*items) if issubclass(kind, torch.nn.Sequential) else kind(items))
 
 
 def zoo_get(name: str):
@@ -129,7 +130,8 @@ def gpt2_workload(batch: int, seq: int) -> Workload:
         src = "transformers GPT2LMHeadModel (zoo not available yet), same config"
     b["use_cache"] = False  # a KV cache in training would keep every layer's k/v alive through checkpointing
     model.train()
-    return Workload("gpt2", model, b, ["transformer.h"], desc=f"{src}, B={batch}, T={seq}, dropout 0.1")
+    desc = f"{src}, B={batch}, T={seq}, dropout 0.1"
+    return Workload("gpt2", model, b, ["transformer.h"], desc=desc, extra={"tag": f"b{batch}t{seq}"})
 
 
 def resnet_workload(name: str, batch: int | None, size: int | None, width: int | None) -> Workload | None:
@@ -165,6 +167,8 @@ def min_feasible_budget(w: Workload) -> int | None:
     """Ask the planner for an impossible budget and read the smallest feasible one from its error."""
     import tightfit
 
+    if w.planner is not None:
+        return int(w.planner.min_budget)
     m = fresh_copy(w.model)[0]
     try:
         tightfit.rematerialize(m, w.batch, 1, loss_fn=w.loss_fn)
@@ -198,8 +202,17 @@ def tightfit_variant(
 
     m, params, bufs = fresh_copy(w.model)
     t0 = time.perf_counter()
-    out = tightfit.rematerialize(m, w.batch, budget, loss_fn=w.loss_fn)
-    plan_s = time.perf_counter() - t0
+    if w.planner is not None:  # --reuse-planner: measure once, solve + verify per budget, apply to a copy
+        from tightfit.remat import execute
+
+        plan = w.planner.plan(budget)
+        execute.apply(m, plan.options)
+        m.__dict__["plan"] = plan
+        out = m
+        plan_s = float(getattr(plan, "planning_time", time.perf_counter() - t0))
+    else:
+        out = tightfit.rematerialize(m, w.batch, budget, loss_fn=w.loss_fn)
+        plan_s = time.perf_counter() - t0
     params = _same_order(out, params, ref_names[0], False)
     bufs = _same_order(out, bufs, ref_names[1], True)
     plan = getattr(out, "plan", None)
@@ -394,6 +407,14 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
     if why is not None:
         log(f"tightfit.rematerialize not importable yet ({why}): peers only")
     else:
+        if args.reuse_planner:
+            from tightfit.remat.auto import Planner
+
+            t0 = time.perf_counter()
+            w.planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn)
+            log(
+                f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)"
+            )
         log("tightfit: smallest feasible budget ...")
         t0 = time.perf_counter()
         min_b = min_feasible_budget(w)
@@ -453,8 +474,9 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
         "target_check": checks,
         "command": "python " + " ".join(sys.argv),
     }
-    paths = write_results(f"remat_{w.name}", rows, base, meta)
-    png = plot_pareto(f"remat_{w.name}", rows, base, title)
+    stem = f"remat_{w.name}" + (f"_{w.extra['tag']}" if w.extra.get("tag") else "")
+    paths = write_results(stem, rows, base, meta)
+    png = plot_pareto(stem, rows, base, title)
     log(f"wrote {', '.join(str(p) for p in [*paths.values(), png] if p)}")
 
 
@@ -476,6 +498,12 @@ def main(argv: list[str] | None = None) -> None:
         "--rounds", type=int, default=None, help="interleaved timing rounds (default 3; --full 5)"
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    ap.add_argument(
+        "--reuse-planner",
+        action="store_true",
+        help="measure the model once (tightfit.remat.auto.Planner) and plan every budget from it; the "
+        "planning time shown is plan.planning_time (measure + solve + verify), as one rematerialize call",
+    )
     ap.add_argument("--ckpt-every", type=int, nargs="*", default=None)
     ap.add_argument("--segments", type=int, nargs="*", default=[2, 3, 4, 6])
     ap.add_argument("--compile-budgets", type=float, nargs="*", default=None)

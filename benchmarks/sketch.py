@@ -92,14 +92,14 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"$ {' '.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     print(
-        f"layer {args.d_in} -> {args.d_out}, N = {args.tokens} tokens, {args.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, CPU, {args.repeats} interleaved repeats (median); shared machine, "
-        "timings are noisy"
+        f"layer {args.d_in} -> {args.d_out}, N = {args.tokens} tokens, {args.dtype}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.repeats} interleaved "
+        "repeats (median); shared machine, timings are noisy"
     )
     ref_t = statistics.median(times["nn.Linear"])
     header = (
-        f"{'variant':<16} {'saved':>10} {'ratio':>6} {'live after fwd':>14} {'ratio':>6} {'peak':>10} {'ratio':>6} "
-        f"{'fwd+bwd':>9} {'ratio':>6}"
+        f"{'variant':<16} {'saved':>10} {'ratio':>6} {'live after fwd':>14} {'ratio':>6} {'peak':>10} "
+        f"{'ratio':>6} {'fwd+bwd':>9} {'ratio':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{1e3 * t:>7.1f}ms {t / ref_t:>5.2f}x"
         )
     print(
-        "saved: bytes kept for backward (input activation counted, parameters excluded); live after fwd: bytes "
-        "alive after the forward beyond the parameters, input leaf and output gradient (saved activations plus "
-        "the output); peak: live-tensor peak of forward+backward, parameters, input leaf and output gradient "
-        "included"
+        "saved: bytes kept for backward (input activation counted, parameters excluded); live after fwd: "
+        "bytes alive after the forward beyond the parameters, input leaf and output gradient (saved "
+        "activations plus the output); peak: live-tensor peak of forward+backward, parameters, input leaf "
+        "and output gradient included"
     )
 
 

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tightfit.sketch.sketches import SKETCHES, SketchPlan, draw_seed, plan_sketch, sketch_grad, sketch_input
+from tightfit.sketch.sketches import (
+    SKETCHES,
+    SketchPlan,
+    draw_seed,
+    plan_sketch,
+    sketch_grad_weight,
+    sketch_input,
+)
 
 __all__ = ["SketchedLinearFunction", "SketchShare", "resolve_k", "validate_options", "sketched_linear"]
 
@@ -46,8 +53,7 @@ class SketchedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = gy.matmul(weight.to(gy.dtype))
         if ctx.needs_input_grad[1]:
-            sg = sketch_grad(g2, seed, SketchPlan(*ctx.plan), idx)
-            grad_w = sg.t().matmul(sx.to(sg.dtype)).to(weight.dtype)
+            grad_w = sketch_grad_weight(g2, sx, seed, SketchPlan(*ctx.plan), idx).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None

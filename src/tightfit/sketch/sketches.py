@@ -49,6 +49,7 @@ __all__ = [
     "draw_seed",
     "sketch_input",
     "sketch_grad",
+    "sketch_grad_weight",
     "sketch_matrix",
 ]
 
@@ -58,6 +59,7 @@ _DENSE = ("gaussian", "rademacher")
 _UNIFORM_MIX = 0.1  # norm_rows: share of uniform probability (caps the importance weights at N/(0.1 k))
 # auto_blocks: the sketch matmuls (forward S·X, backward S·G) may cost this share of the layer's 3 GEMMs
 _SKETCH_COST_SHARE = 0.05
+_MIN_BLOCK_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,11 @@ def draw_seed() -> Tensor:
 
 
 def auto_blocks(k: int, n: int, d_in: int, d_out: int) -> int:
-    """Fewest diagonal blocks m keeping the sketch matmuls 2k(N/m)(d_in+d_out) within 5% of 6N·d_in·d_out."""
+    """Fewest diagonal blocks m keeping the sketch matmuls 2k(N/m)(d_in+d_out) within 5% of 6N·d_in·d_out,
+    with at least 32 sketch rows per block."""
     m = math.ceil(k * (d_in + d_out) / (3 * _SKETCH_COST_SHARE * d_in * d_out))
-    return max(1, min(m, k, n))
+    # at least _MIN_BLOCK_ROWS rows per block: tiny blocks cost more in per-call overhead than they save
+    return max(1, min(m, k // _MIN_BLOCK_ROWS, n))
 
 
 def plan_sketch(kind: str, n: int, k: int, blocks: int | None, d_in: int, d_out: int) -> SketchPlan:
@@ -214,6 +218,41 @@ def sketch_grad(g: Tensor, seed: Tensor, plan: SketchPlan, idx: Tensor | None) -
         assert idx is not None
         return g.index_select(0, idx)
     raise ValueError(f"unknown sketch {plan.kind!r}; valid: {', '.join(SKETCHES)}")
+
+
+_GRAD_CHUNK_ROWS = 512  # rows of S·G formed at a time in `sketch_grad_weight`: bounds the backward temporary
+
+
+def sketch_grad_weight(g: Tensor, sx: Tensor, seed: Tensor, plan: SketchPlan, idx: Tensor | None) -> Tensor:
+    """(S·G)ᵀ(S·X) accumulated block by block (or 512 rows at a time), never forming all of S·G at once.
+
+    Equal to ``sketch_grad(g, ...).t() @ sx`` up to summation order; the temporary is one block of S·G
+    (k_j x d_out) instead of k x d_out.
+    """
+    d_out, d_in = g.shape[1], sx.shape[1]
+    sx = sx.to(g.dtype)
+    if plan.kind in _DENSE and plan.blocks > 1:
+        n, b = plan.n, plan.block_tokens
+        perm = _perm_draw(seed, n, g.device)
+        out = g.new_zeros(d_out, d_in)
+        r = 0
+        for j, kj in enumerate(_rows_per_block(plan.k, plan.blocks)):
+            t0, t1 = j * b, min(n, (j + 1) * b)
+            s = _block_draw(seed, j, plan.kind, kj, t1 - t0, g.dtype, g.device)
+            sg = s @ g.index_select(0, perm[t0:t1])
+            out.addmm_(sg.t(), sx[r : r + kj])
+            r += kj
+        return out
+    if plan.kind in _DENSE:
+        return sketch_grad(g, seed, plan, idx).t() @ sx
+    rows = _rows_draw(seed, g.shape[0], plan.k, g.device) if plan.kind == "rows" else idx
+    assert rows is not None
+    if plan.k <= _GRAD_CHUNK_ROWS:
+        return g.index_select(0, rows).t() @ sx
+    out = g.new_zeros(d_out, d_in)
+    for c in range(0, plan.k, _GRAD_CHUNK_ROWS):
+        out.addmm_(g.index_select(0, rows[c : c + _GRAD_CHUNK_ROWS]).t(), sx[c : c + _GRAD_CHUNK_ROWS])
+    return out
 
 
 def sketch_matrix(seed: Tensor, plan: SketchPlan, x: Tensor | None = None) -> Tensor:

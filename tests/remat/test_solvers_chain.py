@@ -95,7 +95,7 @@ def _budgets(chain: Chain, mm: float) -> list[int]:
     return sorted({int(mm) - 1, int(mm), *np.linspace(mm, top, 5).astype(int).tolist(), top})
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(chains(max_len=4, max_options=2))
 def test_chain_dp_matches_brute_force(chain: Chain) -> None:
     """Integer sizes and one slot per unit: rounding is exact, so the DP must hit the brute-force optimum."""
@@ -129,7 +129,7 @@ def test_chain_dp_matches_brute_force_seven_stages() -> None:
         assert s.time == pytest.approx(ref)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(chains(max_len=4, max_options=2), st.floats(0.3, 1.0), st.integers(3, 40))
 def test_chain_dp_fractional_budget_never_beats_optimum(chain: Chain, frac: float, slots: int) -> None:
     """Coarse slots round sizes up: still within budget in bytes, never faster than the exact optimum."""
@@ -205,7 +205,7 @@ def test_schedule_json_round_trip() -> None:
     assert again.ops == s.ops and again.time == s.time and simulate(c, again) == (s.peak, s.time)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(chains(max_len=5), st.floats(0.0, 1.0))
 def test_ilp_never_slower_than_chain_dp_on_chains(chain: Chain, frac: float) -> None:
     """Checkmate's staged schedules include Rotor's persistent ones (and may drop/reload the input node).

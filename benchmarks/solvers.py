@@ -73,6 +73,39 @@ def dag_problem(n: int, seed: int = 0) -> Dag:
     return Dag(fwd, fwd * 2, rng.uniform(1, 6, n), deps, bdeps)
 
 
+def wide_dag_problem(n: int, width: int = 4, seed: int = 0) -> Dag:
+    """``width`` parallel branches that merge every third layer: far more than 3000 lower sets."""
+    rng = np.random.default_rng(seed)
+    deps: list[list[int]] = [[]]
+    for v in range(1, n):
+        layer = (v - 1) // width
+        if (v - 1) % width == 0 and layer % 3 == 0 and layer > 0:
+            deps.append(sorted({v - 1 - k for k in range(1, width + 1) if v - 1 - k >= 0} | {v - 1}))
+        else:
+            deps.append([max(0, v - width)])
+    fwd = rng.uniform(0.5, 1.5, n)
+    return Dag(fwd, 2 * fwd, rng.uniform(1, 6, n), deps)
+
+
+def wide_table(sizes: list[int]) -> None:
+    print("\n## 2b. Wide DAGs (4 parallel branches, > 3000 lower sets): lower-set DP, approximate family")
+    print(f"{'nodes':>5} {'budget':>6} | {'solve s':>8} {'overhead':>9}  note")
+    for n in sizes:
+        d = wide_dag_problem(n)
+        full, base = simulate(d, strategy_ops(d, [(1 << n) - 1]))
+        for f in FRACS:
+            t0 = time.perf_counter()
+            try:
+                s = solve_dag_lowerset(d, f * full)
+            except InfeasibleBudget as e:
+                print(f"{n:>5} {int(100 * f):>5}% | {time.perf_counter() - t0:8.2f} {'':>9}  "
+                      f"infeasible in the family; min budget {100 * e.min_budget / full:.1f}%")
+                continue
+            dt = time.perf_counter() - t0
+            print(f"{n:>5} {int(100 * f):>5}% | {dt:8.2f} {fmt_overhead(s, base):>9}  "
+                  f"{s.solver}, {s.info['n_sets']} sets in the family")
+
+
 def timed(fn, repeat: int):
     """Median wall-clock and CPU (process) seconds over ``repeat`` runs; CPU time is less load-sensitive."""
     times, cpus, out = [], [], None
@@ -202,7 +235,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes only (smoke run)")
     p.add_argument("--ilp-limit", type=float, default=30.0, help="HiGHS time limit per ILP (s)")
     p.add_argument("--max-ilp-vars", type=int, default=250_000)
-    p.add_argument("--only", choices=("chains", "dags", "rnn"), help="run one table")
+    p.add_argument("--only", choices=("chains", "dags", "wide", "rnn"), help="run one table")
     a = p.parse_args()
     print(f"# tightfit solvers benchmark: {' '.join(sys.argv)}")
     print(
@@ -213,6 +246,8 @@ def main() -> None:
         chains_table([12, 48] if a.quick else [12, 48, 100, 500])
     if a.only in (None, "dags"):
         dag_table([20] if a.quick else [20, 50, 100, 300], a.ilp_limit, a.max_ilp_vars)
+    if a.only in (None, "wide"):
+        wide_table([40] if a.quick else [40, 100, 300])
     if a.only in (None, "rnn"):
         rnn_table(200 if a.quick else 1000)
 

@@ -165,6 +165,37 @@ static void dec_f32_simd(const uint8_t* in, int64_t b0, int64_t b1, const float*
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__BMI2__)
+/* fp32 encode with AVX-512 + BMI2, for <= 16 borders and bits <= 4: 16 elements per step. Each border
+   gives a 16-bit compare mask (NaN compares false, as in the scalar path); the masks are summed into the
+   codes; bit plane k of the codes is deposited (pdep) at bits k, k+b, k+2b, ... of a 64-bit word, which
+   holds the 16*b bits of the 16 codes in the codec's layout. The 8-byte store overruns the 2*b bytes of
+   the step, so the caller keeps it 8 bytes away from the end of the buffer. */
+#include <immintrin.h>
+#define HAVE_SIMD_ENC 1
+static void enc_f32_simd(const float* x, int64_t s0, int64_t s1, const float* B, int K, int bits,
+                         uint8_t* out) {
+  uint64_t pattern[4];
+  for (int k = 0; k < bits; k++) {
+    uint64_t m = 0;
+    for (int i = 0; i < 16; i++) m |= 1ull << (i * bits + k);
+    pattern[k] = m;
+  }
+  __m512 t[16];
+  for (int k = 0; k < K; k++) t[k] = _mm512_set1_ps(B[k]);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t s = s0; s < s1; s++) {
+    __m512 v = _mm512_loadu_ps(x + s * 16);
+    __m512i c = _mm512_setzero_si512();
+    for (int k = 0; k < K; k++) c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, t[k], _CMP_GT_OQ), c, one);
+    uint64_t w = 0;
+    for (int k = 0; k < bits; k++)
+      w |= _pdep_u64((uint64_t)_mm512_test_epi32_mask(c, _mm512_set1_epi32(1 << k)), pattern[k]);
+    memcpy(out + s * 2 * bits, &w, 8);
+  }
+}
+#endif
+
 typedef struct { int op, dtype, K, bits, right; const void* x; const void* aux; const void* grad;
                  void* out; const uint8_t* in; int64_t n, g0, g1; } job_t;
 
@@ -172,7 +203,22 @@ static void run_job(job_t* j) {
   if (j->op == 0) {
     uint8_t* o = (uint8_t*)j->out;
     switch (j->dtype) {
-      case 0: enc_f32(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, o); break;
+      case 0: {
+        int64_t g0 = j->g0;
+#ifdef HAVE_SIMD_ENC
+        if (j->K <= 16 && j->bits <= 4 && !j->right) {
+          /* blocks of 64 = 4 SIMD steps of 16; stay 8 bytes clear of the end of the buffer */
+          int64_t nbytes_all = (j->n * j->bits + 7) / 8;
+          int64_t lim = nbytes_all >= 8 ? (nbytes_all - 8) / (8 * j->bits) : 0;
+          if (lim > j->n / 64) lim = j->n / 64;
+          int64_t safe = lim < j->g0 ? j->g0 : (lim > j->g1 ? j->g1 : lim);
+          if (safe > j->g0)
+            enc_f32_simd((const float*)j->x, j->g0 * 4, safe * 4, (const float*)j->aux, j->K, j->bits, o);
+          g0 = safe;
+        }
+#endif
+        enc_f32(j->x, j->n, g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, o);
+        break; }
       case 1: enc_f64(j->x, j->n, j->g0, j->g1, (const double*)j->aux, j->K, j->bits, j->right, o); break;
       case 2: enc_f16(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, o); break;
       default: enc_bf16(j->x, j->n, j->g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, o);

@@ -85,7 +85,7 @@ def run(title: str, recipe, variants: list[tuple[str, object]]) -> None:
                 flush=True,
             )
         rows.append(_row(name, r, None if r is base else base))
-        print(f"  {name}: acc {r['test_accuracy']:.4f}, {time.time() - t0:.0f} s", flush=True)
+        print(f"  {name}: {time.time() - t0:.0f} s  {rows[-1]}", flush=True)
     print(HEADER)
     print("\n".join(rows), flush=True)
 

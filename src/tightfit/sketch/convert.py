@@ -196,6 +196,26 @@ def sketch_(
     candidates, skipped = find_candidates(model, filter_fn)
     report.skipped.extend(skipped)
 
+    # the probe and measurement steps must not move running statistics (BatchNorm, ...)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()] if example is not None else []
+    try:
+        return _convert(model, config, report, candidates, example, loss_fn, measure, verbose)
+    finally:
+        with torch.no_grad():
+            for buf, saved in buffers:
+                buf.copy_(saved)
+
+
+def _convert(
+    model: nn.Module,
+    config: Sketch,
+    report: ConversionReport,
+    candidates: dict[str, nn.Module],
+    example: Any,
+    loss_fn: Callable[[Any], torch.Tensor] | None,
+    measure: bool,
+    verbose: bool,
+) -> ConversionReport:
     probe = probe_inputs(model, candidates, example, loss_fn) if example is not None else None
     chosen = dict(candidates)
     if probe is not None:

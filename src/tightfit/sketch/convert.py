@@ -288,6 +288,7 @@ def _predicted_notes(
             "pass example= to check what other ops keep alive and to measure the real peak"
         ], None
     saving = 0
+    exact: list[str] = []
     groups = probe.groups()
     seen: set[tuple[int, int]] = set()
     for path in chosen:
@@ -301,15 +302,20 @@ def _predicted_notes(
         if key in probe.saved_by_others or any(p not in chosen for p in readers):
             continue  # the input stays alive anyway
         if kk >= n or n < config.min_tokens:
-            continue  # runs exactly
+            exact.extend(readers)  # runs exactly: no sketch would be smaller
+            continue
         sketches = 1 if config.shared == "share" else len(readers)
         per_sketch = kk * d * elt + 8 + (8 * kk if config.sketch == "norm_rows" else 0)
         saving += n * d * elt - sketches * per_sketch
     shared_groups = sum(1 for key in seen if len(groups[key]) > 1)
-    return [
+    notes = [
         f"predicted saving on the example: {format_size(saving)} of saved activations "
         f"({len(seen)} distinct inputs, {shared_groups} read by several converted layers)"
-    ], saving
+    ]
+    if exact:
+        notes.append(f"{len(exact)} converted layer(s) run exactly on the example (k >= N tokens or N < "
+                     f"min_tokens, no saving): {', '.join(exact[:8])}{' ...' if len(exact) > 8 else ''}")
+    return notes, saving
 
 
 @register_converter(Sketch)

@@ -207,10 +207,13 @@ static void run_job(job_t* j) {
         int64_t g0 = j->g0;
 #ifdef HAVE_SIMD_ENC
         if (j->K <= 16 && j->bits <= 4 && !j->right) {
-          /* blocks of 64 = 4 SIMD steps of 16; stay 8 bytes clear of the end of the buffer */
+          /* blocks of 64 = 4 SIMD steps of 16. The 8-byte stores overrun a step by up to 6 bytes, so the
+             last block of this thread's range is left to the scalar path (which rewrites those bytes;
+             another thread's bytes are never touched) and so is the end of the buffer. */
           int64_t nbytes_all = (j->n * j->bits + 7) / 8;
           int64_t lim = nbytes_all >= 8 ? (nbytes_all - 8) / (8 * j->bits) : 0;
           if (lim > j->n / 64) lim = j->n / 64;
+          if (lim > j->g1 - 1) lim = j->g1 - 1;
           int64_t safe = lim < j->g0 ? j->g0 : (lim > j->g1 ? j->g1 : lim);
           if (safe > j->g0)
             enc_f32_simd((const float*)j->x, j->g0 * 4, safe * 4, (const float*)j->aux, j->K, j->bits, o);

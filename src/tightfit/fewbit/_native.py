@@ -166,32 +166,49 @@ static void dec_f32_simd(const uint8_t* in, int64_t b0, int64_t b1, const float*
 #endif
 
 #if defined(__AVX512F__) && defined(__BMI2__)
-/* fp32 encode with AVX-512 + BMI2, for <= 16 borders and bits <= 4: 16 elements per step. Each border
-   gives a 16-bit compare mask (NaN compares false, as in the scalar path); the masks are summed into the
-   codes; bit plane k of the codes is deposited (pdep) at bits k, k+b, k+2b, ... of a 64-bit word, which
-   holds the 16*b bits of the 16 codes in the codec's layout. The 8-byte store overruns the 2*b bytes of
-   the step, so the caller keeps it 8 bytes away from the end of the buffer. */
+/* fp32 encode with AVX-512 + BMI2, 16 elements per step. Codes: the sum of one 16-bit compare mask per
+   border (<= 16 borders), or a vectorised binary search with gathers over the NaN-padded borders (NaN
+   compares false, as in the scalar path). Packing: bit plane k of the codes is deposited (pdep) at bits
+   k, k+b, k+2b, ... of a 64-bit word holding 16 codes (b <= 4) or 8 codes (b > 4, two words), which is
+   the codec's layout. The 8-byte stores overrun the step's 2*b bytes, so the caller keeps them away from
+   the end of the buffer and of the thread's range. */
 #include <immintrin.h>
 #define HAVE_SIMD_ENC 1
 static void enc_f32_simd(const float* x, int64_t s0, int64_t s1, const float* B, int K, int bits,
                          uint8_t* out) {
-  uint64_t pattern[4];
+  uint64_t pattern[8];  /* bits <= 4: 16 codes per 64-bit word; else 8 codes per word, two words */
+  int per = bits <= 4 ? 16 : 8;
   for (int k = 0; k < bits; k++) {
     uint64_t m = 0;
-    for (int i = 0; i < 16; i++) m |= 1ull << (i * bits + k);
+    for (int i = 0; i < per; i++) m |= 1ull << (i * bits + k);
     pattern[k] = m;
   }
   __m512 t[16];
-  for (int k = 0; k < K; k++) t[k] = _mm512_set1_ps(B[k]);
+  float pad[256];
+  if (K <= 16) { for (int k = 0; k < K; k++) t[k] = _mm512_set1_ps(B[k]); }
+  else { for (int k = 0; k < 255; k++) pad[k] = k < K ? B[k] : NAN; }  /* NaN: compares false */
   const __m512i one = _mm512_set1_epi32(1);
   for (int64_t s = s0; s < s1; s++) {
     __m512 v = _mm512_loadu_ps(x + s * 16);
     __m512i c = _mm512_setzero_si512();
-    for (int k = 0; k < K; k++) c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, t[k], _CMP_GT_OQ), c, one);
-    uint64_t w = 0;
-    for (int k = 0; k < bits; k++)
-      w |= _pdep_u64((uint64_t)_mm512_test_epi32_mask(c, _mm512_set1_epi32(1 << k)), pattern[k]);
-    memcpy(out + s * 2 * bits, &w, 8);
+    if (K <= 16) {
+      for (int k = 0; k < K; k++)
+        c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, t[k], _CMP_GT_OQ), c, one);
+    } else {  /* branchless binary search over the 2**bits - 1 padded borders, 16 lanes at once */
+      for (int st = 1 << (bits - 1); st; st >>= 1) {
+        __m512i probe = _mm512_add_epi32(c, _mm512_set1_epi32(st - 1));
+        __m512 tv = _mm512_i32gather_ps(probe, pad, 4);
+        c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ), c, _mm512_set1_epi32(st));
+      }
+    }
+    uint64_t w0 = 0, w1 = 0;
+    for (int k = 0; k < bits; k++) {
+      uint64_t plane = (uint64_t)_mm512_test_epi32_mask(c, _mm512_set1_epi32(1 << k));
+      if (per == 16) w0 |= _pdep_u64(plane, pattern[k]);
+      else { w0 |= _pdep_u64(plane & 0xff, pattern[k]); w1 |= _pdep_u64(plane >> 8, pattern[k]); }
+    }
+    memcpy(out + s * 2 * bits, &w0, 8);
+    if (per == 8) memcpy(out + s * 2 * bits + bits, &w1, 8);
   }
 }
 #endif
@@ -206,7 +223,7 @@ static void run_job(job_t* j) {
       case 0: {
         int64_t g0 = j->g0;
 #ifdef HAVE_SIMD_ENC
-        if (j->K <= 16 && j->bits <= 4 && !j->right) {
+        if (!j->right) {
           /* blocks of 64 = 4 SIMD steps of 16. The 8-byte stores overrun a step by up to 6 bytes, so the
              last block of this thread's range is left to the scalar path (which rewrites those bytes;
              another thread's bytes are never touched) and so is the end of the buffer. */

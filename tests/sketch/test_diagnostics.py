@@ -81,3 +81,10 @@ def test_bad_arguments() -> None:
         variance(TwoLayer(), [], _loss)
     with pytest.raises(ValueError, match="no linear layers"):
         variance(nn.Sequential(nn.Tanh()), [torch.randn(2, 6)], lambda y: y.sum())
+
+
+def test_public_name() -> None:
+    import tightfit
+
+    report = tightfit.sketch.variance(TwoLayer(), [torch.randn(4, 6)], _loss, draws=0)
+    assert [lv.path for lv in report.layers] == ["a", "b"]

@@ -110,3 +110,36 @@ def test_parse_size():
         with pytest.raises((ValueError, TypeError), match="KiB"):
             tightfit.parse_size(bad)
     assert tightfit.format_size(1536) == "1.50 KiB"
+
+
+def test_profile_does_not_change_what_it_measures():
+    """Module tracking, the saved-tensor counter and the FLOP counter add no autograd hooks: the peak
+    of a checkpointed model equals that of a bare LiveTracker around the same step."""
+    from torch.utils.checkpoint import checkpoint
+
+    from tightfit._step import forward_loss
+    from tightfit.memory import LiveTracker
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(4)
+            )
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x.square().mean()
+
+    model, x = Checkpointed(), torch.randn(128, 64)
+    with LiveTracker(track=[model, x]) as bare:
+        forward_loss(model, x).backward()
+    for p in model.parameters():
+        p.grad = None
+    report = tightfit.profile(model, x, time_steps=0)
+    assert report.peak_bytes == bare.peak
+    # the inputs of blocks 1..3 (checkpoint keeps them) and the last output (square saves its input)
+    assert report.activations_bytes == 4 * 128 * 64 * 4
+    backward_peaks = {m.path: m.backward_peak for m in report.modules}
+    assert all(backward_peaks[f"blocks.{i}"] > 0 for i in range(4))

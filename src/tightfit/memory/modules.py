@@ -1,51 +1,102 @@
 """Which module is running right now, forward or backward, named as in ``model.named_modules()``.
 
-A thin layer over torch's ``ModTracker`` (module hooks for the forward, multi-grad hooks for the
-backward) whose only addition is naming: modules of the given root get their ``named_modules()`` path
-("" for the root); modules outside it are named by their class.
+NOTE [ Passive module tracking ]
+  A ruler must not change what it measures. torch's ModTracker and FlopCounterMode's ModuleTracker hang
+  autograd hooks on module inputs and outputs, which keeps some tensors alive longer (a few hundred bytes
+  on an LSTM, megabytes on checkpointed blocks). This tracker adds no autograd hook:
+  1. Forward: global forward pre/post hooks keep a stack of running modules.
+  2. Backward: when a module's forward returns, the autograd nodes it created (walked back from its
+     outputs to the nodes of its inputs) get its path in ``node.metadata``; inner modules return first,
+     so each node carries its innermost module. In the backward, the engine's current node names it.
+  3. Recomputation inside the backward (checkpointing) runs forwards again; rule 1 then names them.
+  Modules outside ``root`` (a loss module, say) are named by their class.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributed._tools.mod_tracker import ModTracker
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._pytree import tree_leaves
 
-_GLOBAL = "Global"
+_KEY = "tightfit.module"
+
+
+def _ancestors(path: str) -> list[str]:
+    """'a.b.c' -> ['', 'a', 'a.b', 'a.b.c']; a class name (outside the root) stands alone."""
+    if path == "":
+        return [""]
+    parts = path.split(".")
+    return [""] + [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _grad_fns(obj: object) -> list:
+    return [t.grad_fn for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
 
 
 class ModuleScope:
-    """Context manager tracking the active modules; `innermost()` names the deepest one (or None)."""
+    """Context manager tracking the running module; `innermost()` names the deepest one (or None)."""
 
     def __init__(self, root: torch.nn.Module | None = None) -> None:
-        self._tracker = ModTracker()
+        self._names: dict[torch.nn.Module, str] = {}
         if root is not None:
-            # NOTE [ ModTracker naming ]: ModTracker names a module the first time it sees it, by walking
-            # children from the first-seen ancestor with the root's *class* name as prefix. Seeding its
-            # name table with named_modules() paths (and marking them seen) makes it use ours instead.
             for path, module in root.named_modules(remove_duplicate=False):
-                if module not in self._tracker._known_modules:
-                    self._tracker._known_modules[module] = path
-                self._tracker._seen_modules.add(module)
+                self._names.setdefault(module, path)
+        self._stack: list[tuple[str, set]] = []
+        self._handles: list = []
+
+    def _name(self, module: torch.nn.Module) -> str:
+        return self._names.get(module, type(module).__name__)
+
+    def _pre(self, module: torch.nn.Module, args: tuple) -> None:
+        self._stack.append((self._name(module), set(_grad_fns(args))))
+
+    def _post(self, module: torch.nn.Module, args: tuple, output: object) -> None:
+        if not self._stack:
+            return
+        path, boundary = self._stack.pop()
+        if not torch.is_grad_enabled():
+            return
+        pending = _grad_fns(output)
+        while pending:
+            node = pending.pop()
+            if node is None or node in boundary or _KEY in node.metadata:
+                continue
+            node.metadata[_KEY] = path
+            pending.extend(next_node for next_node, _ in node.next_functions)
 
     def __enter__(self) -> ModuleScope:
-        self._tracker.__enter__()
+        self._handles = [
+            register_module_forward_pre_hook(self._pre),
+            register_module_forward_hook(self._post, always_call=True),
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._tracker.__exit__(*exc)
-
-    @property
-    def active(self) -> list[str]:
-        """Paths of the modules currently running (forward, or backward when in the backward pass)."""
-        return [p for p in self._tracker.parents if p != _GLOBAL]
-
-    def innermost(self) -> str | None:
-        """The deepest active module's path, or None outside every module."""
-        active = self.active
-        if not active:
-            return None
-        return max(active, key=lambda p: (p.count(".") + (p != ""), p))
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._stack.clear()
 
     @property
     def in_backward(self) -> bool:
-        return self._tracker.is_bw
+        return torch._C._current_graph_task_id() != -1
+
+    def innermost(self) -> str | None:
+        """The deepest running module's path, or None outside every module."""
+        if self._stack:
+            return self._stack[-1][0]
+        if self.in_backward:
+            node = torch._C._current_autograd_node()
+            if node is not None:
+                return node.metadata.get(_KEY)
+        return None
+
+    @property
+    def active(self) -> list[str]:
+        """Paths of the running modules, outermost first (forward, or backward when in the backward)."""
+        if self._stack:
+            return [path for path, _ in self._stack]
+        innermost = self.innermost()
+        if innermost is None:
+            return []
+        return _ancestors(innermost) if innermost in self._names.values() else [innermost]

@@ -4,7 +4,7 @@ Both run the identical procedure, so on a model that fits they agree exactly on 
   1. If the optimizer has no state yet, it takes one step on zero gradients to create it, so the
      measured step is a steady-state one (optimizer state is live during forward and backward).
   2. Gradients are set to None; one step runs under the live tracker, the saved-tensor counter and
-     FlopCounterMode: forward, loss, backward, optimizer step. The model output stays alive until the
+     a FLOP counter: forward, loss, backward, optimizer step. The model output stays alive until the
      step ends, as in an ordinary training loop.
   3. `profile` then times `time_steps` more steps without any measurement overhead.
 Note that `profile` trains: the model's parameters and the optimizer state are updated.
@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from tightfit._step import LossFn, call_model, loss_of, training_step
 from tightfit.errors import InvalidInput, NothingToTrain
+from tightfit.memory.flops import FlopCounter
 from tightfit.memory.live import LiveTracker, _tensors, storage_key
 from tightfit.memory.report import MemoryReport, ModuleMemory
 from tightfit.memory.saved import SavedTensorCounter
@@ -94,7 +94,7 @@ def _measure(
             p.grad = None
 
     tracker = LiveTracker(track=[model, optimizer, batch], root=model, timeline=timeline)
-    with tracker, FlopCounterMode(display=False) as flop_counter:
+    with tracker, FlopCounter() as flop_counter:
         tracker.phase = "forward"
         with SavedTensorCounter(exclude=[model, batch], root=model) as saved:
             output = call_model(model, batch)
@@ -138,7 +138,7 @@ def _measure(
         phase_peaks=dict(tracker.phase_peaks),
         per_module=dict(sorted(saved.per_module.items())),
         modules=modules,
-        flops=int(flop_counter.get_total_flops()),
+        flops=flop_counter.total,
         step_time=None,
         timeline=tracker.timeline,
     )

@@ -59,10 +59,10 @@ def same_grads(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> bo
 def step_peak(model: torch.nn.Module, batch: Any, optimizer: torch.optim.Optimizer | None = None) -> int:
     """The ruler's peak of one training step, measured here independently of the planner, with the
     procedure of ``tightfit.profile`` (optimizer state created first; the output lives until the end)."""
-    from tightfit.memory.profile import _ensure_optimizer_state
+    from tightfit.memory import ensure_optimizer_state
 
     if optimizer is not None:
-        _ensure_optimizer_state(model, optimizer)
+        ensure_optimizer_state(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.grad = None

@@ -6,7 +6,7 @@
 """
 
 from tightfit.memory.live import LiveTracker, ModulePeaks, TimelinePoint
-from tightfit.memory.profile import estimate, profile, unique_bytes
+from tightfit.memory.profile import ensure_optimizer_state, estimate, profile, unique_bytes
 from tightfit.memory.report import MemoryReport, ModuleMemory
 from tightfit.memory.saved import SavedTensorCounter
 
@@ -15,6 +15,7 @@ __all__ = [
     "LiveTracker",
     "SavedTensorCounter",
     "unique_bytes",
+    "ensure_optimizer_state",
     # whole training steps
     "profile",
     "estimate",

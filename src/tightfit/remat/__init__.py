@@ -11,6 +11,10 @@ _NAMES = {
     "rematerialize": "auto",
     "InfeasibleBudget": "auto",
     "Plan": "plan",
+    "Planner": "auto",
+    "estimate_plan": "estimate",
+    "apply": "execute",
+    "undo": "execute",
 }
 __all__ = [*_NAMES, "solvers"]
 __getattr__ = lazy_getattr(__name__, _NAMES)

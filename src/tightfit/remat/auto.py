@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from tightfit._step import LossFn, call_model, loss_of, training_step
+from tightfit.memory.profile import ensure_optimizer_state
 from tightfit.remat import execute
 from tightfit.remat.blocks import Blocks, find_blocks
 from tightfit.remat.chainmodel import ChainCosts
@@ -50,13 +51,6 @@ except ImportError:  # pragma: no cover - the solvers package is being written a
         def __init__(self, budget: float, min_budget: float, what: str = "schedule") -> None:
             self.budget, self.min_budget = float(budget), float(min_budget)
             super().__init__(f"no {what} fits in {budget:g}; the smallest feasible budget is {min_budget:g}")
-
-
-def _ensure_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer state the way ``tightfit.profile`` does (one step on zero gradients)."""
-    from tightfit.memory.profile import _ensure_optimizer_state as ensure
-
-    ensure(model, optimizer)
 
 
 class InfeasibleBudget(_SolverInfeasible):
@@ -164,7 +158,7 @@ class Planner:
         """One step measured as ``tightfit.profile`` measures it (the output stays alive until the step
         ends; optimizer state is created first by a step on zero gradients); returns the tracker."""
         if self.optimizer is not None:
-            _ensure_optimizer_state(self.model, self.optimizer)
+            ensure_optimizer_state(self.model, self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
         else:
             for p in self.model.parameters():

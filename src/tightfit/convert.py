@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 FilterFn = Callable[[torch.nn.Module, str], bool]
-Handler = Callable[[torch.nn.Module, Any, "FilterFn | None"], "ConversionReport"]
+Handler = Callable[..., "ConversionReport"]  # (model, config, filter_fn, **options)
 
 _HANDLERS: dict[type, Handler] = {}
 # Modules that register handlers; imported on the first call so `import tightfit` stays light.
@@ -44,7 +44,7 @@ class ConversionReport:
 
 
 def register_converter(config_type: type) -> Callable[[Handler], Handler]:
-    """Decorator: register `handler(model, config, filter_fn) -> ConversionReport` for `config_type`."""
+    """Decorator: register `handler(model, config, filter_fn, **options) -> ConversionReport`."""
 
     def decorate(handler: Handler) -> Handler:
         _HANDLERS[config_type] = handler
@@ -63,12 +63,18 @@ def replace_module(root: torch.nn.Module, path: str, new: torch.nn.Module) -> No
 
 
 def convert_(
-    model: torch.nn.Module, config: Any, filter_fn: FilterFn | None = None, *, verbose: bool = True
+    model: torch.nn.Module,
+    config: Any,
+    filter_fn: FilterFn | None = None,
+    *,
+    verbose: bool = True,
+    **options: Any,
 ) -> ConversionReport:
     """Convert `model` in place with `config` (e.g. `tightfit.FewBit(bits=2)`, `tightfit.Sketch(ratio=0.2)`).
 
-    `filter_fn(module, path) -> bool` limits which modules are considered. Prints the report unless
-    `verbose=False`, and returns it.
+    `filter_fn(module, path) -> bool` limits which modules are considered. `options` go to the technique's
+    handler, e.g. ``example=batch`` for `Sketch` (finds inputs that other ops keep alive anyway and
+    measures the real peak change). Prints the report unless `verbose=False`, and returns it.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert_ expects a torch.nn.Module, got {type(model).__name__}")
@@ -78,7 +84,7 @@ def convert_(
     if handler is None:
         known = ", ".join(sorted(t.__name__ for t in _HANDLERS)) or "none registered"
         raise TypeError(f"convert_ got a config of type {type(config).__name__}; valid configs: {known}")
-    report = handler(model, config, filter_fn)
+    report = handler(model, config, filter_fn, **options)
     if verbose:
         print(report)
     return report

@@ -9,9 +9,10 @@ from typing import Any
 __all__ = ["FewBit", "DEFAULT_BITS"]
 
 # 2 bits (4 levels): the saved input of an activation shrinks 16x against fp32 (8x against bf16), and the
-# fitted GELU/SiLU tables keep the gradient close (GELU: weighted L2 error ~8e-3 under N(0,1)); 1 bit is
-# a visibly coarser step function and 3-4 bits cost more memory for a small further gain (see
-# benchmarks/fewbit_convergence.py and the README table).
+# fitted GELU/SiLU tables keep the gradient close (GELU: weighted L2 error ~8e-3 under N(0,1)). Measured
+# (benchmarks/fewbit_convergence.py, reduced runs): MiniLM on BBC News 96.6% vs 96.9% baseline (one test
+# document), a Fashion-MNIST CNN 79.6% vs 79.7%. 1 bit is a coarse step function; 3-4 bits cost more
+# memory for a small further gain in gradient error.
 DEFAULT_BITS = 2
 
 

@@ -25,12 +25,14 @@ _HANDLER_MODULES = ("tightfit.fewbit.convert", "tightfit.sketch.convert")
 
 @dataclass
 class ConversionReport:
-    """What `convert_` did: converted modules (path, before, after), skipped ones with reasons, notes."""
+    """What `convert_` did: converted modules (path, before, after), skipped ones with reasons, notes,
+    and numbers a technique measured or predicted (e.g. saved bytes, peak before/after) in `metrics`."""
 
     technique: str
     converted: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.converted)

@@ -2,17 +2,22 @@
 and computes an unbiased estimate of the weight gradient; the input gradient stays exact.
 
 `RandomizedLinear` / `randomized_linear` (also as `tightfit.nn` / `tightfit.functional`), `Sketch` +
-`tightfit.convert_` (whole models, shared inputs handled), `variance` (sketch vs minibatch-SGD noise, and the
-smallest safe ratio per layer).
+`tightfit.convert_` (whole models, shared inputs handled; pass ``example=batch`` to measure the real peak
+change), `variance` (sketch vs minibatch-SGD noise, and the smallest safe ratio per layer).
 """
 
 from tightfit._lazy import lazy_getattr
 
 _NAMES = {
     "RandomizedLinear": "modules",
+    "RandomizedConv1D": "modules",
     "randomized_linear": "functional",
     "Sketch": "config",
-    "variance": "variance",
+    "SKETCHES": "sketches",
+    "variance": "diagnostics",
+    "VarianceReport": "diagnostics",
+    "LayerVariance": "diagnostics",
+    "sketch_": "convert",
     "convert_sketch": "convert",
 }
 __all__ = list(_NAMES)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from tightfit._step import LossFn, call_model, loss_of, training_step
+from tightfit.errors import UserError
 from tightfit.memory.profile import ensure_optimizer_state
 from tightfit.remat import execute
 from tightfit.remat.blocks import Blocks, find_blocks
@@ -41,19 +42,11 @@ from tightfit.remat.chainmodel import ChainCosts
 from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE
 from tightfit.remat.measure import OptionCost, _live_tracker, measure_group, step_cost
 from tightfit.remat.plan import Decision, Plan
+from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
 from tightfit.sizes import format_size, parse_size
 
-try:
-    from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
-except ImportError:  # pragma: no cover - the solvers package is being written alongside
 
-    class _SolverInfeasible(Exception):  # type: ignore[no-redef]
-        def __init__(self, budget: float, min_budget: float, what: str = "schedule") -> None:
-            self.budget, self.min_budget = float(budget), float(min_budget)
-            super().__init__(f"no {what} fits in {budget:g}; the smallest feasible budget is {min_budget:g}")
-
-
-class InfeasibleBudget(_SolverInfeasible):
+class InfeasibleBudget(_SolverInfeasible, UserError):
     """No remat plan keeps the training step under ``budget``; ``min_budget`` (bytes) is the measured peak
     of the most memory-frugal plan, so ``rematerialize(..., budget=err.min_budget)`` succeeds."""
 

@@ -19,3 +19,18 @@ def lazy_getattr(package: str, names: dict[str, str]) -> Callable[[str], Any]:
         return value
 
     return __getattr__
+
+
+def provider_getattr(package: str, providers: tuple[str, ...]) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` resolving any name in the ``__all__`` of one of `providers`."""
+
+    def __getattr__(name: str) -> Any:
+        for provider in providers:
+            module = importlib.import_module(provider)
+            if name in getattr(module, "__all__", ()):
+                value = getattr(module, name)
+                importlib.import_module(package).__dict__[name] = value
+                return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

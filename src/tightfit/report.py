@@ -1,4 +1,4 @@
-"""Terminal rendering (rich) and plots (matplotlib, optional) for tightfit's reports."""
+"""Terminal rendering (rich) for tightfit's reports; plots live with the features that draw them."""
 
 from __future__ import annotations
 
@@ -104,26 +104,3 @@ def render_memory_report(report: MemoryReport, width: int = 100) -> str:
             by_module.add_row(path, format_size(nbytes), _pct(nbytes, report.activations_bytes))
         lines.append(to_text(by_module, width))
     return "\n".join(lines)
-
-
-def plot_timelines(
-    timelines: dict[str, list], path: str, title: str = "live tensor memory over a step"
-) -> None:
-    """Plot live bytes against op index for each labelled timeline (matplotlib) and save to `path`."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install 'tightfit[plot]'") from err
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for label, points in timelines.items():
-        ax.plot([p.index for p in points], [p.live_bytes / 2**20 for p in points], label=label, lw=1)
-    ax.set_xlabel("op index")
-    ax.set_ylabel("live tensors (MiB)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -5,21 +5,15 @@ import torch
 from torch import nn
 
 import tightfit
+from tightfit import zoo
 from tightfit.fewbit import modules as M
 from tightfit.fewbit.config import FewBit
-from tightfit.fewbit.convert import convert_fewbit
 from tightfit.fewbit.gated import FewBitGatedMLP
-
-zoo = pytest.importorskip("tightfit.zoo")
-pytest.importorskip("transformers")
 
 
 def convert(model, config, filter_fn=None):
-    """tightfit.convert_ (the public verb); the handler directly if another technique's handler is absent."""
-    try:
-        return tightfit.convert_(model, config, filter_fn, verbose=False)
-    except ModuleNotFoundError:
-        return convert_fewbit(model, config, filter_fn)
+    """tightfit.convert_, the public verb, without printing."""
+    return tightfit.convert_(model, config, filter_fn, verbose=False)
 
 
 def _activation_modules(model):

@@ -62,7 +62,7 @@ def step_peak(model: torch.nn.Module, batch: Any, optimizer: torch.optim.Optimiz
     from tightfit.memory import ensure_optimizer_state
 
     if optimizer is not None:
-        ensure_optimizer_state(model, optimizer)
+        ensure_optimizer_state(optimizer)
         optimizer.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.grad = None

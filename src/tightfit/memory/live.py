@@ -104,7 +104,7 @@ class LiveTracker(TorchDispatchMode):
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
-        # Keeps compiled graphs compiled under the tracker (peer-pareto.md, finding 2).
+        # Without this, dynamo skips compiled frames under the mode: the model would run eagerly.
         return True
 
     # -- registration -------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def _synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize()
 
 
-def ensure_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Create the optimizer's state with one step on zero gradients, if it has none (procedure step 1)."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if not params or all(p in optimizer.state and optimizer.state[p] for p in params):
@@ -87,7 +87,7 @@ def _measure(
 ) -> MemoryReport:
     """Procedure steps 1 and 2 (see the module docstring)."""
     if optimizer is not None:
-        ensure_optimizer_state(model, optimizer)
+        ensure_optimizer_state(optimizer)
         optimizer.zero_grad(set_to_none=True)
     else:
         for p in model.parameters():

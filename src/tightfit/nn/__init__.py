@@ -4,23 +4,11 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+from tightfit._lazy import provider_getattr
 
 _PROVIDERS = ("tightfit.fewbit.modules", "tightfit.sketch.modules")
-
-
-def _lookup(name: str) -> Any:
-    for provider in _PROVIDERS:
-        module = importlib.import_module(provider)
-        if name in getattr(module, "__all__", ()):
-            return getattr(module, name)
-    raise AttributeError(f"module 'tightfit.nn' has no attribute {name!r}")
-
-
-def __getattr__(name: str) -> Any:
-    value = _lookup(name)
-    globals()[name] = value
-    return value
+__getattr__ = provider_getattr(__name__, _PROVIDERS)
 
 
 def __dir__() -> list[str]:

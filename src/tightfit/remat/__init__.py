@@ -6,6 +6,7 @@ policies, and returns a `Plan` with predicted and measured peak and time.
 """
 
 from tightfit._lazy import lazy_getattr
+from tightfit.remat import solvers  # pure numpy/scipy: cheap to import
 
 _NAMES = {
     "rematerialize": "auto",

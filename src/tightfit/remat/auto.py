@@ -35,12 +35,13 @@ import torch
 
 from tightfit._step import LossFn, call_model, loss_of, training_step
 from tightfit.errors import UserError
+from tightfit.memory import LiveTracker
 from tightfit.memory.profile import ensure_optimizer_state
 from tightfit.remat import execute
 from tightfit.remat.blocks import Blocks, find_blocks
 from tightfit.remat.chainmodel import ChainCosts
 from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE
-from tightfit.remat.measure import OptionCost, _live_tracker, measure_group, step_cost
+from tightfit.remat.measure import OptionCost, measure_group, step_cost
 from tightfit.remat.plan import Decision, Plan
 from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
 from tightfit.sizes import format_size, parse_size
@@ -151,12 +152,12 @@ class Planner:
         """One step measured as ``tightfit.profile`` measures it (the output stays alive until the step
         ends; optimizer state is created first by a step on zero gradients); returns the tracker."""
         if self.optimizer is not None:
-            ensure_optimizer_state(self.model, self.optimizer)
+            ensure_optimizer_state(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
         else:
             for p in self.model.parameters():
                 p.grad = None
-        with _live_tracker()(track=[self.model, self.optimizer, self.batch], timeline=timeline) as t:
+        with LiveTracker(track=[self.model, self.optimizer, self.batch], timeline=timeline) as t:
             t.phase = "forward"
             output = call_model(self.model, self.batch)
             loss = loss_of(output, self.loss_fn)

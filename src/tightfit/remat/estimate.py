@@ -5,10 +5,11 @@ allocated, so a laptop can plan a run of a model larger than its memory. The sam
 real model, with two changes:
 
 - memory is exact for the kernels PyTorch picks *on this machine's device type* (FakeTensorMode runs the
-  real shape logic; research/torch-native.md §4 found it byte-identical to real runs on CPU). A GPU run can
-  pick other kernels (flash/efficient attention instead of the CPU path; cuDNN convolutions with their
-  own workspaces) and its caching allocator rounds sizes up, so the peak there may differ: APPROXIMATE.
-- time comes from counts: FLOPs (``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions,
+  real shape logic; on CPU it matches real runs byte for byte, see tests/memory/test_estimate_zoo.py).
+  A GPU run can pick other kernels (flash/efficient attention instead of the CPU path; cuDNN
+  convolutions with their own workspaces) and its caching allocator rounds sizes up, so the peak there
+  may differ: APPROXIMATE.
+- time comes from counts: FLOPs (torch's FLOP formulas, ``tightfit.memory.flops``: matmuls, convolutions,
   attention) at a nominal ``flop_rate`` FLOP/s, plus the bytes every op writes at ``flop_rate / 50``
   bytes/s (so pointwise ops, norms and softmax cost their memory traffic). No fusion, overlap, kernel
   launch or Python overhead is modelled, and absolute times are only as good as ``flop_rate``:

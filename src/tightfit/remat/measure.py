@@ -27,16 +27,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tightfit.memory import LiveTracker
+from tightfit.memory.flops import FlopCounter
 from tightfit.remat.blocks import Group, _leaves
 from tightfit.remat.execute import OPTIONS, STORE, run_call
-
-
-def _live_tracker() -> Any:
-    try:
-        from tightfit.memory import LiveTracker
-    except ImportError:  # the package __init__ may not export it yet
-        from tightfit.memory.live import LiveTracker
-    return LiveTracker
 
 
 @dataclass
@@ -104,10 +98,10 @@ class _Run:
         return run_call(self.group.module, self.forward, self.option, self.args, self.kwargs)
 
 
-def _measure_memory(run: _Run, tracker_cls: Any) -> tuple[int, int, int, list[torch.Tensor | None]]:
+def _measure_memory(run: _Run) -> tuple[int, int, int, list[torch.Tensor | None]]:
     for p in run.params:
         p.grad = None
-    with tracker_cls(track=[run.args, run.kwargs]) as t:
+    with LiveTracker(track=[run.args, run.kwargs]) as t:
         t.phase = "forward"
         base = t.current
         t.peak = t.current
@@ -164,11 +158,9 @@ class _OutputBytes(TorchDispatchMode):
 
 def step_cost(fn: Callable[[], Any], flop_rate: float, byte_rate: float) -> float:
     """Seconds of ``fn()`` by the --estimate cost model: FLOPs / flop_rate + bytes written / byte_rate."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, _OutputBytes() as written:
+    with FlopCounter() as counter, _OutputBytes() as written:
         fn()
-    return counter.get_total_flops() / flop_rate + written.total / byte_rate
+    return counter.total / flop_rate + written.total / byte_rate
 
 
 def _count_time(run: _Run, flop_rate: float, byte_rate: float) -> tuple[float, float]:
@@ -227,14 +219,13 @@ def measure_group(
     times come from counts instead of clocks, and gradients are not compared (under FakeTensorMode there
     are no values): the ``--estimate`` cost model.
     """
-    tracker_cls = _live_tracker()
     options = [STORE, *[o for o in options if o != STORE]]
     costs: dict[str, OptionCost] = {}
     reference: list[torch.Tensor | None] | None = None
     for option in options:
         run = _Run(group, option, seed)
         try:
-            keep, fwd_peak, bwd_peak, grads = _measure_memory(run, tracker_cls)
+            keep, fwd_peak, bwd_peak, grads = _measure_memory(run)
         except Exception as err:  # an option this block cannot run under (in-place input updates, ...)
             if option == STORE:
                 raise RuntimeError(f"block {group.path} fails when run on its own: {err}") from err

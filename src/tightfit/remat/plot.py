@@ -13,10 +13,13 @@ def plot_memory(planner: Any, plan: Plan, path: str, *, title: str = "one traini
     The x axis is the op count (the plan runs more ops: its recomputation), the y axis live MiB; the
     budget is a dashed line; backward regions are shaded.
     """
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install 'tightfit[plot]'") from err
 
     mib = 2**20
     runs = [("no remat", planner.timeline(None)), (f"plan: {plan.summary()}", planner.timeline(plan.options))]

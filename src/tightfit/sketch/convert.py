@@ -27,6 +27,7 @@ from torch import nn
 
 from tightfit._step import forward_loss
 from tightfit.convert import ConversionReport, register_converter, replace_module
+from tightfit.memory import LiveTracker
 from tightfit.sizes import format_size
 from tightfit.sketch.config import Sketch
 from tightfit.sketch.modules import RandomizedConv1D, RandomizedLinear
@@ -145,16 +146,8 @@ def probe_inputs(
     return probe
 
 
-def _measure_peak(model: nn.Module, example: Any, loss_fn=None) -> int | None:  # noqa: ANN001
-    """Live-tensor peak (bytes) of one forward+backward on `example`, params/grads restored; None if the
-    ruler is unavailable."""
-    try:
-        from tightfit.memory import LiveTracker  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from tightfit.memory.live import LiveTracker
-        except ImportError:
-            return None
+def _measure_peak(model: nn.Module, example: Any, loss_fn=None) -> int:  # noqa: ANN001
+    """Live-tensor peak (bytes) of one forward+backward on `example`, params/grads restored."""
     grads = [(p, p.grad) for p in model.parameters()]
     for p, _ in grads:
         p.grad = None
@@ -191,8 +184,10 @@ def sketch_(
     config = Sketch() if config is None else config
     if not isinstance(config, Sketch):
         raise TypeError(f"expected a tightfit.Sketch config, got {type(config).__name__}")
-    report = ConversionReport(technique=f"sketch ({config.sketch}, " + (
-        f"ratio={config.ratio})" if config.k is None else f"k={config.k})"))
+    report = ConversionReport(
+        technique=f"sketch ({config.sketch}, "
+        + (f"ratio={config.ratio})" if config.k is None else f"k={config.k})")
+    )
     candidates, skipped = find_candidates(model, filter_fn)
     report.skipped.extend(skipped)
 
@@ -242,23 +237,21 @@ def _convert(
 
     notes, predicted = _predicted_notes(config, candidates, chosen, probe)
     report.notes.extend(notes)
-    # structured numbers next to the notes (ConversionReport has no field for them yet)
     report.metrics = {"predicted_saved_bytes": predicted, "peak_before": before_peak, "peak_after": None}
     if before_peak is not None:
         after_peak = _measure_peak(model, example, loss_fn)
         report.metrics["peak_after"] = after_peak
-        if after_peak is not None:
-            delta = before_peak - after_peak
-            report.notes.append(
-                f"measured peak of one training step on the example (ruler): {format_size(before_peak)} -> "
-                f"{format_size(after_peak)} ({'-' if delta >= 0 else '+'}{format_size(abs(delta))}, "
-                f"{100 * delta / max(1, before_peak):.1f}% less)"
-            )
-    elif example is not None and measure:
-        report.notes.append("peak not measured: the ruler (tightfit.memory.LiveTracker) is unavailable")
+        delta = before_peak - after_peak
+        report.notes.append(
+            f"measured peak of one training step on the example (ruler): {format_size(before_peak)} -> "
+            f"{format_size(after_peak)} ({'-' if delta >= 0 else '+'}{format_size(abs(delta))}, "
+            f"{100 * delta / max(1, before_peak):.1f}% less)"
+        )
     if config.shared == "share":
-        report.notes.append("layers reading the same input share one sketch (eager mode; under torch.compile "
-                            "each layer sketches separately)")
+        report.notes.append(
+            "layers reading the same input share one sketch (eager mode; under torch.compile "
+            "each layer sketches separately)"
+        )
     if verbose:
         print(report)
     return report
@@ -280,8 +273,10 @@ def _predicted_notes(
         ratio = config.ratio if config.k is None else None
         per_token = sum(_in_features(candidates[p]) * candidates[p].weight.element_size() for p in chosen)
         if ratio is None:
-            return [f"predicted saving: up to (N - {config.k}) x {per_token} bytes per call of the model "
-                    "(N = tokens), if no other op keeps the inputs; pass example= to check and measure"], None
+            return [
+                f"predicted saving: up to (N - {config.k}) x {per_token} bytes per call of the model "
+                "(N = tokens), if no other op keeps the inputs; pass example= to check and measure"
+            ], None
         return [
             f"predicted saving: up to {(1 - ratio) * per_token:.0f} bytes per token ({1 - ratio:.0%} of the "
             f"{per_token} bytes/token the converted inputs take), counting shared inputs once per layer; "
@@ -313,8 +308,10 @@ def _predicted_notes(
         f"({len(seen)} distinct inputs, {shared_groups} read by several converted layers)"
     ]
     if exact:
-        notes.append(f"{len(exact)} converted layer(s) run exactly on the example (k >= N tokens or N < "
-                     f"min_tokens, no saving): {', '.join(exact[:8])}{' ...' if len(exact) > 8 else ''}")
+        notes.append(
+            f"{len(exact)} converted layer(s) run exactly on the example (k >= N tokens or N < "
+            f"min_tokens, no saving): {', '.join(exact[:8])}{' ...' if len(exact) > 8 else ''}"
+        )
     return notes, saving
 
 

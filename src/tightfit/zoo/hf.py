@@ -130,7 +130,8 @@ for _name, (_l, _d, _h) in _GPT2_SIZES.items():
         **_TINY_TEXT,
     )
 
-# A CPU-sized GPT-2 used by the benchmarks and the demo (research/peer-pareto.md: batch 8, seq 256).
+# A CPU-sized GPT-2 used by the benchmarks and the demo (PyTorch's checkpointing is compared on it at
+# batch 8, seq 256).
 _register(
     "gpt2-small-cpu",
     "gpt2",

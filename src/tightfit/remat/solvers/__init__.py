@@ -33,17 +33,40 @@ from .simulate import simulate
 
 __all__ = [
     # problems and schedules
-    "Chain", "TapeOption", "Dag", "Schedule", "Op",
-    "ForwardNoSave", "ForwardCheckpoint", "ForwardTape", "Loss", "Backward", "Free", "Compute", "Release",
+    "Chain",
+    "TapeOption",
+    "Dag",
+    "Schedule",
+    "Op",
+    "ForwardNoSave",
+    "ForwardCheckpoint",
+    "ForwardTape",
+    "Loss",
+    "Backward",
+    "Free",
+    "Compute",
+    "Release",
     "store_all_ops",
     # chain solvers
-    "solve_chain", "chain_min_memory", "StageDecision", "stage_decisions",
-    "revolve", "revolve_extra_forwards", "beta", "solve_bptt",
+    "solve_chain",
+    "chain_min_memory",
+    "StageDecision",
+    "stage_decisions",
+    "revolve",
+    "revolve_extra_forwards",
+    "beta",
+    "solve_bptt",
     # DAG solvers
-    "JointGraph", "joint_graph", "bwd_index", "solve_dag_ilp", "solve_dag_lowerset", "lower_sets",
+    "JointGraph",
+    "joint_graph",
+    "bwd_index",
+    "solve_dag_ilp",
+    "solve_dag_lowerset",
+    "lower_sets",
     "strategy_ops",
     # checking
     "simulate",
     # errors
-    "InfeasibleBudget", "InvalidSchedule",
+    "InfeasibleBudget",
+    "InvalidSchedule",
 ]

@@ -38,38 +38,45 @@ def _tables(T: int, M: int, h: int, tau: int, f: float, b: float, hsm: bool):
                 sh = h + tau
                 lo = max(need_tape, sh)
                 if lo <= M:
-                    np.minimum(row[lo:], f + b + In[d - 1, lo - sh:M + 1 - sh], out=row[lo:])
+                    np.minimum(row[lo:], f + b + In[d - 1, lo - sh : M + 1 - sh], out=row[lo:])
         for jlo, thr in ((1, 3 * h), (2, 4 * h)):  # j = 1 needs 3h for the segment, j >= 2 needs 4h
             jhi = 1 if jlo == 1 else d
             lo = max(thr, h)
             if jlo > jhi or lo > M:
                 continue
             j = np.arange(jlo, jhi + 1)
-            cand = (j * f)[:, None] + In[d - j, lo - h:M + 1 - h] + In[j - 1, lo:]
+            cand = (j * f)[:, None] + In[d - j, lo - h : M + 1 - h] + In[j - 1, lo:]
             np.minimum(row[lo:], cand.min(axis=0), out=row[lo:])
     # sub-problems ending with the loss: stages L-d..L-1 plus the loss (x_L of size h, d_{L+1} of size 0)
-    Top[0, 2 * h:] = 0.0
+    Top[0, 2 * h :] = 0.0
     for d in range(1, T + 1):
         row = Top[d]
         if not hsm or d == 1:
             sh = h + tau
             lo = max(3 * h + tau, sh)
             if lo <= M:
-                np.minimum(row[lo:], f + b + Top[d - 1, lo - sh:M + 1 - sh], out=row[lo:])
+                np.minimum(row[lo:], f + b + Top[d - 1, lo - sh : M + 1 - sh], out=row[lo:])
         for jlo, thr in ((1, 2 * h), (2, 3 * h)):  # j = 1 needs 2h for the segment, j >= 2 needs 3h
             lo = max(thr, h)
             jhi = 1 if jlo == 1 else d
             if jlo > jhi or lo > M:
                 continue
             j = np.arange(jlo, jhi + 1)
-            cand = (j * f)[:, None] + Top[d - j, lo - h:M + 1 - h] + In[j - 1, lo:]
+            cand = (j * f)[:, None] + Top[d - j, lo - h : M + 1 - h] + In[j - 1, lo:]
             np.minimum(row[lo:], cand.min(axis=0), out=row[lo:])
     return In, Top
 
 
-def solve_bptt(n_steps: int, budget: float, fwd_time: float = 1.0, bwd_time: float = 1.0,
-               state_size: float = 1.0, tape_size: float = 0.0, slots: int | None = None,
-               store_hidden_only: bool = False) -> Schedule:
+def solve_bptt(
+    n_steps: int,
+    budget: float,
+    fwd_time: float = 1.0,
+    bwd_time: float = 1.0,
+    state_size: float = 1.0,
+    tape_size: float = 0.0,
+    slots: int | None = None,
+    store_hidden_only: bool = False,
+) -> Schedule:
     """Fastest persistent schedule for ``n_steps`` identical steps under ``budget`` (chain memory model).
 
     ``state_size``: bytes of a hidden state (each ``x_i``, ``d_i`` and the output); ``tape_size``: what a
@@ -93,6 +100,7 @@ def solve_bptt(n_steps: int, budget: float, fwd_time: float = 1.0, bwd_time: flo
     In, Top = _tables(T, M, h, tau, float(fwd_time), float(bwd_time), store_hidden_only)
     if not np.isfinite(Top[T, M]):
         from .chain_dp import chain_min_memory
+
         mb = chain_min_memory(chain)[0] if T <= 300 else None
         if mb is not None and mb <= budget:
             raise InfeasibleBudget(budget, mb, "BPTT schedule at this slot resolution (raise slots)")
@@ -103,8 +111,15 @@ def solve_bptt(n_steps: int, budget: float, fwd_time: float = 1.0, bwd_time: flo
     peak, time = simulate_chain(chain, ops)
     if peak > budget * (1 + 1e-12):
         raise AssertionError(f"internal: BPTT schedule peaks at {peak} > {budget}")
-    return Schedule(ops, time, peak, budget=budget, solver="bptt-hsm" if store_hidden_only else "bptt",
-                    optimal=True, info={"slots": M, "predicted_time": float(Top[T, M])})
+    return Schedule(
+        ops,
+        time,
+        peak,
+        budget=budget,
+        solver="bptt-hsm" if store_hidden_only else "bptt",
+        optimal=True,
+        info={"slots": M, "predicted_time": float(Top[T, M])},
+    )
 
 
 def _min_budget_bptt(T, h, tau, scale, f, b, hsm) -> float:

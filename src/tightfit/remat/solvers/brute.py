@@ -25,8 +25,13 @@ from .problems import (
 )
 from .simulate import simulate_chain, simulate_dag
 
-__all__ = ["chain_persistent_schedules", "brute_chain", "brute_chain_min_memory", "brute_dag_staged",
-           "brute_dag_lowerset"]
+__all__ = [
+    "chain_persistent_schedules",
+    "brute_chain",
+    "brute_chain_min_memory",
+    "brute_dag_staged",
+    "brute_dag_lowerset",
+]
 
 
 def chain_persistent_schedules(chain: Chain) -> Iterator[list[Op]]:
@@ -132,6 +137,7 @@ def brute_dag_lowerset(dag: Dag, budget: float) -> float | None:
     full = (1 << dag.n) - 1
     inner = [m for m in sets if m not in (0, full)]
     best = None
+
     # every chain of lower sets = a subset of the inner sets that is totally ordered by inclusion
     def chains(prev: int, start: int) -> Iterator[list[int]]:
         yield []

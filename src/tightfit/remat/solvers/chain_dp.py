@@ -47,14 +47,14 @@ __all__ = ["solve_chain", "chain_min_memory", "StageDecision", "stage_decisions"
 class _Tables:
     """Per-stage arrays of a chain, indexed by stage ``0..L`` (stage ``L`` = the loss)."""
 
-    A: np.ndarray        # sizes of x_0..x_{L+1} (x_{L+1} = 0), length L+2
-    ft: np.ndarray       # (L+1, K) taped forward time (inf where a stage has fewer options)
-    bt: np.ndarray       # (L+1, K) backward time
-    tb: np.ndarray       # (L+1, K) tape size
-    ovf: np.ndarray      # (L+1, K) taped forward overhead
-    ovb: np.ndarray      # (L+1, K) backward overhead
-    fn: np.ndarray       # (L+1,) no-tape forward time (fn[L] = 0)
-    ovfn: np.ndarray     # (L+1,) no-tape forward overhead
+    A: np.ndarray  # sizes of x_0..x_{L+1} (x_{L+1} = 0), length L+2
+    ft: np.ndarray  # (L+1, K) taped forward time (inf where a stage has fewer options)
+    bt: np.ndarray  # (L+1, K) backward time
+    tb: np.ndarray  # (L+1, K) tape size
+    ovf: np.ndarray  # (L+1, K) taped forward overhead
+    ovb: np.ndarray  # (L+1, K) backward overhead
+    fn: np.ndarray  # (L+1,) no-tape forward time (fn[L] = 0)
+    ovfn: np.ndarray  # (L+1,) no-tape forward overhead
 
 
 def _tables(chain: Chain, scale: float | None) -> _Tables:
@@ -85,7 +85,7 @@ def _tables(chain: Chain, scale: float | None) -> _Tables:
 def _fwd_need(T: _Tables, L: int) -> np.ndarray:
     """``PM[s, s']``: memory (without ``d_{t+1}``) to run ``s..s'-1`` without tape keeping ``x_s``."""
     A, ovfn = T.A, T.ovfn
-    g = A[:L + 1] + A[1:L + 2] + ovfn  # x_k + x_{k+1} + overhead while stage k runs
+    g = A[: L + 1] + A[1 : L + 2] + ovfn  # x_k + x_{k+1} + overhead while stage k runs
     PM = np.full((L + 1, L + 2), np.inf)
     for s in range(L):
         run = g[s]
@@ -108,7 +108,7 @@ def _solve_slots(T: _Tables, L: int, M: int) -> tuple[np.ndarray, np.ndarray]:
     A = T.A.astype(np.int64)
     tb = T.tb.astype(np.int64)
     Ct = np.full((N + 1, N + 1, M + 1), np.inf)  # Ct[t, s, m] = C(s, t, m): rows s contiguous for fixed t
-    D = np.full((N + 1, N + 1, M + 1), np.inf)   # D[s, u, m] = C(s, u, m) + sum fn[s..u]
+    D = np.full((N + 1, N + 1, M + 1), np.inf)  # D[s, u, m] = C(s, u, m) + sum fn[s..u]
     PM = _fwd_need(T, L)
     SF = np.concatenate([[0.0], np.cumsum(T.fn)])  # SF[k] = sum fn[0..k-1]
     buf = np.empty((N, M + 1))
@@ -124,8 +124,14 @@ def _solve_slots(T: _Tables, L: int, M: int) -> tuple[np.ndarray, np.ndarray]:
                 val = T.ft[s, o] + T.bt[s, o]
                 if not np.isfinite(val):
                     continue
-                lo = int(math.ceil(max(As + A[t + 1] + A[s + 1] + tb[s, o] + T.ovf[s, o],
-                                       2 * As + tb[s, o] + A[s + 1] + T.ovb[s, o])))
+                lo = int(
+                    math.ceil(
+                        max(
+                            As + A[t + 1] + A[s + 1] + tb[s, o] + T.ovf[s, o],
+                            2 * As + tb[s, o] + A[s + 1] + T.ovb[s, o],
+                        )
+                    )
+                )
                 if d == 0:
                     if lo <= M:
                         np.minimum(best[lo:], val, out=best[lo:])
@@ -133,16 +139,16 @@ def _solve_slots(T: _Tables, L: int, M: int) -> tuple[np.ndarray, np.ndarray]:
                 shift = As + int(tb[s, o])
                 lo = max(lo, shift)
                 if lo <= M:
-                    np.minimum(best[lo:], val + Ct[t, s + 1, lo - shift:M + 1 - shift], out=best[lo:])
+                    np.minimum(best[lo:], val + Ct[t, s + 1, lo - shift : M + 1 - shift], out=best[lo:])
             if d > 0 and As <= M:  # keep x_s, run without tape up to checkpoint s' in s+1..t
-                thr = np.ceil(PM[s, s + 1:t + 1] + A[t + 1])
+                thr = np.ceil(PM[s, s + 1 : t + 1] + A[t + 1])
                 # C is non-increasing in m: skip the m where every candidate is still infinite
-                lo = int(np.min(np.maximum(np.maximum(fst[t, s + 1:t + 1] + As, fst[s:t, s]), thr)))
+                lo = int(np.min(np.maximum(np.maximum(fst[t, s + 1 : t + 1] + As, fst[s:t, s]), thr)))
                 lo = max(lo, As)
                 if lo <= M:
                     w = M + 1 - lo
                     b = buf[:d, :w]
-                    np.add(Ct[t, s + 1:t + 1, lo - As:M + 1 - As], D[s, s:t, lo:], out=b)
+                    np.add(Ct[t, s + 1 : t + 1, lo - As : M + 1 - As], D[s, s:t, lo:], out=b)
                     if thr[-1] > lo:  # some segments need more than lo: mask m < thr
                         mk = mask[:d, :w]
                         np.less(marange[None, lo:], thr[:, None], out=mk)
@@ -165,8 +171,10 @@ def _choice_slots(T: _Tables, L: int, Ct: np.ndarray, D: np.ndarray, s: int, t: 
         val = T.ft[s, o] + T.bt[s, o]
         if not np.isfinite(val):
             continue
-        need = max(A[s] + A[t + 1] + A[s + 1] + T.tb[s, o] + T.ovf[s, o],
-                   2 * A[s] + T.tb[s, o] + A[s + 1] + T.ovb[s, o])
+        need = max(
+            A[s] + A[t + 1] + A[s + 1] + T.tb[s, o] + T.ovf[s, o],
+            2 * A[s] + T.tb[s, o] + A[s + 1] + T.ovb[s, o],
+        )
         if need > m:
             continue
         if t > s:
@@ -188,7 +196,7 @@ def _choice_slots(T: _Tables, L: int, Ct: np.ndarray, D: np.ndarray, s: int, t: 
 def _fwd_need_row(T: _Tables, L: int, s: int) -> np.ndarray:
     """Row ``s`` of :func:`_fwd_need`."""
     A = T.A
-    g = A[:L + 1] + A[1:L + 2] + T.ovfn
+    g = A[: L + 1] + A[1 : L + 2] + T.ovfn
     row = np.full(L + 2, np.inf)
     run = g[s]
     for sp in range(s + 1, L + 1):
@@ -253,15 +261,18 @@ def chain_min_memory(chain: Chain) -> tuple[float, list[Op]]:
             for o in range(K):
                 if not np.isfinite(T.ft[s, o] + T.bt[s, o]):
                     continue
-                need = max(A[s] + A[t + 1] + A[s + 1] + T.tb[s, o] + T.ovf[s, o],
-                           2 * A[s] + T.tb[s, o] + A[s + 1] + T.ovb[s, o])
+                need = max(
+                    A[s] + A[t + 1] + A[s + 1] + T.tb[s, o] + T.ovf[s, o],
+                    2 * A[s] + T.tb[s, o] + A[s + 1] + T.ovb[s, o],
+                )
                 if d > 0:
                     need = max(need, A[s] + T.tb[s, o] + Mm[s + 1, t])
                 if need < best:
                     best, arg = need, o
             if d > 0:
-                cand = np.maximum(np.maximum(PM[s, s + 1:t + 1] + A[t + 1], A[s] + Mm[s + 1:t + 1, t]),
-                                  Mm[s, s:t])
+                cand = np.maximum(
+                    np.maximum(PM[s, s + 1 : t + 1] + A[t + 1], A[s] + Mm[s + 1 : t + 1, t]), Mm[s, s:t]
+                )
                 j = int(np.argmin(cand))
                 if cand[j] < best:
                     best, arg = float(cand[j]), K + s + 1 + j
@@ -293,14 +304,24 @@ def solve_chain(chain: Chain, budget: float, slots: int = 500) -> Schedule:
     L = chain.length
     # Autograd with the fastest option everywhere is optimal when it fits (no recomputation at all):
     # checked in exact bytes, since rounding to slots could otherwise miss it at budgets near the top.
-    fastest = [min(range(len(o)), key=lambda k, o=o: o[k].fwd_time + o[k].bwd_time)
-               for o in (chain.stage_options(i) for i in range(L))]
-    ops_all = ([ForwardTape(i, fastest[i]) for i in range(L)] + [Loss()]
-               + [Backward(i) for i in reversed(range(L))])
+    fastest = [
+        min(range(len(o)), key=lambda k, o=o: o[k].fwd_time + o[k].bwd_time)
+        for o in (chain.stage_options(i) for i in range(L))
+    ]
+    ops_all = (
+        [ForwardTape(i, fastest[i]) for i in range(L)] + [Loss()] + [Backward(i) for i in reversed(range(L))]
+    )
     peak_all, time_all = simulate_chain(chain, ops_all)
     if peak_all <= budget:
-        return Schedule(ops_all, time_all, peak_all, budget=budget, solver="store_all", optimal=True,
-                        info={"slots": slots})
+        return Schedule(
+            ops_all,
+            time_all,
+            peak_all,
+            budget=budget,
+            solver="store_all",
+            optimal=True,
+            info={"slots": slots},
+        )
     if budget > 0:
         T = _tables(chain, budget / slots)
         Ct, D = _solve_slots(T, L, slots)
@@ -309,13 +330,27 @@ def solve_chain(chain: Chain, budget: float, slots: int = 500) -> Schedule:
             peak, time = simulate_chain(chain, ops)
             if peak > budget * (1 + 1e-12):
                 raise AssertionError(f"internal: slot DP schedule peaks at {peak} > budget {budget}")
-            return Schedule(ops, time, peak, budget=budget, solver="chain_dp", optimal=True,
-                            info={"slots": slots, "predicted_time": float(Ct[L, 0, slots])})
+            return Schedule(
+                ops,
+                time,
+                peak,
+                budget=budget,
+                solver="chain_dp",
+                optimal=True,
+                info={"slots": slots, "predicted_time": float(Ct[L, 0, slots])},
+            )
     min_budget, ops = chain_min_memory(chain)
     if min_budget <= budget:
         peak, time = simulate_chain(chain, ops)
-        return Schedule(ops, time, peak, budget=budget, solver="chain_min_memory", optimal=False,
-                        info={"slots": slots, "reason": "budget infeasible after rounding to slots"})
+        return Schedule(
+            ops,
+            time,
+            peak,
+            budget=budget,
+            solver="chain_min_memory",
+            optimal=False,
+            info={"slots": slots, "reason": "budget infeasible after rounding to slots"},
+        )
     raise InfeasibleBudget(budget, min_budget, "persistent chain schedule")
 
 
@@ -362,6 +397,13 @@ def stage_decisions(schedule: Schedule | list[Op], n_stages: int | None = None) 
         f = first.get(i)
         if f is None:
             raise ValueError(f"stage {i} is never run forward in this schedule")
-        out.append(StageDecision(i, isinstance(f, ForwardTape), last_opt[i],
-                                 isinstance(f, (ForwardCheckpoint, ForwardTape)), runs[i]))
+        out.append(
+            StageDecision(
+                i,
+                isinstance(f, ForwardTape),
+                last_opt[i],
+                isinstance(f, (ForwardCheckpoint, ForwardTape)),
+                runs[i],
+            )
+        )
     return out

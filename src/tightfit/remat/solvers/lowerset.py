@@ -78,8 +78,9 @@ class _Ctx:
     def pending(self, Lp: int) -> float:
         """Bytes of the gradient blobs alive when the backward reaches ``Lp``: users outside, deps inside."""
         if Lp not in self._pending:
-            self._pending[Lp] = sum(self.bsize[w] for w in range(self.n)
-                                    if not (Lp >> w) & 1 and self.depmask[w] & Lp)
+            self._pending[Lp] = sum(
+                self.bsize[w] for w in range(self.n) if not (Lp >> w) & 1 and self.depmask[w] & Lp
+            )
         return self._pending[Lp]
 
 

@@ -43,9 +43,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = [
-    "TapeOption", "Chain", "Dag",
-    "ForwardNoSave", "ForwardCheckpoint", "ForwardTape", "Loss", "Backward", "Free",
-    "Compute", "Release", "Op", "Schedule", "op_from_dict",
+    "TapeOption",
+    "Chain",
+    "Dag",
+    "ForwardNoSave",
+    "ForwardCheckpoint",
+    "ForwardTape",
+    "Loss",
+    "Backward",
+    "Free",
+    "Compute",
+    "Release",
+    "Op",
+    "Schedule",
+    "op_from_dict",
 ]
 
 
@@ -117,10 +128,12 @@ class Chain:
         self.input_size = _check_seq("input_size", self.input_size, L)
         self.tape_size = _check_seq("tape_size", self.tape_size, L)
         self.output_size = _check_seq("output_size", [self.output_size])[0]
-        self.fwd_overhead = _check_seq("fwd_overhead",
-                                       [0.0] * L if self.fwd_overhead is None else self.fwd_overhead, L)
-        self.bwd_overhead = _check_seq("bwd_overhead",
-                                       [0.0] * L if self.bwd_overhead is None else self.bwd_overhead, L)
+        self.fwd_overhead = _check_seq(
+            "fwd_overhead", [0.0] * L if self.fwd_overhead is None else self.fwd_overhead, L
+        )
+        self.bwd_overhead = _check_seq(
+            "bwd_overhead", [0.0] * L if self.bwd_overhead is None else self.bwd_overhead, L
+        )
         if self.options is not None:
             if len(self.options) != L:
                 raise ValueError(f"options has {len(self.options)} entries, expected {L} (one per stage)")
@@ -152,31 +165,65 @@ class Chain:
         """The tape options of stage ``i`` (the default one when ``options[i]`` is not given)."""
         if self.options is not None and self.options[i]:
             return list(self.options[i])  # type: ignore[arg-type]
-        return [TapeOption(self.fwd_time[i], self.bwd_time[i], self.tape_size[i],
-                           self.fwd_overhead[i], self.bwd_overhead[i])]  # type: ignore[index]
+        return [
+            TapeOption(
+                self.fwd_time[i],
+                self.bwd_time[i],
+                self.tape_size[i],
+                self.fwd_overhead[i],
+                self.bwd_overhead[i],
+            )
+        ]  # type: ignore[index]
 
     @classmethod
-    def homogeneous(cls, n: int, fwd_time: float = 1.0, bwd_time: float = 1.0, size: float = 1.0,
-                    tape_size: float = 0.0, output_size: float | None = None) -> Chain:
+    def homogeneous(
+        cls,
+        n: int,
+        fwd_time: float = 1.0,
+        bwd_time: float = 1.0,
+        size: float = 1.0,
+        tape_size: float = 0.0,
+        output_size: float | None = None,
+    ) -> Chain:
         """A chain of ``n`` identical stages (an RNN unrolled over time, the setting of Revolve/BPTT).
 
         ``output_size`` defaults to ``size`` (the last hidden state), so every gradient has one size.
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        return cls([fwd_time] * n, [bwd_time] * n, [size] * n, [tape_size] * n,
-                   output_size=size if output_size is None else output_size)
+        return cls(
+            [fwd_time] * n,
+            [bwd_time] * n,
+            [size] * n,
+            [tape_size] * n,
+            output_size=size if output_size is None else output_size,
+        )
 
     def store_all_peak(self) -> float:
         """Peak of plain autograd (tape every stage with option 0, no recomputation) under the model."""
         from .simulate import simulate
+
         return simulate(self, Schedule(store_all_ops(self), 0.0, 0.0))[0]
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("fwd_time", "bwd_time", "input_size", "tape_size", "output_size",
-                                          "fwd_overhead", "bwd_overhead", "names")}
-        d["options"] = None if self.options is None else [
-            None if o is None else [asdict(x) for x in o] for o in self.options]
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "fwd_time",
+                "bwd_time",
+                "input_size",
+                "tape_size",
+                "output_size",
+                "fwd_overhead",
+                "bwd_overhead",
+                "names",
+            )
+        }
+        d["options"] = (
+            None
+            if self.options is None
+            else [None if o is None else [asdict(x) for x in o] for o in self.options]
+        )
         return {"kind": "chain", **d}
 
     @classmethod
@@ -221,8 +268,9 @@ class Dag:
         self.deps = [sorted({int(u) for u in d}) for d in self.deps]
         for v, d in enumerate(self.deps):
             if any(u < 0 or u >= v for u in d):
-                raise ValueError(f"deps[{v}] = {d}: nodes must be topologically ordered "
-                                 f"(each dep in 0..{v - 1})")
+                raise ValueError(
+                    f"deps[{v}] = {d}: nodes must be topologically ordered (each dep in 0..{v - 1})"
+                )
         if self.bwd_deps is None:
             self.bwd_deps = [list(d) for d in self.deps]
         else:
@@ -250,12 +298,24 @@ class Dag:
         """
         L = chain.length
         sizes = [chain.size_of_x(i) for i in range(L + 1)]
-        return cls([0.0] + list(chain.fwd_time), [0.0] + list(chain.bwd_time), sizes,
-                   [[]] + [[i] for i in range(L)], [[]] + [[i] for i in range(L)])
+        return cls(
+            [0.0] + list(chain.fwd_time),
+            [0.0] + list(chain.bwd_time),
+            sizes,
+            [[]] + [[i] for i in range(L)],
+            [[]] + [[i] for i in range(L)],
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "dag", "fwd_time": self.fwd_time, "bwd_time": self.bwd_time, "size": self.size,
-                "deps": self.deps, "bwd_deps": self.bwd_deps, "names": self.names}
+        return {
+            "kind": "dag",
+            "fwd_time": self.fwd_time,
+            "bwd_time": self.bwd_time,
+            "size": self.size,
+            "deps": self.deps,
+            "bwd_deps": self.bwd_deps,
+            "names": self.names,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Dag:
@@ -332,8 +392,10 @@ class Release:
 
 
 Op = ForwardNoSave | ForwardCheckpoint | ForwardTape | Loss | Backward | Free | Compute | Release
-_OPS = {c.__name__: c for c in (ForwardNoSave, ForwardCheckpoint, ForwardTape, Loss, Backward, Free,
-                               Compute, Release)}
+_OPS = {
+    c.__name__: c
+    for c in (ForwardNoSave, ForwardCheckpoint, ForwardTape, Loss, Backward, Free, Compute, Release)
+}
 
 
 def op_to_dict(op: Op) -> dict[str, Any]:
@@ -374,9 +436,16 @@ class Schedule:
         return 0.0 if self.time <= 0 else max(0.0, (self.time - self.lower_bound) / self.time)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ops": [op_to_dict(o) for o in self.ops], "time": self.time, "peak": self.peak,
-                "budget": self.budget, "solver": self.solver, "optimal": self.optimal,
-                "lower_bound": self.lower_bound, "info": self.info}
+        return {
+            "ops": [op_to_dict(o) for o in self.ops],
+            "time": self.time,
+            "peak": self.peak,
+            "budget": self.budget,
+            "solver": self.solver,
+            "optimal": self.optimal,
+            "lower_bound": self.lower_bound,
+            "info": self.info,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Schedule:
@@ -395,5 +464,4 @@ class Schedule:
 def store_all_ops(chain: Chain, option: int = 0) -> list[Op]:
     """Plain autograd on a chain: tape every stage (with ``option``), loss, backward everything."""
     L = chain.length
-    return ([ForwardTape(i, option) for i in range(L)] + [Loss()]
-            + [Backward(i) for i in reversed(range(L))])
+    return [ForwardTape(i, option) for i in range(L)] + [Loss()] + [Backward(i) for i in reversed(range(L))]

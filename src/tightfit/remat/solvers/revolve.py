@@ -92,6 +92,17 @@ def revolve(n_steps: int, n_slots: int, fwd_time: float = 1.0, bwd_time: float =
     chain = Chain.homogeneous(n, fwd_time, bwd_time, 1.0, 0.0)
     peak, time = simulate_chain(chain, ops)
     n_fwd = sum(isinstance(o, (ForwardTape, ForwardCheckpoint, ForwardNoSave)) for o in ops)
-    return Schedule(ops, time, peak, budget=None, solver="revolve", optimal=True,
-                    info={"n_slots": s_tot, "forward_runs": n_fwd, "extra_forwards": n_fwd - n,
-                          "closed_form_extra_forwards": revolve_extra_forwards(n, s_tot)})
+    return Schedule(
+        ops,
+        time,
+        peak,
+        budget=None,
+        solver="revolve",
+        optimal=True,
+        info={
+            "n_slots": s_tot,
+            "forward_runs": n_fwd,
+            "extra_forwards": n_fwd - n,
+            "closed_form_extra_forwards": revolve_extra_forwards(n, s_tot),
+        },
+    )

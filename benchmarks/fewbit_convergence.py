@@ -29,13 +29,8 @@ import tightfit.fewbit.codec  # noqa: E402
 
 
 def convert_(model: torch.nn.Module, config: tightfit.FewBit):
-    """tightfit.convert_, or the FewBit handler directly while another technique's handler is missing."""
-    try:
-        return tightfit.convert_(model, config, verbose=False)
-    except ModuleNotFoundError:
-        from tightfit.fewbit.convert import convert_fewbit
-
-        return convert_fewbit(model, config, None)
+    """tightfit.convert_ without printing."""
+    return tightfit.convert_(model, config, verbose=False)
 
 
 def convert(bits: int):

@@ -27,12 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def convert_(model: torch.nn.Module, config: FewBit):
-    try:
-        return tightfit.convert_(model, config, verbose=False)
-    except ModuleNotFoundError:  # another technique's handler missing: call ours directly
-        from tightfit.fewbit.convert import convert_fewbit
-
-        return convert_fewbit(model, config, None)
+    """tightfit.convert_ without printing."""
+    return tightfit.convert_(model, config, verbose=False)
 
 
 def gpt2(layers: int, batch: int, seq: int):

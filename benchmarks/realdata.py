@@ -384,7 +384,7 @@ def finetune_minilm(
     """Fine-tune pretrained MiniLM on BBC News (5 classes) with AdamW; same head init and data order per seed.
 
     The live-tensor peak is measured on the second step (AdamW state exists by then), which is excluded from
-    the step times. Reference (research/data-models.md): 150 steps reach about 97% test accuracy.
+    the step times. Reference (measured once here): 150 steps reach about 97% test accuracy.
     """
     _seed_all(seed)  # the new classifier head is initialised from this seed
     num_classes = 5
@@ -425,7 +425,7 @@ def train_fashion_cnn(
     """Train `model_factory()` (default `FashionCNN`) from scratch on Fashion-MNIST with AdamW.
 
     `epochs` may be fractional (0.25 = a quarter epoch) for quick runs. Reference: 1 epoch at batch 128
-    reaches about 0.87 test accuracy (research/data-models.md).
+    reaches about 0.87 test accuracy (measured once on this kind of machine).
     """
     x_train, y_train, x_test, y_test = load_fashion_mnist()
 

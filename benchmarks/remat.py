@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from tightfit import zoo
 from tightfit.sizes import format_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,45 +101,20 @@ def install_sequential(model: torch.nn.Module, paths: list[str], segments: int) 
         _set(model, p, kind(*items) if issubclass(kind, torch.nn.Sequential) else kind(items))
 
 
-def zoo_get(name: str):
-    try:
-        from tightfit import zoo
-
-        return zoo.get(name)
-    except (ImportError, AttributeError):
-        return None
-
-
 def gpt2_workload(batch: int, seq: int) -> Workload:
-    """The zoo's gpt2-small-cpu (or, until the zoo lands, the identical transformers config)."""
-    got = zoo_get("gpt2-small-cpu")
-    if got is not None:
-        model_f, batch_f = got
-        model = model_f()
-        b = dict(batch_f(batch_size=batch, seq_len=seq))
-        src = "tightfit.zoo gpt2-small-cpu"
-    else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(0)
-        cfg = GPT2Config(
-            n_layer=12, n_embd=256, n_head=4, n_positions=512, vocab_size=4096, bos_token_id=0, eos_token_id=0
-        )
-        model = GPT2LMHeadModel(cfg)
-        ids = torch.randint(0, 4096, (batch, seq), generator=torch.Generator().manual_seed(0))
-        b = {"input_ids": ids, "labels": ids.clone()}
-        src = "transformers GPT2LMHeadModel (zoo not available yet), same config"
+    """The zoo's gpt2-small-cpu."""
+    model_f, batch_f = zoo.get("gpt2-small-cpu")
+    model = model_f()
+    b = dict(batch_f(batch_size=batch, seq_len=seq))
+    src = "tightfit.zoo gpt2-small-cpu"
     b["use_cache"] = False  # a KV cache in training would keep every layer's k/v alive through checkpointing
     model.train()
     desc = f"{src}, B={batch}, T={seq}, dropout 0.1"
     return Workload("gpt2", model, b, ["transformer.h"], desc=desc, extra={"tag": f"b{batch}t{seq}"})
 
 
-def resnet_workload(name: str, batch: int | None, size: int | None, width: int | None) -> Workload | None:
-    got = zoo_get(name)
-    if got is None:
-        return None
-    model_f, batch_f = got
+def resnet_workload(name: str, batch: int | None, size: int | None, width: int | None) -> Workload:
+    model_f, batch_f = zoo.get(name)
     model = (model_f(width=width) if width else model_f()).train()
     b = batch_f(batch_size=batch, image_size=size)
     paths = [
@@ -155,14 +131,6 @@ def resnet_workload(name: str, batch: int | None, size: int | None, width: int |
 
 
 # ------------------------------------------------------------------------------------------- tightfit
-def _tightfit_available() -> str | None:
-    try:
-        import tightfit.remat.auto  # noqa: F401
-    except ImportError as e:
-        return str(e)
-    return None
-
-
 def min_feasible_budget(w: Workload) -> int | None:
     """Ask the planner for an impossible budget and read the smallest feasible one from its error."""
     import tightfit
@@ -402,55 +370,51 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
         finish(v, ref, seed)
     base = rows[0]
 
-    why = _tightfit_available()
     plan_times: list[float] = []
-    if why is not None:
-        log(f"tightfit.rematerialize not importable yet ({why}): peers only")
-    else:
-        if args.reuse_planner:
-            from tightfit.remat.auto import Planner
+    if args.reuse_planner:
+        from tightfit.remat.auto import Planner
 
-            t0 = time.perf_counter()
-            w.planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn)
-            log(
-                f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)"
-            )
-        log("tightfit: smallest feasible budget ...")
         t0 = time.perf_counter()
-        min_b = min_feasible_budget(w)
+        w.planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn)
         log(
-            f"  min feasible budget: {None if min_b is None else f'{min_b / MiB:.1f} MiB'} "
-            f"({time.perf_counter() - t0:.1f}s)"
+            f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)"
         )
-        peer_peaks = [v.peak for v in rows[1:] if v.grads_equal and v.family != "compile"]
-        budgets = pick_budgets(min_b, peer_peaks, base.peak, args.extra_budgets)
-        log(f"  budgets (MiB): {[round(b / MiB, 1) for b in budgets]}")
-        for b in budgets:
+    log("tightfit: smallest feasible budget ...")
+    t0 = time.perf_counter()
+    min_b = min_feasible_budget(w)
+    log(
+        f"  min feasible budget: {None if min_b is None else f'{min_b / MiB:.1f} MiB'} "
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
+    peer_peaks = [v.peak for v in rows[1:] if v.grads_equal and v.family != "compile"]
+    budgets = pick_budgets(min_b, peer_peaks, base.peak, args.extra_budgets)
+    log(f"  budgets (MiB): {[round(b / MiB, 1) for b in budgets]}")
+    for b in budgets:
+        try:
+            v = tightfit_variant(w, b, ref_names, False, seed)
+        except Exception as e:  # report, keep going with the other budgets
+            log(f"  tightfit budget {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
+            continue
+        plan_times.append(v.setup_s)
+        finish(v, ref, seed)
+        if v.peak > b:
+            v.note += f"; OVER BUDGET by {(v.peak - b) / MiB:.1f} MiB"
+        rows.append(v)
+    if args.compile_budgets:
+        cpeaks = [v.peak for v in rows if v.family == "compile" and v.grads_equal]
+        cb = [b for b in budgets if b <= base.peak]
+        # the largest budget under each correct compiled peer's peak first, then the smallest feasible
+        chosen = sorted({max([b for b in cb if b <= p], default=min(cb)) for p in cpeaks}, reverse=True)
+        chosen += [b for b in [min(cb)] if b not in chosen]
+        for b in chosen[: args.compiled_tightfit]:
+            log(f"  tightfit {format_size(b)} under torch.compile(aot_eager) ...")
             try:
-                v = tightfit_variant(w, b, ref_names, False, seed)
-            except Exception as e:  # report, keep going with the other budgets
-                log(f"  tightfit budget {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
+                v = tightfit_variant(w, b, ref_names, True, seed)
+            except Exception as e:
+                log(f"  tightfit+compile {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
                 continue
-            plan_times.append(v.setup_s)
             finish(v, ref, seed)
-            if v.peak > b:
-                v.note += f"; OVER BUDGET by {(v.peak - b) / MiB:.1f} MiB"
             rows.append(v)
-        if args.compile_budgets:
-            cpeaks = [v.peak for v in rows if v.family == "compile" and v.grads_equal]
-            cb = [b for b in budgets if b <= base.peak]
-            # the largest budget under each correct compiled peer's peak first, then the smallest feasible
-            chosen = sorted({max([b for b in cb if b <= p], default=min(cb)) for p in cpeaks}, reverse=True)
-            chosen += [b for b in [min(cb)] if b not in chosen]
-            for b in chosen[: args.compiled_tightfit]:
-                log(f"  tightfit {format_size(b)} under torch.compile(aot_eager) ...")
-                try:
-                    v = tightfit_variant(w, b, ref_names, True, seed)
-                except Exception as e:
-                    log(f"  tightfit+compile {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
-                    continue
-                finish(v, ref, seed)
-                rows.append(v)
 
     log(f"timing {len(rows)} variants, {args.rounds} interleaved rounds ...")
     time_interleaved(rows, args.rounds, warmup=1, log=log)
@@ -525,17 +489,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.extra_budgets is None:
         args.extra_budgets = 3 if full else 1
     torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
     if args.model in ("all", "gpt2"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
         run_workload(gpt2_workload(args.batch, args.seq), args)
     if args.model in ("all", "resnet"):
-        w = resnet_workload(args.resnet, args.image_batch, args.image_size, args.image_width)
-        if w is None:
-            log(f"zoo model {args.resnet!r} not available yet: ResNet part skipped")
-        else:
-            run_workload(w, args)
+        run_workload(resnet_workload(args.resnet, args.image_batch, args.image_size, args.image_width), args)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from _harness import (  # noqa: E402
     time_interleaved,
     write_results,
 )
-from remat import Workload, _tightfit_available, finish, log, min_feasible_budget, tightfit_variant  # noqa: E402
+from remat import Workload, finish, log, min_feasible_budget, tightfit_variant  # noqa: E402
 
 
 def segment_checkpoint(model: torch.nn.Module, k: int) -> None:
@@ -130,40 +130,36 @@ def main(argv: list[str] | None = None) -> None:
     base = rows[0]
 
     plan_times = []
-    why = _tightfit_available()
-    if why is not None:
-        log(f"tightfit.rematerialize not importable ({why}): peers only")
-    else:
-        t0 = time.perf_counter()
-        min_b = min_feasible_budget(w)
-        log(
-            f"tightfit smallest feasible budget: {None if min_b is None else f'{min_b / MiB:.1f} MiB'}"
-            f" ({time.perf_counter() - t0:.1f}s)"
-        )
-        lo = min_b if min_b is not None else min(v.peak for v in rows)
-        # the budget a -95% activation memory would need, if above the smallest feasible one
-        target = base.params_bytes * 2 + int(0.05 * (base.peak - 2 * base.params_bytes))
-        budgets = sorted(
-            {
-                lo,
-                base.peak,
-                *(
-                    int(lo + (base.peak - lo) * (i + 1) / (args.extra_budgets + 1))
-                    for i in range(args.extra_budgets)
-                ),
-            }
-            | ({target} if target > lo else set())
-        )
-        log(f"  budgets (MiB): {[round(b / MiB, 1) for b in budgets]}")
-        for b in budgets:
-            try:
-                v = tightfit_variant(w, b, ref_names, False, seed)
-            except Exception as e:
-                log(f"  tightfit budget {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
-                continue
-            plan_times.append(v.setup_s)
-            finish(v, ref, seed)
-            rows.append(v)
+    t0 = time.perf_counter()
+    min_b = min_feasible_budget(w)
+    log(
+        f"tightfit smallest feasible budget: {None if min_b is None else f'{min_b / MiB:.1f} MiB'}"
+        f" ({time.perf_counter() - t0:.1f}s)"
+    )
+    lo = min_b if min_b is not None else min(v.peak for v in rows)
+    # the budget a -95% activation memory would need, if above the smallest feasible one
+    target = base.params_bytes * 2 + int(0.05 * (base.peak - 2 * base.params_bytes))
+    budgets = sorted(
+        {
+            lo,
+            base.peak,
+            *(
+                int(lo + (base.peak - lo) * (i + 1) / (args.extra_budgets + 1))
+                for i in range(args.extra_budgets)
+            ),
+        }
+        | ({target} if target > lo else set())
+    )
+    log(f"  budgets (MiB): {[round(b / MiB, 1) for b in budgets]}")
+    for b in budgets:
+        try:
+            v = tightfit_variant(w, b, ref_names, False, seed)
+        except Exception as e:
+            log(f"  tightfit budget {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
+            continue
+        plan_times.append(v.setup_s)
+        finish(v, ref, seed)
+        rows.append(v)
 
     log(f"timing {len(rows)} variants, {args.rounds} interleaved rounds ...")
     time_interleaved(rows, args.rounds, warmup=1, log=log)

@@ -266,23 +266,17 @@ def _prepare(model: nn.Module, prepare_model: PrepareModel) -> nn.Module:
 
 
 def _step(model: nn.Module, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> float:
-    from tightfit._step import forward_loss
+    from tightfit._step import training_step
 
-    opt.zero_grad(set_to_none=True)
-    loss = forward_loss(model, batch)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
+    return float(training_step(model, batch, optimizer=opt))
 
 
 def _measured_step(
     model: nn.Module, batch: dict[str, torch.Tensor], opt: torch.optim.Optimizer
-) -> tuple[float, int | None, str]:
-    """One training step under the live-tensor tracker: (loss, peak bytes or None, how it was measured)."""
-    try:
-        from tightfit.memory import LiveTracker
-    except ImportError:  # the ruler is not there yet: train anyway, report no peak
-        return _step(model, batch, opt), None, "unavailable (tightfit.memory.LiveTracker not importable)"
+) -> tuple[float, int, str]:
+    """One training step under the live-tensor tracker: (loss, peak bytes, how it was measured)."""
+    from tightfit.memory import LiveTracker
+
     with LiveTracker(track=[model, opt, *batch.values()]) as t:
         loss = _step(model, batch, opt)
     return (

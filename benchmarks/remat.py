@@ -149,6 +149,41 @@ def min_feasible_budget(w: Workload) -> int | None:
     return None
 
 
+def timed_min_budget(w: Workload) -> int | None:
+    """`min_feasible_budget`, logged with the time it took."""
+    t0 = time.perf_counter()
+    min_b = min_feasible_budget(w)
+    shown = None if min_b is None else f"{min_b / MiB:.1f} MiB"
+    log(f"  smallest feasible budget: {shown} ({time.perf_counter() - t0:.1f}s)")
+    return min_b
+
+
+def add_tightfit_rows(
+    w: Workload,
+    budgets: list[int],
+    rows: list[Variant],
+    ref: Any,
+    ref_names: tuple[list[str], list[str]],
+    seed: int,
+) -> list[float]:
+    """One eager tightfit variant per budget appended to `rows` (failures logged, over-budget peaks
+    noted); returns the planning time of each."""
+    log(f"  budgets (MiB): {[round(b / MiB, 1) for b in budgets]}")
+    plan_times = []
+    for b in budgets:
+        try:
+            v = tightfit_variant(w, b, ref_names, False, seed)
+        except Exception as e:  # report, keep going with the other budgets
+            log(f"  tightfit budget {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
+            continue
+        plan_times.append(v.setup_s)
+        finish(v, ref, seed)
+        if v.peak > b:
+            v.note += f"; OVER BUDGET by {(v.peak - b) / MiB:.1f} MiB"
+        rows.append(v)
+    return plan_times
+
+
 def _same_order(
     returned: torch.nn.Module, mine: list[torch.Tensor], ref_names: list[str], buffers: bool
 ) -> list:
@@ -370,7 +405,6 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
         finish(v, ref, seed)
     base = rows[0]
 
-    plan_times: list[float] = []
     if args.reuse_planner:
         from tightfit.remat.auto import Planner
 
@@ -380,26 +414,10 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
             f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)"
         )
     log("tightfit: smallest feasible budget ...")
-    t0 = time.perf_counter()
-    min_b = min_feasible_budget(w)
-    log(
-        f"  min feasible budget: {None if min_b is None else f'{min_b / MiB:.1f} MiB'} "
-        f"({time.perf_counter() - t0:.1f}s)"
-    )
+    min_b = timed_min_budget(w)
     peer_peaks = [v.peak for v in rows[1:] if v.grads_equal and v.family != "compile"]
     budgets = pick_budgets(min_b, peer_peaks, base.peak, args.extra_budgets)
-    log(f"  budgets (MiB): {[round(b / MiB, 1) for b in budgets]}")
-    for b in budgets:
-        try:
-            v = tightfit_variant(w, b, ref_names, False, seed)
-        except Exception as e:  # report, keep going with the other budgets
-            log(f"  tightfit budget {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
-            continue
-        plan_times.append(v.setup_s)
-        finish(v, ref, seed)
-        if v.peak > b:
-            v.note += f"; OVER BUDGET by {(v.peak - b) / MiB:.1f} MiB"
-        rows.append(v)
+    plan_times = add_tightfit_rows(w, budgets, rows, ref, ref_names, seed)
     if args.compile_budgets:
         cpeaks = [v.peak for v in rows if v.family == "compile" and v.grads_equal]
         cb = [b for b in budgets if b <= base.peak]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from _harness import (  # noqa: E402
     time_interleaved,
     write_results,
 )
-from remat import Workload, finish, log, min_feasible_budget, tightfit_variant  # noqa: E402
+from remat import Workload, add_tightfit_rows, finish, log, timed_min_budget  # noqa: E402
 
 KUSUMOTO = "36-81% (Kusumoto et al. 2019, peak memory, several CNNs)"
 
@@ -92,28 +91,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         finish(v, ref, seed)
     base = rows[0]
 
-    plan_times = []
-    t0 = time.perf_counter()
-    min_b = min_feasible_budget(w)
-    log(
-        f"  smallest feasible budget: {None if min_b is None else f'{min_b / MiB:.1f} MiB'} "
-        f"({time.perf_counter() - t0:.1f}s)"
-    )
+    min_b = timed_min_budget(w)
     lo = min_b if min_b is not None else min(v.peak for v in rows)
     n = args.budgets
     budgets = sorted({lo, base.peak, *(int(lo + (base.peak - lo) * (i + 1) / (n + 1)) for i in range(n))})
-    log(f"  budgets (MiB): {[round(b / MiB, 1) for b in budgets]}")
-    for b in budgets:
-        try:
-            v = tightfit_variant(w, b, ref_names, False, seed)
-        except Exception as e:
-            log(f"  tightfit budget {b / MiB:.1f} MiB FAILED: {type(e).__name__}: {e}")
-            continue
-        plan_times.append(v.setup_s)
-        finish(v, ref, seed)
-        if v.peak > b:
-            v.note += f"; OVER BUDGET by {(v.peak - b) / MiB:.1f} MiB"
-        rows.append(v)
+    plan_times = add_tightfit_rows(w, budgets, rows, ref, ref_names, seed)
 
     log(f"timing {len(rows)} variants, {args.rounds} interleaved rounds ...")
     time_interleaved(rows, args.rounds, warmup=1, log=log)

@@ -9,19 +9,16 @@ import pytest
 import torch
 
 import tightfit.zoo as zoo
-from tightfit.cli import CliError, _Parser
+from tightfit.cli import CliError, build_parser
 from tightfit.remat import execute
 from tightfit.remat.auto import Planner
-from tightfit.remat.cli import add_plan_parser
 from tightfit.remat.estimate import estimate_planner
 
 from ._models import step_peak
 
 
 def _args(*argv: str) -> object:
-    parser = _Parser(prog="tightfit")
-    add_plan_parser(parser.add_subparsers())
-    return parser.parse_args(["plan", *argv])
+    return build_parser().parse_args(["plan", *argv])
 
 
 def test_plan_command_prints_the_plan_and_plots(tmp_path, capsys) -> None:  # noqa: ANN001

@@ -1,8 +1,7 @@
 """``tightfit plan MODEL --budget X``: plan rematerialization for a model and print the plan.
 
-Wiring (``tightfit.cli``): ``add_plan_parser(subparsers)`` adds the subcommand, or use
-``configure_plan(parser)`` + ``run_plan(args)`` as a ``Command``. The plan shows the blocks checkpointed,
-the option of each, predicted and measured peak and step time, and the planning time; a rich progress
+``tightfit.cli`` wires ``configure_plan(parser)`` + ``run_plan(args)`` as a ``Command``. The plan shows
+the blocks checkpointed, the option of each, predicted and measured peak and step time, and the planning time; a rich progress
 bar runs while the blocks are measured. ``--plot FILE`` draws live memory over one training step without
 remat and with the plan. ``--estimate`` plans under fake tensors with FLOP-based times
 (``tightfit.remat.estimate``).
@@ -11,7 +10,6 @@ remat and with the plan. ``--estimate`` plans under fake tensors with FLOP-based
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 
 def configure_plan(p: argparse.ArgumentParser) -> None:
@@ -39,16 +37,6 @@ def configure_plan(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--plot", metavar="FILE", help="draw memory over the step, before/after (png, pdf, svg)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``plan`` subcommand to an argparse subparsers object; returns its parser."""
-    p = subparsers.add_parser(
-        "plan", help="plan recomputation of MODEL under a memory budget", description=__doc__.splitlines()[0]
-    )
-    configure_plan(p)
-    p.set_defaults(_run=run_plan)
-    return p
 
 
 class _Bar:

@@ -1,10 +1,10 @@
 """``tightfit plan MODEL --budget X``: plan rematerialization for a model and print the plan.
 
 ``tightfit.cli`` wires ``configure_plan(parser)`` + ``run_plan(args)`` as a ``Command``. The plan shows
-the blocks checkpointed, the option of each, predicted and measured peak and step time, and the planning time; a rich progress
-bar runs while the blocks are measured. ``--plot FILE`` draws live memory over one training step without
-remat and with the plan. ``--estimate`` plans under fake tensors with FLOP-based times
-(``tightfit.remat.estimate``).
+the blocks checkpointed, the option of each, predicted and measured peak and step time, and the planning
+time; a rich progress bar runs while the blocks are measured. ``--plot FILE`` draws live memory over one
+training step without remat and with the plan. ``--estimate`` plans under fake tensors with FLOP-based
+times (``tightfit.remat.estimate``).
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def test_encode_decode_against_reference(dtype, backend):
     codec.set_backend(backend)
     try:
         for bits in range(1, 9):
-            for k in sorted({1, 2, 3, (1 << bits) - 1}):
+            # every SIMD path: counted (k < bits), in-register search, coarse + gathered search
+            for k in sorted({1, 2, 3, max(1, bits - 1), 1 << (bits - 1), (1 << bits) - 1}):
                 if k >= 1 << bits:
                     continue
                 for right in (False, True, [bool(i % 2) for i in range(k)]):
@@ -63,9 +64,12 @@ def test_encode_decode_against_reference(dtype, backend):
                     x = (torch.randn(n + 3) * 2).to(dtype)[3:]  # offset storage
                     borders = _table(bits, k, seed=bits * 31 + k)
                     x[:k] = borders.to(dtype)  # exact ties with every border
-                    ref = codec.encode_reference(x, borders, bits, right)
-                    got = codec.encode(x, borders, bits, right)
+                    x[200:203] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(dtype)
+                    nan_code = (k + 1) // 2
+                    ref = codec.encode_reference(x, borders, bits, right, nan_code)
+                    got = codec.encode(x, borders, bits, right, nan_code)
                     assert torch.equal(got, ref), (bits, k, right)
+                    assert codec.unpack(got, bits, n)[200] == nan_code
                     levels = torch.randn(1 << bits, dtype=torch.float64)
                     grad = torch.randn(n).to(dtype)
                     want = codec.decode_mul_reference(ref, levels, grad, bits)
@@ -98,14 +102,16 @@ def test_native_large_multithreaded_matches_torch():
     torch.set_num_threads(2)
     try:
         x = torch.randn(1 << 20 | 13)
+        x[::1001] = float("nan")
         for bits in range(1, 9):
             borders = _table(bits, (1 << bits) - 1)
             cmp = codec.compare_borders(borders, x.dtype, False)
-            p = _native.encode(x, cmp, bits)
-            assert torch.equal(p, codec._encode_torch(x, cmp, bits)), bits
+            p = _native.encode(x, cmp, bits, nan_code=1)
+            assert torch.equal(p, codec._encode_torch(x, cmp, bits, nan_code=1)), bits
             levels = torch.randn(1 << bits, dtype=torch.float64)
+            g = torch.randn(x.shape)
             assert torch.equal(
-                _native.decode_mul(p, levels, x, bits), codec._decode_mul_torch(p, levels, x, bits)
+                _native.decode_mul(p, levels, g, bits), codec._decode_mul_torch(p, levels, g, bits)
             )
     finally:
         torch.set_num_threads(1)
@@ -116,6 +122,8 @@ def test_bad_arguments():
         codec.packed_nbytes(10, 9)
     with pytest.raises(ValueError, match="need more than"):
         codec.encode(torch.randn(4), torch.arange(4, dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match="nan_code must be a code in"):
+        codec.encode(torch.randn(4), torch.arange(3, dtype=torch.float64), 2, nan_code=4)
     with pytest.raises(ValueError, match="cannot hold"):
         codec.unpack(torch.zeros(3, dtype=torch.uint8), 2, 20)
     with pytest.raises(ValueError, match="valid"):

@@ -21,6 +21,11 @@ def test_every_torch_registry_activation_has_a_dropin():
     assert torch_classes <= set(TORCH_NAMES)
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal, NaN where NaN."""
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
 @pytest.mark.parametrize("name", TORCH_NAMES)
 def test_dropin_matches_torch(name):
     ours_cls = getattr(tightfit.nn, name)  # resolved lazily through tightfit.nn
@@ -37,12 +42,18 @@ def test_dropin_matches_torch(name):
     ours, ref = ours_cls(*args, bits=3), torch_cls(*args)
     assert "bits=3" in repr(ours)
     x = torch.randn(3, 41, dtype=torch.float64) * 3
+    x[1, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     xa = x.clone().requires_grad_(True)
     y = ours(xa)
-    assert torch.equal(y, ref(x))
-    y.backward(torch.ones_like(y))
+    assert _same(y, ref(x))
+    grad = torch.randn(y.shape, dtype=y.dtype)
+    y.backward(grad)
     t = ours.table
-    assert torch.equal(xa.grad, t.levels[t.encode(x)])
+    assert torch.equal(xa.grad, t.levels[t.encode(x)] * grad)
+    if t.exact:  # piecewise linear: torch's own gradient, at NaN and the infinities too
+        xr = x.clone().requires_grad_(True)
+        ref(xr).backward(grad)
+        assert _same(xa.grad, xr.grad)
     assert ours.state_dict() == {} and list(ours.buffers()) == []
 
 

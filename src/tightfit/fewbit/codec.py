@@ -16,7 +16,8 @@ Three implementations, tested against each other:
 
 Code semantics (``encode``), the rule of `tightfit.fewbit.tables`: x and the borders t are compared in
 ``compare_dtype(x.dtype)`` (fp32 for fp16/bf16/fp32, fp64 for fp64; pass ``Table.borders_for(dtype)``
-for a table's per-op rounding), ``code = sum_k [x >= t_k if right[k] else x > t_k]``. NaN gets code 0.
+for a table's per-op rounding), ``code = sum_k [x >= t_k if right[k] else x > t_k]``. NaN gets
+``nan_code`` (default 0).
 """
 
 from __future__ import annotations
@@ -175,22 +176,29 @@ def compare_borders(
     return t.sort().values.contiguous()
 
 
-def _codes_reference(x: torch.Tensor, borders: torch.Tensor, right: bool | Sequence[bool]) -> torch.Tensor:
+def _codes_reference(
+    x: torch.Tensor, borders: torch.Tensor, right: bool | Sequence[bool], nan_code: int = 0
+) -> torch.Tensor:
     xd = x.detach().reshape(-1).to(compare_dtype(x.dtype))
     b = borders.detach().reshape(-1).to(xd.dtype)
     codes = torch.zeros(xd.shape, dtype=torch.int64)
     for t, r in zip(b, _flags(right, b.numel())):
         codes += (xd >= t) if r else (xd > t)
-    return codes.to(torch.uint8)
+    return torch.where(torch.isnan(xd), nan_code, codes).to(torch.uint8)
 
 
 def encode_reference(
-    x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool | Sequence[bool] = False
+    x: torch.Tensor,
+    borders: torch.Tensor,
+    bits: int,
+    right: bool | Sequence[bool] = False,
+    nan_code: int = 0,
 ) -> torch.Tensor:
-    """Packed codes: ``code = sum_k [x >= t_k if right[k] else x > t_k]``, compared in `compare_dtype`."""
+    """Packed codes: ``code = sum_k [x >= t_k if right[k] else x > t_k]``, compared in `compare_dtype`;
+    ``nan_code`` where x is NaN."""
     if borders.numel() >= 1 << bits:
         raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
-    return pack_reference(_codes_reference(x, borders, right), bits)
+    return pack_reference(_codes_reference(x, borders, right, nan_code), bits)
 
 
 def decode_mul_reference(
@@ -201,11 +209,11 @@ def decode_mul_reference(
     return (levels.to(grad.dtype)[codes] * grad.reshape(-1)).reshape(grad.shape)
 
 
-def _encode_torch(x: torch.Tensor, cmp: torch.Tensor, bits: int) -> torch.Tensor:
+def _encode_torch(x: torch.Tensor, cmp: torch.Tensor, bits: int, nan_code: int = 0) -> torch.Tensor:
     xc = x.detach().reshape(-1)
     xc = xc.to(cmp.dtype) if xc.dtype != cmp.dtype else xc
     codes = torch.bucketize(xc, cmp.to(xc.device), right=False, out_int32=True)
-    codes = torch.where(torch.isnan(xc), 0, codes).to(torch.uint8)
+    codes = torch.where(torch.isnan(xc), nan_code, codes).to(torch.uint8)
     return pack(codes, bits)
 
 
@@ -245,18 +253,25 @@ def _native_ok(t: torch.Tensor) -> bool:
 
 
 def encode(
-    x: torch.Tensor, borders: torch.Tensor, bits: int, right: bool | Sequence[bool] = False
+    x: torch.Tensor,
+    borders: torch.Tensor,
+    bits: int,
+    right: bool | Sequence[bool] = False,
+    nan_code: int = 0,
 ) -> torch.Tensor:
-    """Packed codes of x (any shape/dtype/strides) in ceil(x.numel()*bits/8) bytes; see the module doc."""
+    """Packed codes of x (any shape/dtype/strides) in ceil(x.numel()*bits/8) bytes; see the module doc.
+    NaN inputs get ``nan_code`` (a table's ``nan_code``: the piece whose level torch gives at NaN)."""
     _check_bits(bits)
     if borders.numel() >= 1 << bits:
         raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
+    if not 0 <= nan_code <= borders.numel():
+        raise ValueError(f"nan_code must be a code in [0, {borders.numel()}], got {nan_code}")
     cmp = compare_borders(borders, x.dtype, right)
     if _native_ok(x):
         from tightfit.fewbit import _native
 
-        return _native.encode(x, cmp, bits)
-    return _encode_torch(x, cmp, bits)
+        return _native.encode(x, cmp, bits, nan_code)
+    return _encode_torch(x, cmp, bits, nan_code)
 
 
 def decode_mul(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ def activation(
     spec = spec_for_name(name)
     p = spec.params(**params)
     key = register_forward(forward_key(spec.name, p), functools.partial(spec.fn, **p))
-    return apply_tensors(x, key, table_tensors(table), table.bits, table.right)
+    return apply_tensors(x, key, table_tensors(table), table.bits, table.right, table.nan_code)
 
 
 def _no_inplace(inplace: bool) -> None:

@@ -41,14 +41,30 @@ __all__ = ["swiglu", "geglu", "gated", "gated_saved_bytes", "FewBitGatedMLP"]
 
 @torch.library.custom_op("tightfit::fewbit_gated_forward", mutates_args=())
 def _gated_forward(
-    a: Tensor, b: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool]
+    a: Tensor,
+    b: Tensor,
+    key: str,
+    borders: Tensor,
+    levels: Tensor,
+    bits: int,
+    right: list[bool],
+    nan_code: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     s = _lookup(key)(a)
-    return s * b, s, codec.encode(a, borders, bits, right)
+    return s * b, s, codec.encode(a, borders, bits, right, nan_code)
 
 
 @_gated_forward.register_fake
-def _(a: Tensor, b: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool]):
+def _(
+    a: Tensor,
+    b: Tensor,
+    key: str,
+    borders: Tensor,
+    levels: Tensor,
+    bits: int,
+    right: list[bool],
+    nan_code: int,
+):
     s = _lookup(key)(a)
     return s * b, s, a.new_empty(((a.numel() * bits) + 7) // 8, dtype=torch.uint8)
 
@@ -56,13 +72,20 @@ def _(a: Tensor, b: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int
 class _GatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        a: Tensor, b: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool]
+        a: Tensor,
+        b: Tensor,
+        key: str,
+        borders: Tensor,
+        levels: Tensor,
+        bits: int,
+        right: list[bool],
+        nan_code: int,
     ) -> Any:
-        return _gated_forward(a, b, key, borders, levels, bits, right)
+        return _gated_forward(a, b, key, borders, levels, bits, right, nan_code)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        _a, b, _key, _borders, levels, bits, _right = inputs
+        _a, b, _key, _borders, levels, bits, _right, _nan_code = inputs
         _h, s, packed = output
         ctx.save_for_backward(b, s, packed, levels)
         ctx.mark_non_differentiable(s, packed)
@@ -76,7 +99,7 @@ class _GatedFunction(torch.autograd.Function):
             grad_a = backward_gather(packed, levels, grad_h * b, ctx.bits)
         if ctx.needs_input_grad[1]:
             grad_b = grad_h * s
-        return grad_a, grad_b, None, None, None, None, None
+        return grad_a, grad_b, None, None, None, None, None, None
 
 
 def gated(a: Tensor, b: Tensor, name: str, bits: int = DEFAULT_BITS, table: Table | None = None) -> Tensor:
@@ -88,7 +111,7 @@ def gated(a: Tensor, b: Tensor, name: str, bits: int = DEFAULT_BITS, table: Tabl
             f"gated units need a and b of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     if table is None:
-        key, borders_c, levels_c, tbits, right = named_table_constants(
+        key, borders_c, levels_c, tbits, right, nan_code = named_table_constants(
             spec_for_name(name).name, bits, (), a.dtype
         )
         cmp = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -98,19 +121,17 @@ def gated(a: Tensor, b: Tensor, name: str, bits: int = DEFAULT_BITS, table: Tabl
         spec = spec_for_name(name)
         key = register_forward(forward_key(spec.name), spec.fn)
         borders, levels = table_tensors(table)[a.dtype]
-        borders, levels, tbits, right = (
-            borders.to(a.device),
-            levels.to(a.device),
-            table.bits,
-            tuple(table.right),
-        )
-    return _apply(a, b, key, borders, levels, tbits, right)
+        borders, levels = borders.to(a.device), levels.to(a.device)
+        tbits, right, nan_code = table.bits, tuple(table.right), table.nan_code
+    return _apply(a, b, key, borders, levels, tbits, right, nan_code)
 
 
-def _apply(a: Tensor, b: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: Any) -> Tensor:
+def _apply(
+    a: Tensor, b: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: Any, nan_code: int
+) -> Tensor:
     if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         return _lookup(key)(a) * b
-    return _GatedFunction.apply(a, b, key, borders, levels, bits, list(right))[0]
+    return _GatedFunction.apply(a, b, key, borders, levels, bits, list(right), int(nan_code))[0]
 
 
 def swiglu(a: Tensor, b: Tensor, bits: int = DEFAULT_BITS, table: Table | None = None) -> Tensor:
@@ -174,7 +195,8 @@ class FewBitGatedMLP(torch.nn.Module):
         borders, levels = self._consts[a.dtype]
         if borders.device != a.device:
             borders, levels = borders.to(a.device), levels.to(a.device)
-        return self.down_proj(_apply(a, b, self._key, borders, levels, self.table.bits, self.table.right))
+        t = self.table
+        return self.down_proj(_apply(a, b, self._key, borders, levels, t.bits, t.right, t.nan_code))
 
     def extra_repr(self) -> str:
         return f"{self.original_class}, act={self.name!r}, bits={self.bits}"

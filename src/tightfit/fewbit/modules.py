@@ -76,7 +76,8 @@ class FewBitActivation(nn.Module):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        return apply_tensors(input, self._key, self._consts, self.table.bits, self.table.right)
+        t = self.table
+        return apply_tensors(input, self._key, self._consts, t.bits, t.right, t.nan_code)
 
     def _param_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.params.items())

@@ -78,17 +78,17 @@ def _lookup(key: str) -> Callable[[Tensor], Tensor]:
 
 @torch.library.custom_op("tightfit::fewbit_forward", mutates_args=())
 def _fewbit_forward(
-    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool]
+    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool], nan_code: int
 ) -> tuple[Tensor, Tensor]:
     y = _lookup(key)(x)
     if y is x or (y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and y.numel()):
         y = y.clone()  # a custom op may not return its input
-    return y, codec.encode(x, borders, bits, right)
+    return y, codec.encode(x, borders, bits, right, nan_code)
 
 
 @_fewbit_forward.register_fake
 def _(
-    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool]
+    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool], nan_code: int
 ) -> tuple[Tensor, Tensor]:
     y = _lookup(key)(x)  # pointwise torch ops give the real output's dtype and strides on fake tensors
     return y, x.new_empty(((x.numel() * bits) + 7) // 8, dtype=torch.uint8)
@@ -127,12 +127,14 @@ class _FewBitFunction(torch.autograd.Function):
     """New-style autograd.Function (setup_context): works with torch.func.grad, unlike custom-op autograd."""
 
     @staticmethod
-    def forward(x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool]) -> Any:
-        return _fewbit_forward(x, key, borders, levels, bits, right)
+    def forward(
+        x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool], nan_code: int
+    ) -> Any:
+        return _fewbit_forward(x, key, borders, levels, bits, right, nan_code)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        x, _key, _borders, levels, bits, _right = inputs
+        x, _key, _borders, levels, bits, _right, _nan_code = inputs
         ctx.save_for_backward(output[1], levels)
         ctx.mark_non_differentiable(output[1])
         ctx.bits = bits
@@ -143,7 +145,7 @@ class _FewBitFunction(torch.autograd.Function):
         packed, levels = ctx.saved_tensors
         if grad_y.dtype != ctx.x_dtype:
             grad_y = grad_y.to(ctx.x_dtype)
-        return backward_gather(packed, levels, grad_y, ctx.bits), None, None, None, None, None
+        return backward_gather(packed, levels, grad_y, ctx.bits), None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,11 +154,17 @@ class _FewBitFunction(torch.autograd.Function):
 
 
 def fewbit_apply(
-    x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: bool | Sequence[bool] = False
+    x: Tensor,
+    key: str,
+    borders: Tensor,
+    levels: Tensor,
+    bits: int,
+    right: bool | Sequence[bool] = False,
+    nan_code: int = 0,
 ) -> Tensor:
     """f(x) with a few-bit backward; f is the forward registered under `key` (`register_forward`).
 
-    `borders`/`levels`/`right` form a table (`tightfit.fewbit.tables.Table`; codes as in
+    `borders`/`levels`/`right`/`nan_code` form a table (`tightfit.fewbit.tables.Table`; codes as in
     `tightfit.fewbit.codec`).
 
     Without autograd (no grad mode, or x does not require grad) this is just ``f(x)``: no codes are made.
@@ -170,7 +178,7 @@ def fewbit_apply(
     if not (torch.is_grad_enabled() and x.requires_grad):
         return _lookup(key)(x)
     flags = [bool(right)] * borders.numel() if isinstance(right, bool) else [bool(r) for r in right]
-    y, _packed = _FewBitFunction.apply(x, key, borders, levels, bits, flags)
+    y, _packed = _FewBitFunction.apply(x, key, borders, levels, bits, flags, int(nan_code))
     return y
 
 
@@ -186,7 +194,12 @@ def table_tensors(table: Any) -> dict[torch.dtype, tuple[Tensor, Tensor]]:
 
 
 def apply_tensors(
-    x: Tensor, key: str, consts: dict[torch.dtype, tuple[Tensor, Tensor]], bits: int, right: Sequence[bool]
+    x: Tensor,
+    key: str,
+    consts: dict[torch.dtype, tuple[Tensor, Tensor]],
+    bits: int,
+    right: Sequence[bool],
+    nan_code: int = 0,
 ) -> Tensor:
     """`fewbit_apply` with the per-dtype constants of `table_tensors`."""
     if not isinstance(x, Tensor):
@@ -196,14 +209,15 @@ def apply_tensors(
     borders, levels = consts[x.dtype]
     if borders.device != x.device:
         borders, levels = borders.to(x.device), levels.to(x.device)
-    return fewbit_apply(x, key, borders, levels, bits, right)
+    return fewbit_apply(x, key, borders, levels, bits, right, nan_code)
 
 
 @torch.compiler.assume_constant_result
 def named_table_constants(
     name: str, bits: int, params: tuple[tuple[str, Any], ...], dtype: torch.dtype
-) -> tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[bool, ...]]:
-    """(forward key, borders for `dtype` inputs, levels, code bits, tie flags) of a registry function.
+) -> tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[bool, ...], int]:
+    """(forward key, borders for `dtype` inputs, levels, code bits, tie flags, NaN code) of a registry
+    function.
 
     Plain Python constants (cached), so functional calls compile with fullgraph=True: torch.compile runs
     this once at trace time instead of tracing table loading.
@@ -214,7 +228,7 @@ def named_table_constants(
 @functools.lru_cache(maxsize=1024)
 def _named_table_constants(
     name: str, bits: int, params: tuple[tuple[str, Any], ...], dtype: torch.dtype
-) -> tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[bool, ...]]:
+) -> tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[bool, ...], int]:
     from tightfit.fewbit.activations import spec_for_name
     from tightfit.fewbit.tables import get_table
 
@@ -224,18 +238,19 @@ def _named_table_constants(
     t = get_table(spec.name, bits, **p)
     cmp_dtype = dtype if dtype in FLOAT_DTYPES else torch.float32
     borders = tuple(float(v) for v in t.borders_for(cmp_dtype).tolist())
-    return key, borders, tuple(float(v) for v in t.levels.tolist()), t.bits, tuple(t.right)
+    levels = tuple(float(v) for v in t.levels.tolist())
+    return key, borders, levels, t.bits, tuple(t.right), int(t.nan_code)
 
 
 def apply_named(x: Tensor, name: str, bits: int, params: dict[str, Any] | None = None) -> Tensor:
     """Registry function `name` with `params` applied to x with a `bits`-bit backward (functional API)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a tensor, got {type(x).__name__}")
-    key, borders, levels, tbits, right = named_table_constants(
+    key, borders, levels, tbits, right, nan_code = named_table_constants(
         name, bits, tuple(sorted((params or {}).items())), x.dtype
     )
     b = torch.tensor(
         borders, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
     )
     lv = torch.tensor(levels, dtype=torch.float64, device=x.device)
-    return fewbit_apply(x, key, b, lv, tbits, right)
+    return fewbit_apply(x, key, b, lv, tbits, right, nan_code)

@@ -13,7 +13,8 @@ is the sum of comparisons above (``Table.encode``). The flags are chosen so that
 give torch's derivative exactly, kinks included (relu'(0) = 0, hardtanh'(±1) = 0, hardshrink'(±λ) = 0).
 Fitted tables use one flag for all borders. A NaN input gets the code ``nan_code``: for exact tables
 the piece whose level torch's own backward gives at NaN (it differs between ops: relu 1, hardsigmoid
-0), 0 for fitted tables.
+0; for band functions torch's vectorised kernel gives 0 and its scalar tail 1, and we follow the former),
+0 for fitted tables (torch gives NaN there; the loss is NaN anyway when an activation input is).
 
 NOTE (dtype): compare ``x.to(compare_dtype(x.dtype))`` (float32 for float16/bfloat16, exact widening;
 x's dtype otherwise) with ``table.borders_for(x.dtype)``. That reproduces torch's kernels bit for bit,
@@ -201,8 +202,10 @@ def exact_table(name: str, **params: Any) -> Table:
     levels = spec.derivative(torch.tensor(pts, dtype=torch.float64), **p)
     fn = functools.partial(spec.fn, **p)
     bits = max(1, math.ceil(math.log2(len(pts))))
-    # torch's f'(NaN) differs between ops (relu: 1, hardsigmoid: 0): NaN inputs get the code of that level
-    at_nan = spec.derivative(torch.tensor([math.nan], dtype=torch.float64), **p)
+    # torch's f'(NaN) differs between ops (relu: 1, hardsigmoid: 0): NaN inputs get the code of that level.
+    # For band functions (hardtanh, relu6, hardshrink, softshrink) torch's vectorised kernel gives 0 and its
+    # scalar tail 1, so it depends on the element's position; we follow the vectorised body (most elements).
+    at_nan = spec.derivative(torch.full((1024,), math.nan, dtype=torch.float64), **p)[:1]
     same = (levels == at_nan).nonzero()
     nan_code = int(same[0, 0]) if same.numel() else 0
     return Table(

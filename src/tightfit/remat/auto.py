@@ -41,7 +41,7 @@ from tightfit.remat import execute
 from tightfit.remat.blocks import Blocks, find_blocks
 from tightfit.remat.chainmodel import ChainCosts
 from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE
-from tightfit.remat.measure import OptionCost, measure_group, step_cost
+from tightfit.remat.measure import OP_OPTIONS, OptionCost, measure_group, step_cost
 from tightfit.remat.plan import Decision, Plan
 from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
 from tightfit.sizes import format_size, parse_size
@@ -218,7 +218,7 @@ class Planner:
                 f"not a chain: {len(self.blocks.skips)} skip connection(s) into {', '.join(names[:4])}; "
                 "per-block decisions, skip tensors counted in the measured constant"
             )
-        total = 3 + len(groups) * len(self.options)
+        total = 3 + len(groups) * (len(self.options) + OP_OPTIONS)
         self._progress("measuring no remat", 1, total)
         self.baseline_peak, self.baseline_time = self.measure_step(None)
         done = [2]

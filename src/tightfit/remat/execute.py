@@ -25,10 +25,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 aten = torch.ops.aten
@@ -67,6 +68,31 @@ SAC_SAVED_OPS: dict[str, frozenset[Any]] = {
     SAVE_LINEAR: _LINEAR_OPS,
 }
 OPTIONS: tuple[str, ...] = (STORE, SAVE_MATMUL, SAVE_LINEAR, RECOMPUTE)
+# op-level options made by measuring a block (``tightfit.remat.measure.op_options``): "keep-ops:3,7,12"
+# keeps the outputs of the block's 3rd, 7th and 12th op (in the order the selective-checkpoint policy
+# sees them) and recomputes the rest
+KEEP_OPS = "keep-ops"
+
+
+def keep_ops_option(indices: Iterable[int]) -> str:
+    """The option keeping the outputs of the ops at ``indices`` of a block's op sequence."""
+    return f"{KEEP_OPS}:" + ",".join(str(i) for i in sorted(set(indices)))
+
+
+def kept_ops(option: str) -> frozenset[int] | None:
+    """The op indices of a ``keep-ops`` option, None for the named options; ValueError when malformed."""
+    if not option.startswith(KEEP_OPS + ":"):
+        return None
+    try:
+        return frozenset(int(i) for i in option[len(KEEP_OPS) + 1 :].split(",") if i)
+    except ValueError:
+        raise ValueError(f"malformed option {option!r}: expected op indices, e.g. 'keep-ops:3,7'") from None
+
+
+def option_label(option: str) -> str:
+    """A short name for printing (``keep-ops:...`` options become "keep N ops")."""
+    kept = kept_ops(option)
+    return option if kept is None else f"keep {len(kept)} ops"
 
 
 def _policy(saved: frozenset[Any]) -> Callable[..., CheckpointPolicy]:
@@ -77,12 +103,41 @@ def _policy(saved: frozenset[Any]) -> Callable[..., CheckpointPolicy]:
     return policy
 
 
+def sac_contexts(policy: Callable[..., CheckpointPolicy]) -> Any:
+    """Selective-checkpoint contexts for ``policy``. Cached outputs may be mutated in place later in the
+    forward (dropout fills and scales its noise in place): kept ops are whole in-place chains, and every
+    option's gradients are checked against plain autograd before a plan may use it."""
+    try:
+        return create_selective_checkpoint_contexts(policy, allow_cache_entry_mutation=True)
+    except TypeError:  # torch < 2.5: no such argument (a mutated cache entry then raises, option inexact)
+        return create_selective_checkpoint_contexts(policy)
+
+
+def _indexed_contexts(keep: frozenset[int]) -> Any:
+    """Contexts for one checkpointed call that keep the outputs of the ops at positions ``keep``."""
+    count = [0]
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if getattr(ctx, "is_recompute", False):  # torch < 2.6 asks again while recomputing
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        index = count[0]
+        count[0] += 1
+        return CheckpointPolicy.MUST_SAVE if index in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return sac_contexts(policy)
+
+
 def _context_fn(option: str) -> Callable[[], Any] | None:
     if option == RECOMPUTE:
         return None
+    kept = kept_ops(option)
+    if kept is not None:
+        return functools.partial(_indexed_contexts, kept)
     saved = SAC_SAVED_OPS.get(option)
     if saved is None:
-        raise ValueError(f"unknown remat option {option!r}; valid options: {', '.join(OPTIONS)}")
+        raise ValueError(
+            f"unknown remat option {option!r}; valid: {', '.join(OPTIONS)} or '{KEEP_OPS}:<op indices>'"
+        )
     return functools.partial(create_selective_checkpoint_contexts, _policy(saved))
 
 
@@ -98,12 +153,15 @@ def _stat_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def _frozen_stats(buffers: list[torch.Tensor]) -> Iterator[None]:
-    """Undo in-place updates of running statistics made while recomputing."""
-    saved = [b.detach().clone() for b in buffers]
+    """Undo in-place updates of running statistics made while recomputing. The copies are made outside
+    the dispatch modes: a selective-checkpoint recompute only accepts the ops of the first pass (the
+    ruler does not see these few-kilobyte copies either)."""
+    with _disable_current_modes():
+        saved = [b.detach().clone() for b in buffers]
     try:
         yield
     finally:
-        with torch.no_grad():
+        with torch.no_grad(), _disable_current_modes():
             for b, s in zip(buffers, saved):
                 b.copy_(s)
 

@@ -14,6 +14,16 @@ the recorded arguments, under the ruler (``tightfit.memory.LiveTracker``):
 Every option's gradients (parameters and inputs) are compared bit for bit with the store option's under
 the same RNG seed; an option that does not reproduce them (a block that modifies its input in place, for
 instance) is marked ``exact=False`` and never chosen.
+
+NOTE [ Op-level options ]
+  Besides the named options, ``op_options`` captures the block's op sequence as the selective-checkpoint
+  policy sees it (one recording forward): each op's output storages, bytes and time (the clock between
+  consecutive policy calls). Ops whose outputs share storage (views, in-place updates such as dropout's
+  ``bernoulli_`` then ``div_``) form one unit, kept or recomputed together, and all random ops of the
+  block form one unit (a recomputed random op must see the RNG state it saw first, so the random ops
+  recomputed cannot follow ones that are skipped). Units are ranked by recompute time saved per byte
+  kept, and the shortest prefixes saving 30/55/80% of the recompute time become ``keep-ops`` options,
+  measured like the others.
 """
 
 from __future__ import annotations
@@ -21,16 +31,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
 from tightfit.memory import LiveTracker
 from tightfit.memory.flops import FlopCounter
 from tightfit.remat.blocks import Group, _leaves
-from tightfit.remat.execute import OPTIONS, STORE, run_call
+from tightfit.remat.execute import OPTIONS, STORE, keep_ops_option, kept_ops, run_call, sac_contexts
 
 
 @dataclass
@@ -196,6 +207,140 @@ def _time_interleaved(group: Group, costs: dict[str, OptionCost], reps: int, see
         costs[o].bwd_time = statistics.median(b for _, b in samples[o])
 
 
+@dataclass
+class OpUnit:
+    """Ops of one block call whose outputs share storage: kept or recomputed together."""
+
+    ops: list[int] = field(default_factory=list)  # positions in the policy's op sequence
+    bytes: int = 0  # storage bytes of their outputs (created inside the block)
+    seconds: float = 0.0  # their forward time
+    random: bool = False
+    external: bool = False  # an output aliases a tensor made outside the block (never kept)
+
+
+def _storages(out: Any) -> list[torch.UntypedStorage]:
+    return [t.untyped_storage() for t in _leaves(out) if isinstance(t, torch.Tensor) and t.numel()]
+
+
+_OpRecord = tuple[Any, float, list[torch.UntypedStorage], list[int]]  # op, seconds, outputs, input ptrs
+
+
+def _record_ops(group: Group, seed: int) -> list[_OpRecord] | None:
+    """One checkpointed forward of the block, recording every op the selective-checkpoint policy sees;
+    None when this torch does not show op outputs to policies. The records reference the output
+    storages, so no address is reused while recording."""
+    run = _Run(group, STORE, seed)
+    ops: list[_OpRecord] = []
+    last = [0.0]
+    supported = [True]
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if getattr(ctx, "is_recompute", False):
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        now = time.perf_counter()
+        if not hasattr(ctx, "op_output"):
+            supported[0] = False
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        inputs = [st.data_ptr() for st in _storages((args, kwargs))]
+        ops.append((op, now - last[0], _storages(ctx.op_output), inputs))
+        last[0] = time.perf_counter()
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def body(*a: Any, **k: Any) -> Any:
+        last[0] = time.perf_counter()
+        return run.forward(*a, **k)
+
+    torch.manual_seed(seed)
+    checkpoint(body, *run.args, use_reentrant=False, context_fn=lambda: sac_contexts(policy), **run.kwargs)
+    return ops if supported[0] else None
+
+
+def _units(ops: list[_OpRecord]) -> list[OpUnit]:
+    """Group ops by output storage (union-find over storages an op outputs together)."""
+    parent: dict[int, int] = {}
+
+    def find(k: int) -> int:
+        while parent.setdefault(k, k) != k:
+            k = parent[k]
+        return k
+
+    fresh: dict[int, int] = {}  # storage -> bytes, for storages first seen as a new op output
+    external: set[int] = set()  # first seen as an output that aliases an input (block input, parameter)
+    for _op, _dt, outs, inputs in ops:
+        keys = [st.data_ptr() for st in outs]
+        for st, k in zip(outs, keys):
+            if k not in parent:
+                if k in inputs:
+                    external.add(k)
+                else:
+                    fresh[k] = st.nbytes()
+            find(k)
+        for k in keys[1:]:
+            parent[find(k)] = find(keys[0])
+    units: dict[int, OpUnit] = {}
+    for i, (op, dt, outs, _inputs) in enumerate(ops):
+        if outs:
+            unit = units.setdefault(find(outs[0].data_ptr()), OpUnit())
+            unit.ops.append(i)
+            unit.seconds += dt
+            unit.random = unit.random or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
+    for k in set(fresh) | external:
+        unit = units[find(k)]
+        unit.bytes += fresh.get(k, 0)
+        unit.external = unit.external or k in external
+    return list(units.values())
+
+
+def record_units(group: Group, seed: int = 1234, runs: int = 2) -> list[OpUnit]:
+    """The keepable op units of ``group``'s block (NOTE [ Op-level options ]), op times the minimum over
+    ``runs`` recordings; [] when op outputs are not visible to policies or the op sequence is unstable."""
+    records = [_record_ops(group, seed) for _ in range(runs)]
+    if any(r is None or len(r) != len(records[0] or ()) for r in records):
+        return []
+    seconds = [min(col) for col in zip(*[[dt for _, dt, _, _ in r] for r in records if r is not None])]
+    units = _units(records[0] or [])
+    del records
+    for u in units:
+        u.seconds = sum(seconds[i] for i in u.ops)
+    keep = [u for u in units if not u.external]
+    if any(u.random and u.external for u in units):
+        return [u for u in keep if not u.random]  # a random op that is never kept: recompute them all
+    randoms = [u for u in keep if u.random]
+    if len(randoms) > 1:
+        merged = OpUnit(
+            sorted(i for u in randoms for i in u.ops),
+            sum(u.bytes for u in randoms),
+            sum(u.seconds for u in randoms),
+            random=True,
+        )
+        keep = [u for u in keep if not u.random] + [merged]
+    return keep
+
+
+OP_FRACTIONS = (0.3, 0.55, 0.8)
+OP_OPTIONS = len(OP_FRACTIONS)  # at most this many op-level options per block
+
+
+def op_options(units: Sequence[OpUnit], fractions: Sequence[float] = OP_FRACTIONS) -> list[str]:
+    """``keep-ops`` options: the shortest prefixes of the units ranked by seconds per byte that save each
+    fraction of the block's recompute time (NOTE [ Op-level options ])."""
+    ranked = sorted((u for u in units if u.bytes > 0), key=lambda u: u.seconds / u.bytes, reverse=True)
+    total = sum(u.seconds for u in ranked)
+    options: list[str] = []
+    if total <= 0:
+        return options
+    for f in fractions:
+        m, acc = 0, 0.0
+        while m < len(ranked) and acc < f * total:
+            acc += ranked[m].seconds
+            m += 1
+        if 0 < m < len(ranked):  # keeping every unit is what "store" does
+            option = keep_ops_option(i for u in ranked[:m] for i in u.ops)
+            if option not in options:
+                options.append(option)
+    return options
+
+
 def _same(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
     return len(a) == len(b) and all(
         (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
@@ -212,14 +357,18 @@ def measure_group(
     on_option: Callable[[str], None] | None = None,
     flop_rate: float | None = None,
     byte_rate: float | None = None,
+    op_level: bool = True,
 ) -> dict[str, OptionCost]:
-    """Costs of ``group``'s block under each option (see the module docstring).
+    """Costs of ``group``'s block under each option (see the module docstring), plus the op-level
+    ``keep-ops`` options of ``op_options`` when ``op_level`` (measured clocks only).
 
     With ``flop_rate`` (FLOP/s) and ``byte_rate`` (bytes written per second; default flop_rate / 50),
     times come from counts instead of clocks, and gradients are not compared (under FakeTensorMode there
     are no values): the ``--estimate`` cost model.
     """
     options = [STORE, *[o for o in options if o != STORE]]
+    if op_level and flop_rate is None:
+        options += op_options(record_units(group, seed))
     costs: dict[str, OptionCost] = {}
     reference: list[torch.Tensor | None] | None = None
     for option in options:
@@ -237,6 +386,10 @@ def measure_group(
         else:
             exact = _same(reference, grads)
         del grads
+        if kept_ops(option) is not None and keep >= costs[STORE].keep:
+            if on_option is not None:  # keeps outputs autograd would not: storing is better in both
+                on_option(option)
+            continue
         if flop_rate is not None:
             rate = byte_rate if byte_rate is not None else flop_rate / 50
             fwd_time, bwd_time = _count_time(_Run(group, option, seed), flop_rate, rate)

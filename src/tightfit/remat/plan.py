@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tightfit.remat.execute import kept_ops, option_label
 from tightfit.sizes import format_size
 
 # what each option keeps for the backward (printed under the plan table)
@@ -22,6 +23,15 @@ OPTION_LEGEND = {
     "save-linear": "keeps outputs of matmuls and convolutions (projections); recomputes attention too",
     "recompute": "keeps only the block's inputs; recomputes the whole block",
 }
+KEEP_OPS_LEGEND = (
+    "keeps the outputs of the N ops that save the most measured recompute time per byte (views and "
+    "in-place chains such as dropout's noise count as one); recomputes the rest"
+)
+
+
+def legend(option: str) -> str:
+    """What ``option`` keeps for the backward, in words."""
+    return KEEP_OPS_LEGEND if kept_ops(option) is not None else OPTION_LEGEND.get(option, "")
 
 
 @dataclass
@@ -71,8 +81,8 @@ class Plan:
         return [d.name for d in self.decisions if d.option != "store"]
 
     def summary(self) -> str:
-        counts = Counter(d.option for d in self.decisions)
-        return ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
+        counts = Counter(option_label(d.option) for d in self.decisions)
+        return ", ".join(f"{n} x {o}" for o, n in sorted(counts.items()))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +101,8 @@ class Plan:
             while j + 1 < len(ds) and ds[j + 1].option == ds[i].option and ds[j + 1].group == ds[i].group:
                 j += 1
             names = ds[i].name if i == j else f"{ds[i].name} .. {ds[j].name} ({j - i + 1})"
-            rows.append((names, ds[i].option, format_size(ds[i].keep), f"{ds[i].extra_time * 1e3:+.2f} ms"))
+            label = option_label(ds[i].option)
+            rows.append((names, label, format_size(ds[i].keep), f"{ds[i].extra_time * 1e3:+.2f} ms"))
             i = j + 1
         return rows
 
@@ -111,8 +122,10 @@ class Plan:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
             if n == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
-        for option in sorted({d.option for d in self.decisions}):
-            lines.append(f"  {option}: {OPTION_LEGEND.get(option, '')}")
+        options = {d.option for d in self.decisions}
+        labels = {("keep N ops" if kept_ops(o) is not None else o): o for o in options}
+        for label, option in sorted(labels.items()):
+            lines.append(f"  {label}: {legend(option)}")
         ratio = ""
         if self.measured_time and self.baseline_time:
             ratio = f" (x{self.measured_time / self.baseline_time:.2f} of no remat)"

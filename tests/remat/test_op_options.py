@@ -1,0 +1,80 @@
+"""Op-level remat options: the op sequence of a block is captured with its costs, views/in-place chains and
+random ops are grouped, and ``keep-ops`` options keep what they say with gradients identical to autograd."""
+
+from __future__ import annotations
+
+import pytest
+
+from tightfit.memory import SavedTensorCounter
+from tightfit.remat import execute
+from tightfit.remat.blocks import find_blocks
+from tightfit.remat.execute import RECOMPUTE, STORE, keep_ops_option, kept_ops, option_label
+from tightfit.remat.measure import measure_group, op_options, record_units
+
+from ._models import build, clone, grads_after_step, same_grads
+from .test_execute import Net, _x
+
+
+def _units_of_block():
+    model, x = Net().train(), _x()
+    group = find_blocks(model, x).groups[0]
+    return model, x, group, record_units(group)
+
+
+def test_units_group_dropout_noise_and_cover_every_kept_op_once() -> None:
+    _, _, _, units = _units_of_block()
+    assert units
+    ops = [i for u in units for i in u.ops]
+    assert len(ops) == len(set(ops))  # an op is in one unit
+    randoms = [u for u in units if u.random]
+    assert len(randoms) == 1  # the block's dropout: bernoulli_ and the in-place scaling of its noise
+    assert len(randoms[0].ops) >= 2 and randoms[0].bytes == 2 * 10 * 96 * 4  # one float per element
+    assert all(u.bytes >= 0 and u.seconds >= 0 for u in units)
+    assert sum(u.bytes for u in units) > 0
+
+
+def test_keep_ops_options_give_identical_gradients_and_keep_between_recompute_and_store() -> None:
+    model, x, _, units = _units_of_block()
+    options = op_options(units)
+    assert options and all(kept_ops(o) for o in options)
+    reference = grads_after_step(clone(model), x)
+
+    def saved(option: str) -> int:
+        m = clone(model)
+        execute.apply(m, {f"blocks.{i}": [option] for i in range(3)})
+        with SavedTensorCounter(exclude=[m, x]) as c:
+            loss = m(x)
+        del loss
+        return c.bytes
+
+    keeps = {o: saved(o) for o in (STORE, RECOMPUTE, *options)}
+    for option in options:
+        m = clone(model)
+        execute.apply(m, {f"blocks.{i}": [option] for i in range(3)})
+        assert same_grads(reference, grads_after_step(m, x)), option
+        assert keeps[RECOMPUTE] < keeps[option] < keeps[STORE], (option, keeps)
+    assert [keeps[o] for o in options] == sorted(keeps[o] for o in options)  # larger fractions keep more
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-1b-tiny", "resnet50-tiny"])
+def test_generated_options_are_measured_exact_on_zoo_blocks(name: str) -> None:
+    model, batch = build(name)
+    group = find_blocks(model, batch).groups[0]
+    costs = measure_group(group, reps=1)
+    generated = [o for o in costs if kept_ops(o) is not None]
+    assert generated, f"no op-level options for {group.path}"
+    for o in generated:
+        assert costs[o].exact, o
+        assert costs[RECOMPUTE].keep <= costs[o].keep < costs[STORE].keep  # others are dropped
+
+
+def test_option_names_round_trip_and_bad_ones_are_rejected() -> None:
+    option = keep_ops_option([7, 3, 3])
+    assert option == "keep-ops:3,7" and kept_ops(option) == frozenset({3, 7})
+    assert option_label(option) == "keep 2 ops" and option_label(STORE) == STORE
+    with pytest.raises(ValueError, match="malformed option"):
+        kept_ops("keep-ops:1,x")
+    model = Net()
+    with pytest.raises(ValueError, match="keep-ops:<op indices>"):
+        execute.apply(model, {"blocks.0": ["keep-some"]})
+    assert execute.applied(model) == {}

@@ -74,6 +74,7 @@ class Workload:
     desc: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     planner: Any = None  # a shared tightfit.remat.auto.Planner (--reuse-planner)
+    compile_planner: Any = None  # the same with op_level=False, for plans run under torch.compile
 
 
 def _get(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -207,14 +208,17 @@ def tightfit_variant(
     t0 = time.perf_counter()
     if w.planner is not None:  # --reuse-planner: measure once, solve + verify per budget, apply to a copy
         from tightfit.remat import execute
+        from tightfit.remat.auto import Planner
 
-        plan = w.planner.plan(budget)
+        if compiled and w.compile_planner is None:  # op-level options are eager-only: plan without them
+            w.compile_planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn, op_level=False)
+        plan = (w.compile_planner if compiled else w.planner).plan(budget)
         execute.apply(m, plan.options)
         m.__dict__["plan"] = plan
         out = m
         plan_s = float(getattr(plan, "planning_time", time.perf_counter() - t0))
     else:
-        out = tightfit.rematerialize(m, w.batch, budget, loss_fn=w.loss_fn)
+        out = tightfit.rematerialize(m, w.batch, budget, loss_fn=w.loss_fn, op_level=not compiled)
         plan_s = time.perf_counter() - t0
     params = _same_order(out, params, ref_names[0], False)
     bufs = _same_order(out, bufs, ref_names[1], True)

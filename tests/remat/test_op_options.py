@@ -4,6 +4,7 @@ random ops are grouped, and ``keep-ops`` options keep what they say with gradien
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tightfit.memory import SavedTensorCounter
 from tightfit.remat import execute
@@ -22,7 +23,8 @@ def _units_of_block():
 
 
 def test_units_group_dropout_noise_and_cover_every_kept_op_once() -> None:
-    _, _, _, units = _units_of_block()
+    _, _, _, profile = _units_of_block()
+    units = profile.units
     assert units
     ops = [i for u in units for i in u.ops]
     assert len(ops) == len(set(ops))  # an op is in one unit
@@ -34,8 +36,8 @@ def test_units_group_dropout_noise_and_cover_every_kept_op_once() -> None:
 
 
 def test_keep_ops_options_give_identical_gradients_and_keep_between_recompute_and_store() -> None:
-    model, x, _, units = _units_of_block()
-    options = op_options(units)
+    model, x, _, profile = _units_of_block()
+    options = op_options(profile)
     assert options and all(kept_ops(o) for o in options)
     reference = grads_after_step(clone(model), x)
 
@@ -69,12 +71,43 @@ def test_generated_options_are_measured_exact_on_zoo_blocks(name: str) -> None:
 
 
 def test_option_names_round_trip_and_bad_ones_are_rejected() -> None:
-    option = keep_ops_option([7, 3, 3])
-    assert option == "keep-ops:3,7" and kept_ops(option) == frozenset({3, 7})
+    ops = ["aten.mm.default", "aten.gelu.default"] * 4
+    option = keep_ops_option([7, 3, 3], ops)
+    kept = kept_ops(option)
+    assert option.startswith("keep-ops:3,7@8:") and kept is not None
+    assert kept.indices == frozenset({3, 7}) and kept.count == 8
     assert option_label(option) == "keep 2 ops" and option_label(STORE) == STORE
-    with pytest.raises(ValueError, match="malformed option"):
-        kept_ops("keep-ops:1,x")
+    for bad in ("keep-ops:1,x@8:ab", "keep-ops:1,2"):
+        with pytest.raises(ValueError, match="malformed option"):
+            kept_ops(bad)
     model = Net()
-    with pytest.raises(ValueError, match="keep-ops:<op indices>"):
+    with pytest.raises(ValueError, match="unknown remat option"):
         execute.apply(model, {"blocks.0": ["keep-some"]})
     assert execute.applied(model) == {}
+
+
+@pytest.mark.parametrize("which", [0, -1])
+def test_keep_ops_under_torch_compile_keep_gradients_identical(which: int) -> None:
+    """Compiled traces see other ops than eager (the indices do not apply): matmuls and random ops are
+    kept there, so dropout is not re-drawn in the compiled backward."""
+    torch._dynamo.reset()
+    model, batch = build("gpt2-tiny", n_layer=2)
+    ref = clone(model)
+    group = find_blocks(model, batch).groups[0]
+    option = op_options(record_units(group))[which]
+    assert kept_ops(option) is not None
+    execute.apply(model, {p: [option] for p in ("transformer.h.0", "transformer.h.1")})
+    compiled = torch.compile(model, backend="aot_eager")
+    assert same_grads(grads_after_step(ref, batch), grads_after_step(compiled, batch))
+    torch._dynamo.reset()
+
+
+def test_a_call_running_other_ops_than_measured_raises() -> None:
+    """Op positions are only meaningful for the measured op sequence: under autocast (extra casts) the
+    block runs other ops, and the call raises instead of keeping the wrong tensors."""
+    model, x, _, profile = _units_of_block()
+    option = op_options(profile)[0]
+    execute.apply(model, {f"blocks.{i}": [option] for i in range(3)})
+    grads_after_step(model, x)  # the measured context: fine
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="op-level option"):
+        model(x)

@@ -112,6 +112,7 @@ class Planner:
         progress: Progress | None = None,
         timing_reps: int = 1,
         flop_rate: float | None = None,
+        op_level: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -126,6 +127,7 @@ class Planner:
         if RECOMPUTE not in self.options:
             self.options.append(RECOMPUTE)
         self.timing_reps = timing_reps
+        self.op_level = op_level
         self.flop_rate = flop_rate  # set: times from FLOP counts (tightfit.remat.estimate), else clocks
         self.notes: list[str] = []
         self._progress = progress or (lambda what, done, total: None)
@@ -231,7 +233,9 @@ class Planner:
 
             try:
                 self.group_costs.append(
-                    measure_group(group, self.options, on_option=tick, flop_rate=self.flop_rate)
+                    measure_group(
+                        group, self.options, on_option=tick, flop_rate=self.flop_rate, op_level=self.op_level
+                    )
                 )
             except RuntimeError as err:  # a block that cannot run on its own stays unplanned (glue)
                 self.group_costs.append(None)
@@ -384,6 +388,7 @@ def rematerialize(
     options: Sequence[str] = OPTIONS,
     verify: bool = True,
     progress: Progress | None = None,
+    op_level: bool = True,
 ) -> torch.nn.Module:
     """Make ``model`` train within ``budget`` by recomputing activations; returns the model to train.
 
@@ -395,6 +400,11 @@ def rematerialize(
     ``torch.no_grad()`` nothing is recomputed. Call it in the context you train in (same autocast, same
     batch shapes): the plan is measured there. Hugging Face models get ``config.use_cache = False``.
     Raises ``InfeasibleBudget`` (with ``min_budget``) when no plan fits.
+
+    ``options`` are the named in-block options; with ``op_level`` each block also gets options that keep
+    the outputs of measured ops (``tightfit.remat.measure``). Those run in eager mode; under
+    ``torch.compile`` they fall back to keeping matmul outputs (the measured op positions do not apply
+    to a compiled trace), so for compiled training plan with ``op_level=False``.
     """
-    planner = Planner(model, batch, loss_fn, optimizer, options=options, progress=progress)
+    planner = Planner(model, batch, loss_fn, optimizer, options=options, progress=progress, op_level=op_level)
     return planner.apply(planner.plan(budget, verify=verify))

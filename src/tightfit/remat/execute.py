@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,31 +70,51 @@ SAC_SAVED_OPS: dict[str, frozenset[Any]] = {
     SAVE_LINEAR: _LINEAR_OPS,
 }
 OPTIONS: tuple[str, ...] = (STORE, SAVE_MATMUL, SAVE_LINEAR, RECOMPUTE)
-# op-level options made by measuring a block (``tightfit.remat.measure.op_options``): "keep-ops:3,7,12"
-# keeps the outputs of the block's 3rd, 7th and 12th op (in the order the selective-checkpoint policy
-# sees them) and recomputes the rest
+# op-level options made by measuring a block (``tightfit.remat.measure.op_options``):
+# "keep-ops:3,7@142:<digest>" keeps the outputs of the block's ops number 3 and 7 (in the order the
+# selective-checkpoint policy sees them) and recomputes the rest; 142 ops and the digest of their names
+# are what the block ran when it was measured, and a call that runs other ops (another autocast state,
+# a changed model) raises.
 KEEP_OPS = "keep-ops"
 
 
-def keep_ops_option(indices: Iterable[int]) -> str:
-    """The option keeping the outputs of the ops at ``indices`` of a block's op sequence."""
-    return f"{KEEP_OPS}:" + ",".join(str(i) for i in sorted(set(indices)))
+@dataclass(frozen=True)
+class KeptOps:
+    """A parsed ``keep-ops`` option."""
+
+    indices: frozenset[int]
+    count: int  # ops in the measured sequence
+    digest: str  # of their names (``op_digest``)
 
 
-def kept_ops(option: str) -> frozenset[int] | None:
-    """The op indices of a ``keep-ops`` option, None for the named options; ValueError when malformed."""
+def op_digest(ops: Iterable[Any]) -> str:
+    """A short digest of an op sequence (the ops' names in order)."""
+    return hashlib.sha1("\n".join(str(op) for op in ops).encode()).hexdigest()[:12]
+
+
+def keep_ops_option(indices: Iterable[int], ops: Sequence[Any]) -> str:
+    """The option keeping the outputs of the ops at ``indices`` of a block whose op sequence is ``ops``."""
+    return f"{KEEP_OPS}:" + ",".join(str(i) for i in sorted(set(indices))) + f"@{len(ops)}:{op_digest(ops)}"
+
+
+def kept_ops(option: str) -> KeptOps | None:
+    """The parsed ``keep-ops`` option, None for the named options; ValueError when malformed."""
     if not option.startswith(KEEP_OPS + ":"):
         return None
     try:
-        return frozenset(int(i) for i in option[len(KEEP_OPS) + 1 :].split(",") if i)
+        indices, sequence = option[len(KEEP_OPS) + 1 :].split("@")
+        count, digest = sequence.split(":")
+        return KeptOps(frozenset(int(i) for i in indices.split(",") if i), int(count), digest)
     except ValueError:
-        raise ValueError(f"malformed option {option!r}: expected op indices, e.g. 'keep-ops:3,7'") from None
+        raise ValueError(
+            f"malformed option {option!r}: expected 'keep-ops:<op indices>@<op count>:<digest>'"
+        ) from None
 
 
 def option_label(option: str) -> str:
     """A short name for printing (``keep-ops:...`` options become "keep N ops")."""
     kept = kept_ops(option)
-    return option if kept is None else f"keep {len(kept)} ops"
+    return option if kept is None else f"keep {len(kept.indices)} ops"
 
 
 def _policy(saved: frozenset[Any]) -> Callable[..., CheckpointPolicy]:
@@ -113,30 +135,39 @@ def sac_contexts(policy: Callable[..., CheckpointPolicy]) -> Any:
         return create_selective_checkpoint_contexts(policy)
 
 
-def _indexed_contexts(keep: frozenset[int]) -> Any:
-    """Contexts for one checkpointed call that keep the outputs of the ops at positions ``keep``."""
-    count = [0]
+class _IndexedPolicy:
+    """The policy of one ``keep-ops`` call: keeps the outputs of the ops at the kept positions, and
+    records the ops it sees so that ``check`` can tell whether the block ran the measured sequence."""
 
-    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    def __init__(self, kept: KeptOps) -> None:
+        self.kept = kept
+        self.ops: list[Any] = []
+
+    def __call__(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         if getattr(ctx, "is_recompute", False):  # torch < 2.6 asks again while recomputing
             return CheckpointPolicy.PREFER_RECOMPUTE
-        index = count[0]
-        count[0] += 1
-        return CheckpointPolicy.MUST_SAVE if index in keep else CheckpointPolicy.PREFER_RECOMPUTE
+        index = len(self.ops)
+        self.ops.append(op)
+        return CheckpointPolicy.MUST_SAVE if index in self.kept.indices else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return sac_contexts(policy)
+    def check(self, module: torch.nn.Module) -> None:
+        if len(self.ops) != self.kept.count or op_digest(self.ops) != self.kept.digest:
+            raise RuntimeError(
+                f"{type(module).__name__} ran {len(self.ops)} ops where its remat plan was measured with "
+                f"{self.kept.count} (or other ones): its op-level option would keep the wrong tensors. "
+                "Plan in the context you train in (same autocast, same model code), or plan with "
+                "rematerialize(..., op_level=False)."
+            )
 
 
 def _context_fn(option: str) -> Callable[[], Any] | None:
+    """The selective-checkpoint contexts of a named option (None: plain checkpoint)."""
     if option == RECOMPUTE:
         return None
-    kept = kept_ops(option)
-    if kept is not None:
-        return functools.partial(_indexed_contexts, kept)
     saved = SAC_SAVED_OPS.get(option)
     if saved is None:
         raise ValueError(
-            f"unknown remat option {option!r}; valid: {', '.join(OPTIONS)} or '{KEEP_OPS}:<op indices>'"
+            f"unknown remat option {option!r}; valid: {', '.join(OPTIONS)} or '{KEEP_OPS}:...' (measured)"
         )
     return functools.partial(create_selective_checkpoint_contexts, _policy(saved))
 
@@ -182,6 +213,18 @@ def run_call(
         with _frozen_stats(stats):  # a recompute: leave running stats as the first pass left them
             return forward(*a, **k)
 
+    kept = kept_ops(option)
+    if kept is not None:
+        if torch.compiler.is_compiling():
+            # a compiled trace sees other ops than eager (functionalized, decomposed): the measured op
+            # positions do not apply there; keep matmuls, convolutions and attention instead
+            option = SAVE_MATMUL
+        else:
+            policy = _IndexedPolicy(kept)
+            contexts = functools.partial(sac_contexts, policy)
+            out = checkpoint(body, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+            policy.check(module)
+            return out
     context_fn = _context_fn(option)
     extra = {} if context_fn is None else {"context_fn": context_fn}
     return checkpoint(body, *args, use_reentrant=False, **extra, **kwargs)
@@ -255,7 +298,7 @@ def apply(
     if missing:
         raise KeyError(f"not submodules of the model: {missing}; valid paths look like {list(modules)[1:4]}")
     for option in {o for opts in decisions.values() for o in opts} | {default}:
-        if option != STORE:
+        if option != STORE and kept_ops(option) is None:  # kept_ops validates its own form
             _context_fn(option)  # validates the name
     undo(model)
     patched: list[str] = []

@@ -291,20 +291,30 @@ def _units(ops: list[_OpRecord]) -> list[OpUnit]:
     return list(units.values())
 
 
-def record_units(group: Group, seed: int = 1234, runs: int = 2) -> list[OpUnit]:
+@dataclass
+class OpProfile:
+    """The op sequence of a block call (as selective-checkpoint policies see it) and its keepable units."""
+
+    ops: list[Any]
+    units: list[OpUnit]
+
+
+def record_units(group: Group, seed: int = 1234, runs: int = 2) -> OpProfile:
     """The keepable op units of ``group``'s block (NOTE [ Op-level options ]), op times the minimum over
-    ``runs`` recordings; [] when op outputs are not visible to policies or the op sequence is unstable."""
+    ``runs`` recordings; no units when op outputs are not visible to policies or the sequence changes."""
     records = [_record_ops(group, seed) for _ in range(runs)]
-    if any(r is None or len(r) != len(records[0] or ()) for r in records):
-        return []
+    first = records[0]
+    if first is None or any(r is None or [o for o, *_ in r] != [o for o, *_ in first] for r in records):
+        return OpProfile([], [])
     seconds = [min(col) for col in zip(*[[dt for _, dt, _, _ in r] for r in records if r is not None])]
-    units = _units(records[0] or [])
-    del records
+    ops = [op for op, *_ in first]
+    units = _units(first)
+    del records, first
     for u in units:
         u.seconds = sum(seconds[i] for i in u.ops)
     keep = [u for u in units if not u.external]
     if any(u.random and u.external for u in units):
-        return [u for u in keep if not u.random]  # a random op that is never kept: recompute them all
+        return OpProfile(ops, [u for u in keep if not u.random])  # a random op is never kept: none is
     randoms = [u for u in keep if u.random]
     if len(randoms) > 1:
         merged = OpUnit(
@@ -314,17 +324,18 @@ def record_units(group: Group, seed: int = 1234, runs: int = 2) -> list[OpUnit]:
             random=True,
         )
         keep = [u for u in keep if not u.random] + [merged]
-    return keep
+    return OpProfile(ops, keep)
 
 
 OP_FRACTIONS = (0.3, 0.55, 0.8)
 OP_OPTIONS = len(OP_FRACTIONS)  # at most this many op-level options per block
 
 
-def op_options(units: Sequence[OpUnit], fractions: Sequence[float] = OP_FRACTIONS) -> list[str]:
+def op_options(profile: OpProfile, fractions: Sequence[float] = OP_FRACTIONS) -> list[str]:
     """``keep-ops`` options: the shortest prefixes of the units ranked by seconds per byte that save each
     fraction of the block's recompute time (NOTE [ Op-level options ])."""
-    ranked = sorted((u for u in units if u.bytes > 0), key=lambda u: u.seconds / u.bytes, reverse=True)
+    units = [u for u in profile.units if u.bytes > 0]
+    ranked = sorted(units, key=lambda u: u.seconds / u.bytes, reverse=True)
     total = sum(u.seconds for u in ranked)
     options: list[str] = []
     if total <= 0:
@@ -335,7 +346,7 @@ def op_options(units: Sequence[OpUnit], fractions: Sequence[float] = OP_FRACTION
             acc += ranked[m].seconds
             m += 1
         if 0 < m < len(ranked):  # keeping every unit is what "store" does
-            option = keep_ops_option(i for u in ranked[:m] for i in u.ops)
+            option = keep_ops_option((i for u in ranked[:m] for i in u.ops), profile.ops)
             if option not in options:
                 options.append(option)
     return options

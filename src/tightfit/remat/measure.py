@@ -189,17 +189,14 @@ def _count_time(run: _Run, flop_rate: float, byte_rate: float) -> tuple[float, f
 
 
 def _time_interleaved(group: Group, costs: dict[str, OptionCost], reps: int, seed: int) -> None:
-    """Median forward/backward times of every runnable option, timed round-robin (one warm-up run each)
-    so that load changes on a shared machine hit all options alike."""
+    """Median forward/backward times of every runnable option, timed round-robin so that load changes on
+    a shared machine hit all options alike (the memory runs just before were the warm-up). Blocks slower
+    than 50 ms get at most two rounds."""
     timed = [o for o, c in costs.items() if c.exact]
     runs = {o: _Run(group, o, seed) for o in timed}
-    t0 = time.perf_counter()
-    for o in timed:
-        _measure_time(runs[o], 1)  # warm-up
-    once = (time.perf_counter() - t0) / max(1, len(timed))
-    n = reps if once < 0.05 else max(1, min(reps, 2))
-    samples: dict[str, list[tuple[float, float]]] = {o: [] for o in timed}
-    for _ in range(n):
+    samples: dict[str, list[tuple[float, float]]] = {o: [_measure_time(runs[o], 1)] for o in timed}
+    once = statistics.median(sum(samples[o][0]) for o in timed) if timed else 0.0
+    for _ in range((reps if once < 0.05 else min(reps, 2)) - 1):
         for o in timed:
             samples[o].append(_measure_time(runs[o], 1))
     for o in timed:

@@ -334,7 +334,12 @@ class Planner:
             plan.measured_peak, plan.measured_time = self.baseline_peak, self.baseline_time
             plan.notes.append("the model fits without remat")
             return self._finish(plan, started)
+        # The internal budget ``target`` the DP solves for: lowered by the excess when a plan measures
+        # over, then bisected between the highest target known to fit and the lowest known not to (the
+        # memory model can be far off, e.g. for RNN cells whose outputs live to the end of the forward).
         target = float(budget)
+        floor = float(self.chain.peak(self.frugal_plan))
+        fits, over = None, None  # highest target whose plan measured <= budget, lowest that did not
         seen: dict[tuple[str, ...], int] = {}
         rounds = 0
         chosen: Plan | None = None
@@ -348,11 +353,20 @@ class Planner:
                 seen[key] = self.measure_step(self._options(solution), timed=False)[0] if verify else 0
             measured = seen[key]
             if measured <= budget:
-                chosen = self._make_plan(budget, solution)
-                chosen.solve_budget = int(target)
-                chosen.measured_peak = measured if verify else None
-                break
-            target -= measured - budget + max(1.0, 0.001 * budget)
+                if chosen is None or self.chain.time(solution) < chosen.time:
+                    chosen = self._make_plan(budget, solution)
+                    chosen.solve_budget = int(target)
+                    chosen.measured_peak = measured if verify else None
+                fits = target
+                if over is None or over - target <= 0.01 * budget:
+                    break
+                target = (target + over) / 2
+            else:
+                over = target
+                lowered = target - (measured - budget + max(1.0, 0.001 * budget))
+                target = (fits + target) / 2 if fits is not None else max(lowered, floor)
+                if over <= floor:
+                    break
         if chosen is None:
             fallback = self.store_plan if self.baseline_peak <= budget else self.frugal_plan
             chosen = self._make_plan(budget, fallback)

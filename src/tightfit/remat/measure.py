@@ -253,7 +253,7 @@ def _record_ops(group: Group, seed: int) -> list[_OpRecord] | None:
 
 
 def _units(ops: list[_OpRecord]) -> list[OpUnit]:
-    """Group ops by output storage (union-find over storages an op outputs together)."""
+    """Group ops by output storage (union-find over storages an op outputs together); no times yet."""
     parent: dict[int, int] = {}
 
     def find(k: int) -> int:
@@ -275,11 +275,10 @@ def _units(ops: list[_OpRecord]) -> list[OpUnit]:
         for k in keys[1:]:
             parent[find(k)] = find(keys[0])
     units: dict[int, OpUnit] = {}
-    for i, (op, dt, outs, _inputs) in enumerate(ops):
+    for i, (op, _dt, outs, _inputs) in enumerate(ops):
         if outs:
             unit = units.setdefault(find(outs[0].data_ptr()), OpUnit())
             unit.ops.append(i)
-            unit.seconds += dt
             unit.random = unit.random or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
     for k in set(fresh) | external:
         unit = units[find(k)]

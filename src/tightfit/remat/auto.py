@@ -276,7 +276,7 @@ class Planner:
         lo, hi = 0.0, float(self.chain.peak(self.frugal_plan))
         best = self.chain.solve(hi)
         for _ in range(30):
-            if hi - lo <= max(1.0, 1e-4 * hi):
+            if hi - lo <= max(1.0, 1e-3 * hi):
                 break
             mid = (lo + hi) / 2
             plan = self.chain.solve(mid)

@@ -78,9 +78,13 @@ class ChainCosts:
             self.H = frugal_peak - head_f
 
     # -- the solver ---------------------------------------------------------------------------------
-    def solve(self, budget: float, slots: int = 2000) -> list[str] | None:
-        """The plan of least predicted time whose predicted peak is <= budget, or None."""
+    def solve(self, budget: float, slots: int | None = None) -> list[str] | None:
+        """The plan of least predicted time whose predicted peak is <= budget, or None.
+
+        Each block's keep is rounded up to a slot, so a chain of n blocks can lose up to n slots of room:
+        the default is ``max(2000, 4 * n)`` slots (long RNN chains would otherwise find no plan at all)."""
         n = len(self.costs)
+        slots = max(2000, 4 * n) if slots is None else slots
         room = budget - min(self.A, self.H)
         if room <= 0:
             return None

@@ -112,7 +112,9 @@ class _Run:
 def _measure_memory(run: _Run) -> tuple[int, int, int, list[torch.Tensor | None]]:
     for p in run.params:
         p.grad = None
-    with LiveTracker(track=[run.args, run.kwargs]) as t:
+    # the block's parameters and buffers exist before it runs: tracked from the start, so that a view of
+    # a weight (nn.Linear's ``weight.t()``) is not counted as a new tensor the block keeps
+    with LiveTracker(track=[run.args, run.kwargs, run.group.module]) as t:
         t.phase = "forward"
         base = t.current
         t.peak = t.current

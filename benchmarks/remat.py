@@ -414,9 +414,7 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
 
         t0 = time.perf_counter()
         w.planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn)
-        log(
-            f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)"
-        )
+        log(f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)")
     log("tightfit: smallest feasible budget ...")
     min_b = timed_min_budget(w)
     peer_peaks = [v.peak for v in rows[1:] if v.grads_equal and v.family != "compile"]

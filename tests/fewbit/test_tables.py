@@ -27,10 +27,19 @@ def _generator():
 
 
 EXACT_CASES = [
-    ("relu", {}), ("leaky_relu", {}), ("leaky_relu", {"negative_slope": 0.2}), ("threshold", {}),
-    ("threshold", {"threshold": 0.1, "value": 5.0}), ("relu6", {}), ("hardtanh", {}),
-    ("hardtanh", {"min_val": -0.3, "max_val": 0.7}), ("hardsigmoid", {}), ("hardshrink", {}),
-    ("hardshrink", {"lambd": 0.3}), ("softshrink", {"lambd": 0.7}), ("softshrink", {}),
+    ("relu", {}),
+    ("leaky_relu", {}),
+    ("leaky_relu", {"negative_slope": 0.2}),
+    ("threshold", {}),
+    ("threshold", {"threshold": 0.1, "value": 5.0}),
+    ("relu6", {}),
+    ("hardtanh", {}),
+    ("hardtanh", {"min_val": -0.3, "max_val": 0.7}),
+    ("hardsigmoid", {}),
+    ("hardshrink", {}),
+    ("hardshrink", {"lambd": 0.3}),
+    ("softshrink", {"lambd": 0.7}),
+    ("softshrink", {}),
 ]
 
 
@@ -44,9 +53,15 @@ def test_exact_tables_match_torch_backward_including_kinks(name, params, dtype):
     assert len(t.levels) == len(t.borders) + 1
     kinks = torch.cat([t.borders.to(dtype), t.borders.float().to(dtype)])  # both roundings of the kinks
     # NaN first: in the vectorised body of torch's kernel (its scalar tail differs at NaN for bands)
-    x = torch.cat([torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype),
-                   torch.randn(300, dtype=torch.float64).to(dtype) * 4, kinks,
-                   torch.nextafter(kinks, kinks + 1), torch.nextafter(kinks, kinks - 1)])
+    x = torch.cat(
+        [
+            torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype),
+            torch.randn(300, dtype=torch.float64).to(dtype) * 4,
+            kinks,
+            torch.nextafter(kinks, kinks + 1),
+            torch.nextafter(kinks, kinks - 1),
+        ]
+    )
     xx = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(spec(xx, **params).sum(), xx)
     assert torch.equal(t(x), g), (name, params, x[t(x) != g], t(x)[t(x) != g], g[t(x) != g])
@@ -61,8 +76,13 @@ def test_tie_rule():
     assert r.bucketize_right is False
     assert torch.equal(r.encode(x), torch.bucketize(x, r.borders.float(), right=False))
     # mixed flags equal the sum-of-comparisons rule
-    t = Table(borders=[-1.0, 0.0, 0.0, 2.0], levels=[0, 1, 2, 3, 4], error=0.1, bits=3,
-              right=(True, False, True, False))
+    t = Table(
+        borders=[-1.0, 0.0, 0.0, 2.0],
+        levels=[0, 1, 2, 3, 4],
+        error=0.1,
+        bits=3,
+        right=(True, False, True, False),
+    )
     x = torch.tensor([-1.0, -0.5, 0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
     ref = (x >= -1).long() + (x > 0).long() + (x >= 0).long() + (x > 2).long()
     assert torch.equal(t.encode(x), ref)

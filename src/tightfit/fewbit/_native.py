@@ -435,7 +435,15 @@ def encode(x: torch.Tensor, cmp_borders: torch.Tensor, bits: int, nan_code: int 
     out = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
     b = cmp_borders.contiguous()
     lib.tf_encode(
-        DTYPES[xc.dtype], xc.data_ptr(), n, b.data_ptr(), b.numel(), bits, 0, nan_code, out.data_ptr(),
+        DTYPES[xc.dtype],
+        xc.data_ptr(),
+        n,
+        b.data_ptr(),
+        b.numel(),
+        bits,
+        0,
+        nan_code,
+        out.data_ptr(),
         _threads(n),
     )
     return out

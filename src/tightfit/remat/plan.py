@@ -23,10 +23,7 @@ OPTION_LEGEND = {
     "save-linear": "keeps outputs of matmuls and convolutions (projections); recomputes attention too",
     "recompute": "keeps only the block's inputs; recomputes the whole block",
 }
-KEEP_OPS_LEGEND = (
-    "keeps the outputs of the N ops that save the most measured recompute time per byte (views and "
-    "in-place chains such as dropout's noise count as one); recomputes the rest"
-)
+KEEP_OPS_LEGEND = "keeps the outputs of the N ops saving the most measured recompute time per byte"
 
 
 def legend(option: str) -> str:

@@ -41,8 +41,9 @@ from tightfit.remat import execute
 from tightfit.remat.blocks import Blocks, find_blocks
 from tightfit.remat.chainmodel import ChainCosts
 from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE
-from tightfit.remat.measure import OP_OPTIONS, OptionCost, measure_group, step_cost
+from tightfit.remat.measure import OP_OPTIONS, OptionCost, measure_group, same_tensors, step_cost
 from tightfit.remat.plan import Decision, Plan
+from tightfit.remat.segments import SegmentError, is_segment_option
 from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
 from tightfit.sizes import format_size, parse_size
 
@@ -101,6 +102,8 @@ class Planner:
     is called as it goes (the CLI draws a progress bar with it).
     """
 
+    GRAD_SEED = 1234  # RNG seed of the steps whose gradients are compared (segment plans)
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -113,6 +116,7 @@ class Planner:
         timing_reps: int = 1,
         flop_rate: float | None = None,
         op_level: bool = True,
+        segments: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -128,6 +132,7 @@ class Planner:
             self.options.append(RECOMPUTE)
         self.timing_reps = timing_reps
         self.op_level = op_level
+        self.segments = segments  # may checkpoint runs of blocks as one region (tightfit.remat.segments)
         self.flop_rate = flop_rate  # set: times from FLOP counts (tightfit.remat.estimate), else clocks
         self.notes: list[str] = []
         self._progress = progress or (lambda what, done, total: None)
@@ -183,17 +188,34 @@ class Planner:
             snap.restore()
 
     def measure_step(
-        self, options: dict[str, list[str]] | None = None, *, timed: bool = True, tracked: bool = True
+        self,
+        options: dict[str, list[str]] | None = None,
+        *,
+        timed: bool = True,
+        tracked: bool = True,
+        grads: str | None = None,
     ) -> tuple[int, float]:
         """(peak bytes, step seconds) of one training step with ``options`` applied (None: no remat).
 
-        The model is restored afterwards (parameters, optimizer state, RNG, grads).
+        ``grads="capture"`` keeps the step's gradients as the reference, ``grads="check"`` raises
+        ``SegmentError`` unless they equal it bit for bit (both seed the RNG alike). The model is
+        restored afterwards (parameters, optimizer state, RNG, grads).
         """
         snap = _Snapshot(self.model, self.optimizer)
         try:
             if options:
                 execute.apply(self.model, options)
-            peak = self._tracked_step().peak if tracked else -1
+            if grads is not None:
+                torch.manual_seed(self.GRAD_SEED)
+            peak = self._tracked_step().peak if tracked or grads else -1
+            if grads == "capture":
+                self.reference_grads = [
+                    None if p.grad is None else p.grad.clone() for p in self.model.parameters()
+                ]
+            elif grads == "check" and not same_tensors(
+                self.reference_grads, [p.grad for p in self.model.parameters()]
+            ):
+                raise SegmentError("a plan with segments gave other gradients than the model without remat")
             seconds = float("nan")
             if timed and self.flop_rate is not None:
                 seconds = step_cost(self._step, self.flop_rate, self.flop_rate / 50)
@@ -223,6 +245,8 @@ class Planner:
         total = 3 + len(groups) * (len(self.options) + OP_OPTIONS)
         self._progress("measuring no remat", 1, total)
         self.baseline_peak, self.baseline_time = self.measure_step(None)
+        if self.segments:
+            self.measure_step(None, timed=False, grads="capture")
         done = [2]
         self.group_costs: list[dict[str, OptionCost] | None] = []
         for gi, group in enumerate(groups):
@@ -265,8 +289,14 @@ class Planner:
         # the plan the model predicts lowest, and keep whichever measures lower as the frugal plan
         lowest = self._lowest_predicted()
         if lowest is not None and lowest != self.frugal_plan:
-            peak, _ = self.measure_step(self._options(lowest), timed=False)
-            if peak < self.frugal_peak:
+            try:
+                peak = self._verify(lowest)
+            except SegmentError as err:
+                self.segments = False
+                self.notes.append(f"segments disabled: {err}")
+                lowest = self._lowest_predicted()
+                peak = self._verify(lowest) if lowest is not None else self.frugal_peak
+            if lowest is not None and peak < self.frugal_peak:
                 self.frugal_plan, self.frugal_peak = lowest, peak
         self.min_budget = min(self.baseline_peak, self.frugal_peak)
         self._progress("measured", total, total)
@@ -274,17 +304,22 @@ class Planner:
     def _lowest_predicted(self) -> list[str] | None:
         """The plan of least predicted peak (bisection on the DP's budget), or None."""
         lo, hi = 0.0, float(self.chain.peak(self.frugal_plan))
-        best = self.chain.solve(hi)
+        best = self.chain.solve(hi, segments=self.segments)
         for _ in range(30):
             if hi - lo <= max(1.0, 1e-3 * hi):
                 break
             mid = (lo + hi) / 2
-            plan = self.chain.solve(mid)
+            plan = self.chain.solve(mid, segments=self.segments)
             if plan is None:
                 lo = mid
             else:
                 hi, best = mid, plan
         return best
+
+    def _verify(self, plan: Sequence[str]) -> int:
+        """The measured peak of ``plan``; with segments, its gradients are also checked (SegmentError)."""
+        check = "check" if any(is_segment_option(o) for o in plan) else None
+        return self.measure_step(self._options(plan), timed=False, grads=check)[0]
 
     def _frugal(self, i: int) -> str:
         """The exact option with the smallest keep for block i (full recompute unless it is not exact)."""
@@ -303,9 +338,7 @@ class Planner:
     # -- planning -----------------------------------------------------------------------------------
     def _make_plan(self, budget: int, plan: Sequence[str]) -> Plan:
         decisions = [
-            Decision(
-                b.name, b.path, b.call, b.group, o, self.chain.costs[i][o].keep, self.chain.extra_time(i, o)
-            )
+            Decision(b.name, b.path, b.call, b.group, o, self.chain.keep(i, o), self.chain.extra_time(i, o))
             for i, (b, o) in enumerate(zip(self.blocks.blocks, plan))
         ]
         return Plan(
@@ -345,12 +378,18 @@ class Planner:
         chosen: Plan | None = None
         while rounds < max_rounds:
             rounds += 1
-            solution = self.chain.solve(target)
+            solution = self.chain.solve(target, segments=self.segments)
             if solution is None:
                 break
             key = tuple(solution)
             if key not in seen:
-                seen[key] = self.measure_step(self._options(solution), timed=False)[0] if verify else 0
+                try:
+                    seen[key] = self._verify(solution) if verify else 0
+                except SegmentError as err:  # the model's code cannot be replayed: plan without segments
+                    self.segments = False
+                    self.notes.append(f"segments disabled: {err}")
+                    rounds -= 1
+                    continue
             measured = seen[key]
             if measured <= budget:
                 if chosen is None or self.chain.time(solution) < chosen.time:
@@ -403,6 +442,7 @@ def rematerialize(
     verify: bool = True,
     progress: Progress | None = None,
     op_level: bool = True,
+    segments: bool = True,
 ) -> torch.nn.Module:
     """Make ``model`` train within ``budget`` by recomputing activations; returns the model to train.
 
@@ -418,7 +458,20 @@ def rematerialize(
     ``options`` are the named in-block options; with ``op_level`` each block also gets options that keep
     the outputs of measured ops (``tightfit.remat.measure``). Those run in eager mode; under
     ``torch.compile`` they fall back to keeping matmul outputs (the measured op positions do not apply
-    to a compiled trace), so for compiled training plan with ``op_level=False``.
+    to a compiled trace), so for compiled training plan with ``op_level=False``. With ``segments`` a plan
+    may also checkpoint runs of consecutive blocks as one region (``tightfit.remat.segments``: RNN time
+    steps, groups of layers), which keeps only what enters the run; such plans are gradient-checked
+    against the model without remat while planning, and run as per-block checkpoints under
+    ``torch.compile``.
     """
-    planner = Planner(model, batch, loss_fn, optimizer, options=options, progress=progress, op_level=op_level)
+    planner = Planner(
+        model,
+        batch,
+        loss_fn,
+        optimizer,
+        options=options,
+        progress=progress,
+        op_level=op_level,
+        segments=segments,
+    )
     return planner.apply(planner.plan(budget, verify=verify))

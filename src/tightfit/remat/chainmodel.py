@@ -14,21 +14,32 @@ NOTE [ The memory model ]
   kept until its own backward; in-place gradient accumulation is not modelled), so plans are verified
   by measuring them, and the internal budget is lowered when a plan measures over the budget.
 
+NOTE [ Segments ]
+  A segment i..j checkpointed as ONE region (``tightfit.remat.segments``) keeps only its entry: K grows
+  by keep_i of the whole-block recompute option, instead of one keep per block. Its forward runs every
+  block without saving (peak A + K + max fwd_peak); its backward recomputes blocks i..j storing
+  everything, so the backward of block m in it peaks at
+      A + K_i + entry_i + sum_{i<=l<=m} store keep_l + G_m + store bwd_peak_m.
+  Its extra time is that of recomputing each block once (the sum of their recompute options' extra).
+
 NOTE [ The solver ]
   Constraints only depend on the prefix sum K_i, so a dynamic program over blocks with K discretised in
   ``slots`` units (rounded up, so a plan the DP accepts satisfies the model) finds the plan of least
-  predicted time exactly: O(L * options * slots).
+  predicted time exactly: O(L * (options + segment lengths) * slots), where only the reachable slots
+  that satisfy the constraints (a prefix) are visited.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from tightfit.remat.execute import RECOMPUTE, STORE
 from tightfit.remat.measure import OptionCost
+from tightfit.remat.segments import IN_SEGMENT, segment_length, segment_option
 
 
 @dataclass
@@ -40,23 +51,73 @@ class ChainCosts:
     base_time: float  # measured step time without remat
     A: float = 0.0
     H: float = 0.0
+    _segments: dict[tuple[int, int], tuple[int, int, int] | None] = field(default_factory=dict, repr=False)
 
     def options(self, i: int) -> list[str]:
         return [o for o, c in self.costs[i].items() if c.exact]
 
     def extra_time(self, i: int, option: str) -> float:
-        c, s = self.costs[i][option], self.costs[i]["store"]
+        if option == IN_SEGMENT or segment_length(option) is not None:
+            option = RECOMPUTE  # every block of a segment is recomputed once
+        c, s = self.costs[i][option], self.costs[i][STORE]
         return max(0.0, c.fwd_time + c.bwd_time - s.fwd_time - s.bwd_time)
+
+    def keep(self, i: int, option: str) -> int:
+        """Bytes block i keeps for the backward under ``option`` (a segment keeps its entry only)."""
+        if option == IN_SEGMENT:
+            return 0
+        return self.costs[i][RECOMPUTE if segment_length(option) is not None else option].keep
+
+    def segment_lengths(self) -> list[int]:
+        """Segment lengths the DP tries: every one up to 16 on short chains, a geometric set on long ones
+        (RNN time steps), up to 128 blocks."""
+        n = len(self.costs)
+        lengths = range(2, 17) if n <= 64 else (2, 3, 4, 6, 8, 11, 16)
+        return [m for m in (*lengths, 23, 32, 45, 64, 90, 128) if m <= n]
+
+    def _segment_terms(self, i: int, length: int) -> tuple[int, int, int] | None:
+        """(entry keep, forward peak term, backward peak term) of a segment, above A + K (NOTE); None when
+        blocks i..i+length-1 cannot form one (past the end, or an option not exact)."""
+        key = (i, length)
+        if key not in self._segments:
+            self._segments[key] = self._segment_terms_uncached(i, length)
+        return self._segments[key]
+
+    def _segment_terms_uncached(self, i: int, length: int) -> tuple[int, int, int] | None:
+        if i + length > len(self.costs) or not self.costs[i][RECOMPUTE].exact:
+            return None
+        if not all(self.costs[m][STORE].exact for m in range(i, i + length)):
+            return None
+        entry = self.costs[i][RECOMPUTE].keep
+        fwd = max(self.costs[m][RECOMPUTE].fwd_peak for m in range(i, i + length))
+        acc, bwd = 0, 0
+        for m in range(i, i + length):
+            s = self.costs[m][STORE]
+            acc += s.keep
+            bwd = max(bwd, acc + self.later_grads[m] + s.bwd_peak)
+        return entry, fwd, entry + bwd
 
     # -- the model ----------------------------------------------------------------------------------
     def terms(self, plan: Sequence[str]) -> tuple[int, int]:
         """(head term K_L, body term max over forward/backward events) without the constants."""
         k = 0
         body = 0
-        for i, o in enumerate(plan):
-            c = self.costs[i][o]
+        i = 0
+        while i < len(plan):
+            length = segment_length(plan[i])
+            terms = None if length is None else self._segment_terms(i, length)
+            if length is not None:
+                if terms is None:
+                    raise ValueError(f"blocks {i}..{i + length - 1} cannot form a segment")
+                entry, fwd, bwd = terms
+                body = max(body, k + fwd, k + bwd)
+                k += entry
+                i += length
+                continue
+            c = self.costs[i][STORE if plan[i] == IN_SEGMENT else plan[i]]
             body = max(body, k + c.fwd_peak, k + c.keep + self.later_grads[i] + c.bwd_peak)
             k += c.keep
+            i += 1
         return k, body
 
     def peak(self, plan: Sequence[str]) -> int:
@@ -78,51 +139,87 @@ class ChainCosts:
             self.H = frugal_peak - head_f
 
     # -- the solver ---------------------------------------------------------------------------------
-    def solve(self, budget: float, slots: int | None = None) -> list[str] | None:
+    def solve(self, budget: float, slots: int | None = None, segments: bool = True) -> list[str] | None:
         """The plan of least predicted time whose predicted peak is <= budget, or None.
 
-        Each block's keep is rounded up to a slot, so a chain of n blocks can lose up to n slots of room:
-        the default is ``max(2000, 4 * n)`` slots (long RNN chains would otherwise find no plan at all)."""
+        Each kept block's keep is rounded up to a slot, so a plan keeping in n places can lose up to n slots
+        of room: the default is ``max(2000, min(2 * n, 4000))`` slots.
+        With ``segments`` the plan may checkpoint runs of blocks as one region (NOTE [ Segments ])."""
         n = len(self.costs)
-        slots = max(2000, 4 * n) if slots is None else slots
+        slots = max(2000, min(2 * n, 4000)) if slots is None else slots
         room = budget - min(self.A, self.H)
         if room <= 0:
             return None
         unit = max(1.0, room / slots)
         size = slots + 2
-        inf = np.inf
-        cost = np.full(size, inf)
-        cost[0] = 0.0
-        ks = np.arange(size) * unit  # an upper bound on the true prefix keep of each state
-        choices: list[np.ndarray] = []
+        lengths = self.segment_lengths() if segments else []
+        cost: dict[int, np.ndarray] = {0: np.full(size, np.inf)}
+        cost[0][0] = 0.0
+        # choice[j][k]: how the state (j blocks done, keep slot k) was reached: option index + 1 for a
+        # single block, -length for a segment ending at block j - 1; 0: unreachable
+        choice = np.zeros((n + 1, size), dtype=np.int16)
+        recompute_extra = np.concatenate(
+            [[0.0], np.cumsum([self.extra_time(m, RECOMPUTE) for m in range(n)])]
+        )
+
+        def relax(j: int, keep: float, term: float, extra: float, code: int) -> None:
+            """Reach block j from the states of ``src`` whose slot k satisfies A + k*unit + term <= budget
+            (a prefix of the slots: k*unit bounds the true prefix keep from above)."""
+            step = math.ceil(keep / unit)
+            top = min(hi, size - step, math.floor((budget - self.A - term) / unit - 1e-9) + 1)
+            if top <= lo:
+                return
+            dst = cost.get(j)
+            if dst is None:
+                dst = cost[j] = np.full(size, np.inf)
+            cand = src[lo:top] + extra
+            window = dst[lo + step : top + step]
+            better = cand < window
+            window[better] = cand[better]
+            choice[j][lo + step : top + step][better] = code
+
         for i in range(n):
-            new = np.full(size, inf)
-            pick = np.full(size, -1, dtype=np.int64)
-            names = self.options(i)
-            for oi, o in enumerate(names):
+            src = cost.pop(i, None)
+            if src is None:
+                continue
+            finite = np.flatnonzero(np.isfinite(src))
+            if finite.size == 0:
+                continue
+            lo, hi = int(finite[0]), int(finite[-1]) + 1
+            for oi, o in enumerate(self.options(i)):
                 c = self.costs[i][o]
-                step = int(math.ceil(c.keep / unit))
-                ok = (self.A + ks + c.fwd_peak <= budget) & (
-                    self.A + ks + c.keep + self.later_grads[i] + c.bwd_peak <= budget
-                )
-                cand = np.where(ok, cost, inf) + self.extra_time(i, o) + (0.0 if o == "store" else 1e-9)
-                if step >= size:
+                term = max(c.fwd_peak, c.keep + self.later_grads[i] + c.bwd_peak)
+                tie = 0.0 if o == STORE else 1e-9
+                relax(i + 1, c.keep, term, self.extra_time(i, o) + tie, oi + 1)
+            for length in lengths:
+                terms = self._segment_terms(i, length)
+                if terms is None:
                     continue
-                src = cand[: size - step]
-                dst = new[step:]
-                better = src < dst
-                dst[better] = src[better]
-                pick[step:][better] = oi
-            cost = new
-            choices.append(pick)
-        final = np.where(self.H + ks <= budget, cost, inf)
+                entry, fwd, bwd = terms
+                extra = float(recompute_extra[i + length] - recompute_extra[i]) + 2e-9
+                relax(i + length, entry, max(fwd, bwd), extra, -length)
+        ks = np.arange(size) * unit
+        last = cost.get(n)
+        if last is None:
+            return None
+        final = np.where(self.H + ks <= budget, last, np.inf)
         k = int(np.argmin(final))
         if not np.isfinite(final[k]):
             return None
         plan: list[str] = []
-        for i in range(n - 1, -1, -1):
-            o = self.options(i)[int(choices[i][k])]
-            plan.append(o)
-            k -= int(math.ceil(self.costs[i][o].keep / unit))
+        j = n
+        while j > 0:
+            code = int(choice[j][k])
+            if code > 0:
+                o = self.options(j - 1)[code - 1]
+                plan.append(o)
+                k -= math.ceil(self.costs[j - 1][o].keep / unit)
+                j -= 1
+            else:
+                length = -code
+                plan.extend([IN_SEGMENT] * (length - 1))
+                plan.append(segment_option(length))
+                k -= math.ceil(self.costs[j - length][RECOMPUTE].keep / unit)
+                j -= length
         plan.reverse()
         return plan

@@ -34,6 +34,8 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from tightfit.remat.segments import IN_SEGMENT, Segments, is_segment_option, segment_length
+
 aten = torch.ops.aten
 
 # -- the in-block options ------------------------------------------------------------------------------
@@ -197,12 +199,9 @@ def _frozen_stats(buffers: list[torch.Tensor]) -> Iterator[None]:
                 b.copy_(s)
 
 
-def run_call(
-    module: torch.nn.Module, forward: Callable[..., Any], option: str, args: tuple, kwargs: Mapping[str, Any]
-) -> Any:
-    """Run ``forward(*args, **kwargs)`` (the block's original forward) under a remat option."""
-    if option == STORE or not (torch.is_grad_enabled() and module.training):
-        return forward(*args, **kwargs)
+def recomputable(module: torch.nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` for a call that may be recomputed: the first call runs it plainly, later ones (the
+    recomputation) restore the running statistics it updates in place."""
     stats = _stat_buffers(module)
     calls = [0]
 
@@ -213,6 +212,16 @@ def run_call(
         with _frozen_stats(stats):  # a recompute: leave running stats as the first pass left them
             return forward(*a, **k)
 
+    return body
+
+
+def run_call(
+    module: torch.nn.Module, forward: Callable[..., Any], option: str, args: tuple, kwargs: Mapping[str, Any]
+) -> Any:
+    """Run ``forward(*args, **kwargs)`` (the block's original forward) under a remat option."""
+    if option == STORE or not (torch.is_grad_enabled() and module.training):
+        return forward(*args, **kwargs)
+    body = recomputable(module, forward)
     kept = kept_ops(option)
     if kept is not None:
         if torch.compiler.is_compiling():
@@ -242,7 +251,9 @@ class _Patched:
     ``copy.deepcopy`` of a patched model gives a patched copy that runs its own parameters.
     """
 
-    def __init__(self, module: torch.nn.Module, decisions: list[str], default: str) -> None:
+    def __init__(
+        self, module: torch.nn.Module, decisions: list[str], default: str, segments: Segments
+    ) -> None:
         previous = module.__dict__.get("forward")
         self.had_instance_forward = previous is not None
         self.previous = previous
@@ -254,6 +265,7 @@ class _Patched:
             self.func = None
         self.decisions = decisions
         self.default = default
+        self.segments = segments  # shared by every patched module of one model
         # one planned call: the same option for every call (no counting; simpler for torch.compile)
         self.constant = decisions[0] if len(decisions) == 1 else None
         self.calls = 0
@@ -270,7 +282,17 @@ def _forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The patched forward: the original one, run under this call's option."""
     state: _Patched = self.__dict__[_STATE]
     original = functools.partial(state.func, self) if state.func is not None else state.previous
-    return run_call(self, original, state.next_option(), args, kwargs)
+    option = state.next_option()
+    if is_segment_option(option):
+        return state.segments.call(
+            self,
+            recomputable(self, original),
+            option,
+            args,
+            kwargs,
+            fallback=lambda: run_call(self, original, RECOMPUTE, args, kwargs),
+        )
+    return run_call(self, original, option, args, kwargs)
 
 
 def _reset_counts(root: torch.nn.Module, _args: Any) -> None:
@@ -279,6 +301,15 @@ def _reset_counts(root: torch.nn.Module, _args: Any) -> None:
         state = m.__dict__.get(_STATE)
         if state is not None:
             state.calls = 0
+            state.segments.finish(failed=True)  # left open by a forward that raised
+
+
+def _close_segments(root: torch.nn.Module, _args: Any, _output: Any) -> None:
+    """Forward hook on the root (also called when the forward raises): a segment still open ends here."""
+    for m in root.modules():
+        state = m.__dict__.get(_STATE)
+        if state is not None:
+            state.segments.finish()
 
 
 def apply(
@@ -298,22 +329,33 @@ def apply(
     if missing:
         raise KeyError(f"not submodules of the model: {missing}; valid paths look like {list(modules)[1:4]}")
     for option in {o for opts in decisions.values() for o in opts} | {default}:
-        if option != STORE and kept_ops(option) is None:  # kept_ops validates its own form
-            _context_fn(option)  # validates the name
+        if (
+            option != STORE
+            and option != IN_SEGMENT
+            and kept_ops(option) is None
+            and segment_length(option) is None
+        ):
+            _context_fn(option)  # validates the name (kept_ops and segment_length validate their forms)
+    if is_segment_option(default):
+        raise ValueError(f"a segment option cannot be the default for calls past the plan, got {default!r}")
     undo(model)
     patched: list[str] = []
     counting = False
+    segments = Segments()
     for path, options in decisions.items():
         if all(o == STORE for o in options) and default == STORE:
             continue
         module = modules[path]
-        state = _Patched(module, list(options), default)
+        state = _Patched(module, list(options), default, segments)
         module.__dict__[_STATE] = state
         module.forward = types.MethodType(_forward, module)
         patched.append(path)
-        counting = counting or state.constant is None
-    handle = model.register_forward_pre_hook(_reset_counts) if counting else None
-    model.__dict__[_ATTR] = (patched, handle)
+        counting = counting or state.constant is None or is_segment_option(state.constant)
+    handles = []
+    if counting:
+        handles.append(model.register_forward_pre_hook(_reset_counts))
+        handles.append(model.register_forward_hook(_close_segments, always_call=True))
+    model.__dict__[_ATTR] = (patched, handles)
     return model
 
 
@@ -322,7 +364,7 @@ def undo(model: torch.nn.Module) -> torch.nn.Module:
     record = model.__dict__.pop(_ATTR, None)
     if record is None:
         return model
-    paths, handle = record
+    paths, handles = record
     modules = dict(model.named_modules())
     for path in paths:
         module = modules[path]
@@ -331,7 +373,7 @@ def undo(model: torch.nn.Module) -> torch.nn.Module:
             module.forward = state.previous
         else:
             module.__dict__.pop("forward", None)
-    if handle is not None:
+    for handle in handles:
         handle.remove()
     return model
 

@@ -350,7 +350,8 @@ def op_options(profile: OpProfile, fractions: Sequence[float] = OP_FRACTIONS) ->
     return options
 
 
-def _same(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
+def same_tensors(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
+    """Whether two lists of optional tensors are equal bit for bit."""
     return len(a) == len(b) and all(
         (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
         for x, y in zip(a, b)
@@ -393,7 +394,7 @@ def measure_group(
             reference = grads if reference is None else reference
             exact = True
         else:
-            exact = _same(reference, grads)
+            exact = same_tensors(reference, grads)
         del grads
         if kept_ops(option) is not None and keep >= costs[STORE].keep:
             if on_option is not None:  # keeps outputs autograd would not: storing is better in both

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tightfit.remat.execute import kept_ops, option_label
+from tightfit.remat.segments import IN_SEGMENT, segment_length
 from tightfit.sizes import format_size
 
 # what each option keeps for the backward (printed under the plan table)
@@ -24,11 +25,24 @@ OPTION_LEGEND = {
     "recompute": "keeps only the block's inputs; recomputes the whole block",
 }
 KEEP_OPS_LEGEND = "keeps the outputs of the N ops saving the most measured recompute time per byte"
+SEGMENT_LEGEND = (
+    "one checkpoint over N consecutive blocks: keeps only what enters the first, recomputes all N in the "
+    "backward"
+)
 
 
 def legend(option: str) -> str:
     """What ``option`` keeps for the backward, in words."""
-    return KEEP_OPS_LEGEND if kept_ops(option) is not None else OPTION_LEGEND.get(option, "")
+    if kept_ops(option) is not None:
+        return KEEP_OPS_LEGEND
+    if segment_length(option) is not None:
+        return SEGMENT_LEGEND
+    return OPTION_LEGEND.get(option, "")
+
+
+def _label(option: str) -> str:
+    n = segment_length(option)
+    return option_label(option) if n is None else f"segment of {n}"
 
 
 @dataclass
@@ -74,11 +88,22 @@ class Plan:
 
     @property
     def checkpointed(self) -> list[str]:
-        """Names of blocks that recompute something."""
+        """Names of blocks that recompute something (every block of a segment)."""
         return [d.name for d in self.decisions if d.option != "store"]
 
+    def _units(self) -> list[tuple[int, int, str]]:
+        """(first, last decision index, label): single blocks, and segments as one unit each."""
+        units = []
+        i = 0
+        ds = self.decisions
+        while i < len(ds):
+            n = segment_length(ds[i].option) or 1
+            units.append((i, min(i + n, len(ds)) - 1, _label(ds[i].option)))
+            i += n
+        return units
+
     def summary(self) -> str:
-        counts = Counter(option_label(d.option) for d in self.decisions)
+        counts = Counter(label for _, _, label in self._units())
         return ", ".join(f"{n} x {o}" for o, n in sorted(counts.items()))
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,18 +114,27 @@ class Plan:
 
     # -- printing -----------------------------------------------------------------------------------
     def _rows(self) -> list[tuple[str, str, str, str]]:
-        """(blocks, option, keep per block, extra time) with runs of equal decisions merged."""
-        rows: list[tuple[str, str, str, str]] = []
-        i = 0
+        """(blocks, option, keep per unit, extra time per unit) with runs of equal units merged."""
         ds = self.decisions
-        while i < len(ds):
-            j = i
-            while j + 1 < len(ds) and ds[j + 1].option == ds[i].option and ds[j + 1].group == ds[i].group:
-                j += 1
-            names = ds[i].name if i == j else f"{ds[i].name} .. {ds[j].name} ({j - i + 1})"
-            label = option_label(ds[i].option)
-            rows.append((names, label, format_size(ds[i].keep), f"{ds[i].extra_time * 1e3:+.2f} ms"))
-            i = j + 1
+        units = self._units()
+        rows: list[tuple[str, str, str, str]] = []
+        u = 0
+        while u < len(units):
+            first, last, label = units[u]
+            v = u
+            while (
+                v + 1 < len(units)
+                and units[v + 1][2] == label
+                and ds[units[v + 1][0]].group == ds[first].group
+            ):
+                v += 1
+            end = units[v][1]
+            names = (
+                ds[first].name if first == end else f"{ds[first].name} .. {ds[end].name} ({end - first + 1})"
+            )
+            extra = sum(d.extra_time for d in ds[first : last + 1])
+            rows.append((names, label, format_size(ds[first].keep), f"{extra * 1e3:+.2f} ms"))
+            u = v + 1
         return rows
 
     def __str__(self) -> str:
@@ -113,14 +147,17 @@ class Plan:
         lines = [
             f"remat plan for budget {format_size(self.budget)}: {self.summary()} (blocks: {self.source})"
         ]
-        rows = [("blocks", "option", "keeps/block", "recompute/block"), *self._rows()]
+        rows = [("blocks", "option", "keeps each", "recompute each"), *self._rows()]
         widths = [max(len(r[k]) for r in rows) for k in range(4)]
         for n, r in enumerate(rows):
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
             if n == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
-        options = {d.option for d in self.decisions}
-        labels = {("keep N ops" if kept_ops(o) is not None else o): o for o in options}
+        options = {d.option for d in self.decisions} - {IN_SEGMENT}
+        labels = {
+            ("keep N ops" if kept_ops(o) is not None else "segment of N" if segment_length(o) else o): o
+            for o in options
+        }
         for label, option in sorted(labels.items()):
             lines.append(f"  {label}: {legend(option)}")
         ratio = ""

@@ -1,0 +1,256 @@
+"""Checkpoint a run of consecutive block calls as ONE region, driven by the user's own forward code.
+
+NOTE [ How a segment is checkpointed ]
+  Checkpointing blocks i..j together (as ``checkpoint_sequential`` does) keeps only what enters the
+  segment (an RNN's state at one time step, one transformer hidden state) instead of every block's
+  input. The user's code drives the forward, so the region is opened when block i is called and closed
+  when block j returns, with the generator behind ``torch.utils.checkpoint(use_reentrant=False)``: the
+  same RNG/autocast stashing, saved-tensor placeholders, early stop and metadata check.
+  What the recomputation reruns is recorded while the region runs: the block calls (module, arguments)
+  and, between them, the torch calls of the glue code (a ``TorchFunctionMode`` that is active only between
+  blocks: ``xs[:, t]``, a dropout on the state, ...). Tensors are recorded by identity: an argument an
+  earlier recorded call produced is a reference (not held), any other one is an input of the segment
+  (held, as checkpoint holds its arguments). The replay reruns the recorded calls in order on the same
+  inputs from the same RNG state, so it saves the same tensors in the same order, data-dependent Python
+  control flow included (what is replayed is what ran).
+  Refused with ``SegmentError`` (raised in the forward, before any backward could use wrong tensors):
+  a recorded call that mutates a segment input in place (the replay would apply it twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+from torch.overrides import TorchFunctionMode, _get_current_function_mode
+from torch.utils import checkpoint as _ckpt
+
+SEGMENT = "segment"  # "segment:<n>": this block call opens a region of n block calls
+IN_SEGMENT = "in-segment"  # a later block call of the open region
+
+
+def segment_option(blocks: int) -> str:
+    """The option of the first block call of a segment of ``blocks`` consecutive block calls."""
+    if blocks < 2:
+        raise ValueError(f"a segment spans at least 2 block calls, got {blocks}")
+    return f"{SEGMENT}:{blocks}"
+
+
+def segment_length(option: str) -> int | None:
+    """n for ``"segment:<n>"``, None for any other option; ValueError when malformed."""
+    if not option.startswith(SEGMENT + ":"):
+        return None
+    try:
+        n = int(option[len(SEGMENT) + 1 :])
+    except ValueError:
+        n = 0
+    if n < 2:
+        raise ValueError(f"malformed option {option!r}: expected 'segment:<n>' with n >= 2 block calls")
+    return n
+
+
+def is_segment_option(option: str) -> bool:
+    return option == IN_SEGMENT or option.startswith(SEGMENT + ":")
+
+
+class SegmentError(RuntimeError):
+    """A segment's forward did something its recomputation could not reproduce."""
+
+
+@dataclass(frozen=True)
+class _Ref:
+    step: int  # index of the recorded call that produced the tensor
+    leaf: int  # position among that call's tensor outputs
+
+
+@dataclass
+class _Step:
+    run: Callable[..., Any]
+    leaves: list[Any]  # arguments, flattened; produced tensors replaced by _Ref
+    spec: pytree.TreeSpec
+    name: str
+
+
+def _generator_prefix() -> tuple[Any, ...]:
+    """Default values of the positional parameters of checkpoint's generator between ``fn`` and ``*args``
+    (their number differs between torch versions)."""
+    params = list(inspect.signature(_ckpt._checkpoint_without_reentrant_generator).parameters.values())
+    prefix = []
+    for p in params[1:]:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            break
+        prefix.append(p.default)
+    return tuple(prefix)
+
+
+class _GlueRecorder(TorchFunctionMode):
+    """Records the torch calls the user's code makes between the blocks of an open region."""
+
+    def __init__(self, region: Region) -> None:
+        super().__init__()
+        self.region = region
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        return self.region.record(func, getattr(func, "__name__", str(func)), args, kwargs or {})
+
+
+class Region:
+    """One open segment: records what runs in it and is recomputed as a whole in the backward."""
+
+    def __init__(self, blocks: int, first_args: tuple, first_kwargs: Mapping[str, Any]) -> None:
+        self.left = blocks
+        self.steps: list[_Step] = []
+        self.produced: dict[int, tuple[weakref.ref, int, int]] = {}
+        self.release: dict[int, list[int]] = {}
+        self.mode = _GlueRecorder(self)
+        self.recording = False
+        inputs = [t for t in pytree.tree_leaves((first_args, dict(first_kwargs))) if isinstance(t, Tensor)]
+        self.gen = _ckpt._checkpoint_without_reentrant_generator(self.replay, *_generator_prefix(), *inputs)
+        next(self.gen)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def record(self, run: Callable[..., Any], name: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+        """Run ``run(*args, **kwargs)`` and record it for the replay (calls returning no tensor are not
+        recorded: they save nothing and produce nothing a later call could read)."""
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        recorded: list[Any] = []
+        inputs: list[tuple[Tensor, int]] = []
+        for leaf in leaves:
+            if isinstance(leaf, Tensor):
+                hit = self.produced.get(id(leaf))
+                if hit is not None and hit[0]() is leaf:
+                    recorded.append(_Ref(hit[1], hit[2]))
+                    continue
+                inputs.append((leaf, leaf._version))
+            recorded.append(leaf)
+        out = run(*args, **kwargs)
+        for t, version in inputs:
+            if t._version != version:
+                raise SegmentError(
+                    f"{name} changed a tensor in place that entered a checkpointed segment from outside; "
+                    "recomputing the segment would apply that change twice. Plan without segments "
+                    "(rematerialize(..., segments=False)) or make the change out of place."
+                )
+        produced = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
+        if produced:
+            k = len(self.steps)
+            for j, t in enumerate(produced):
+                self.produced[id(t)] = (weakref.ref(t), k, j)
+            self.steps.append(_Step(run, recorded, spec, name))
+        return out
+
+    def block(
+        self, module: torch.nn.Module, forward: Callable[..., Any], args: tuple, kwargs: Mapping
+    ) -> Any:
+        """Run one block call of the region (outside the glue recorder). ``forward`` is called again by
+        the replay (so it must leave running statistics alone when recomputing)."""
+        self.pause()
+        out = self.record(forward, type(module).__name__, args, kwargs)
+        self.left -= 1
+        if self.left > 0:
+            self.resume()
+        return out
+
+    def resume(self) -> None:
+        self.mode.__enter__()
+        self.recording = True
+
+    def pause(self) -> None:
+        if not self.recording:
+            return
+        if _get_current_function_mode() is not self.mode:
+            raise SegmentError(
+                "a torch function mode entered inside a checkpointed segment was not exited before the next "
+                "block: segments cannot span it (plan without segments)"
+            )
+        self.mode.__exit__(None, None, None)
+        self.recording = False
+
+    @property
+    def done(self) -> bool:
+        return self.left <= 0
+
+    def close(self) -> None:
+        """End the region normally (its last block returned, or the model's forward did)."""
+        self.pause()
+        last: dict[int, int] = {}
+        for s, step in enumerate(self.steps):
+            for leaf in step.leaves:
+                if isinstance(leaf, _Ref):
+                    last[leaf.step] = s
+        for k, s in last.items():
+            self.release.setdefault(s, []).append(k)
+        self.produced.clear()
+        with contextlib.suppress(StopIteration):
+            next(self.gen)
+
+    def abort(self) -> None:
+        """End the region after an exception in its forward (pops checkpoint's hooks)."""
+        with contextlib.suppress(SegmentError):
+            self.pause()
+        self.gen.close()
+
+    # -- backward -----------------------------------------------------------------------------------
+    def replay(self, *_inputs: Any) -> None:
+        """Rerun the recorded calls in order (checkpoint calls this under its recompute hooks)."""
+        values: dict[int, list[Tensor]] = {}
+        for k, step in enumerate(self.steps):
+            leaves = [values[x.step][x.leaf] if isinstance(x, _Ref) else x for x in step.leaves]
+            args, kwargs = pytree.tree_unflatten(leaves, step.spec)
+            out = step.run(*args, **kwargs)
+            values[k] = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
+            for j in self.release.get(k, ()):
+                values.pop(j, None)
+
+
+class Segments:
+    """The region open in the current forward of one patched model (at most one at a time)."""
+
+    def __init__(self) -> None:
+        self.active: Region | None = None
+
+    def call(
+        self,
+        module: torch.nn.Module,
+        forward: Callable[..., Any],
+        option: str,
+        args: tuple,
+        kwargs: Mapping[str, Any],
+        fallback: Callable[[], Any],
+    ) -> Any:
+        """Run a block call whose option is a segment one. ``fallback()`` runs the call checkpointed on
+        its own (used under torch.compile, which cannot trace a region spanning calls)."""
+        if not (torch.is_grad_enabled() and module.training):
+            return forward(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return fallback()
+        length = segment_length(option)
+        if length is not None:
+            self.finish()
+            self.active = Region(length, args, kwargs)
+        region = self.active
+        if region is None:  # a member call with no open region (calls differ from the plan): plain
+            return forward(*args, **kwargs)
+        try:
+            out = region.block(module, forward, args, kwargs)
+        except BaseException:
+            self.active = None
+            region.abort()
+            raise
+        if region.done:
+            self.active = None
+            region.close()
+        return out
+
+    def finish(self, failed: bool = False) -> None:
+        """Close a region still open (the forward ran fewer block calls than planned, or raised)."""
+        region, self.active = self.active, None
+        if region is not None:
+            region.abort() if failed else region.close()

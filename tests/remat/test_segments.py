@@ -1,0 +1,220 @@
+"""Segments: runs of block calls checkpointed as one region driven by the user's forward. Gradients are
+bit-identical (dropout, glue code between blocks, data-dependent control flow), only the segment's entry
+stays alive, bad glue code is refused, the DP over segments is optimal, and the planner uses them."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from tightfit.memory import LiveTracker
+from tightfit.remat import execute
+from tightfit.remat.auto import Planner
+from tightfit.remat.chainmodel import ChainCosts
+from tightfit.remat.execute import RECOMPUTE, STORE
+from tightfit.remat.measure import OptionCost
+from tightfit.remat.segments import IN_SEGMENT, SegmentError, segment_length, segment_option
+
+from ._models import build, clone, grads_after_step, same_grads
+
+
+class Cell(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2 * d, 4 * d)
+        self.drop = nn.Dropout(0.3)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        a, b, c, d = self.drop(self.fc(torch.cat([x, h], -1))).chunk(4, -1)
+        return torch.tanh(a) * torch.sigmoid(b) + torch.sin(c) * d
+
+
+class Loop(nn.Module):
+    """An RNN-like loop with glue between cell calls: slicing, a functional dropout, data-dependent
+    control flow, and an in-place op on a tensor made inside the loop."""
+
+    def __init__(self, d: int = 32, glue_mutates_input: bool = False) -> None:
+        super().__init__()
+        self.cell = Cell(d)
+        self.d = d
+        self.glue_mutates_input = glue_mutates_input
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        h = xs.new_zeros(xs.shape[0], self.d)
+        outs = []
+        for t in range(xs.shape[1]):
+            x = xs[:, t]
+            if self.glue_mutates_input:
+                xs.mul_(1.0)  # mutates the segment's input: cannot be replayed
+            h = self.cell(x, h)
+            h = nn.functional.dropout(h, 0.2, self.training)
+            h = h * 2 if h.sum() > 0 else h - 1  # which branch ran depends on the data
+            h.add_(0.5)  # in place on a tensor made in the segment: replayed in order
+            outs.append(h)
+        return torch.stack(outs, 1).square().mean()
+
+
+def _xs(t: int = 12) -> torch.Tensor:
+    return torch.randn(4, t, 32)
+
+
+def _segments(calls: int, length: int) -> list[str]:
+    out = []
+    for start in range(0, calls, length):
+        n = min(length, calls - start)
+        out += [RECOMPUTE] if n == 1 else [segment_option(n)] + [IN_SEGMENT] * (n - 1)
+    return out
+
+
+@pytest.mark.parametrize("length", [2, 5, 12])
+def test_segments_give_identical_gradients_with_dropout_and_glue(length: int) -> None:
+    model, xs = Loop().train(), _xs()
+    reference = grads_after_step(clone(model), xs)
+    execute.apply(model, {"cell": _segments(12, length)})
+    for _ in range(2):  # the region state is reset between forwards
+        model.cell.calls = 0
+        assert same_grads(reference, grads_after_step(model, xs))
+        assert model.cell.calls == 24  # every cell call recomputed once, segment by segment
+
+
+def _live_after_forward(model: nn.Module, xs: torch.Tensor) -> int:
+    with LiveTracker(track=[model, xs]) as t:
+        loss = model(xs)
+        live = t.current
+        loss.backward()
+    return live
+
+
+def test_a_segment_keeps_less_than_per_call_checkpoints() -> None:
+    model, xs = Loop().train(), _xs(16)
+    stored = _live_after_forward(model, xs)
+    execute.apply(model, {"cell": [RECOMPUTE] * 16})
+    per_call = _live_after_forward(model, xs)
+    execute.apply(model, {"cell": _segments(16, 16)})
+    segment = _live_after_forward(model, xs)
+    assert segment < per_call < stored
+
+
+def test_glue_that_mutates_a_segment_input_is_refused_and_leaves_no_hooks() -> None:
+    model, xs = Loop(glue_mutates_input=True).train(), _xs()
+    execute.apply(model, {"cell": _segments(12, 4)})
+    with pytest.raises(SegmentError, match="in place"):
+        model(xs)
+    model.glue_mutates_input = False
+    reference = grads_after_step(clone(execute.undo(clone(model))), xs)
+    assert same_grads(reference, grads_after_step(model, xs))  # checkpoint's hooks were popped
+
+
+def test_an_exception_inside_a_segment_closes_it() -> None:
+    model, xs = Loop().train(), _xs()
+    execute.apply(model, {"cell": _segments(12, 6)})
+    with pytest.raises(RuntimeError):
+        model(xs[:, :, :5])  # wrong width: the first cell call fails inside the open region
+    reference = grads_after_step(clone(execute.undo(clone(model))), xs)
+    assert same_grads(reference, grads_after_step(model, xs))
+
+
+def test_eval_no_grad_and_compile_fallback() -> None:
+    model, xs = Loop().train(), _xs()
+    reference = grads_after_step(clone(model), xs)
+    execute.apply(model, {"cell": _segments(12, 4)})
+    with torch.no_grad():
+        model(xs)
+    assert model.cell.calls == 12
+    model.cell.calls = 0
+    compiled = torch.compile(model, backend="aot_eager")
+    assert same_grads(reference, grads_after_step(compiled, xs))  # per-call checkpoints when compiled
+
+
+def test_bad_segment_options() -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        segment_option(1)
+    with pytest.raises(ValueError, match="malformed"):
+        segment_length("segment:x")
+    with pytest.raises(ValueError, match="malformed"):
+        execute.apply(Loop(), {"cell": ["segment:1"]})
+    assert segment_length(STORE) is None
+
+
+# -- the DP with segments against brute force -----------------------------------------------------
+OPTS = ("store", "recompute")
+
+
+def _random_chain(rng: random.Random, n: int) -> ChainCosts:
+    costs = []
+    for _ in range(n):
+        keep = rng.randint(50, 100)
+        t = rng.uniform(1, 2)
+        costs.append(
+            {
+                "store": OptionCost("store", keep, keep + rng.randint(0, 20), rng.randint(5, 30), t, 2 * t),
+                "recompute": OptionCost(
+                    "recompute", rng.randint(5, 30), keep, rng.randint(60, 120), t, 3 * t
+                ),
+            }
+        )
+    chain = ChainCosts(costs, sorted((rng.randint(0, 40) for _ in range(n)), reverse=True), base_time=10.0)
+    chain.A, chain.H = rng.uniform(0, 50), rng.uniform(0, 80)
+    return chain
+
+
+def _all_plans(n: int) -> list[list[str]]:
+    """Every plan: each block a single option, or blocks grouped into segments."""
+    if n == 0:
+        return [[]]
+    out = [[o, *rest] for o in OPTS for rest in _all_plans(n - 1)]
+    for length in range(2, n + 1):
+        out += [
+            [segment_option(length)] + [IN_SEGMENT] * (length - 1) + rest for rest in _all_plans(n - length)
+        ]
+    return out
+
+
+def test_dp_with_segments_is_feasible_and_optimal_up_to_discretisation() -> None:
+    rng = random.Random(3)
+    used_segments = False
+    for _ in range(20):
+        n = rng.randint(2, 6)
+        chain = _random_chain(rng, n)
+        plans = _all_plans(n)
+        lo, hi = min(map(chain.peak, plans)), max(map(chain.peak, plans))
+        for budget in (lo, (lo + hi) // 2, (3 * lo + hi) // 4, hi):
+            slots = 4000
+            got = chain.solve(budget, slots=slots)
+            unit = max(1.0, (budget - min(chain.A, chain.H)) / slots)
+            safe = [p for p in plans if chain.peak(p) <= budget - n * unit]
+            if got is None:
+                assert not safe
+                continue
+            assert chain.peak(got) <= budget and len(got) == n
+            if safe:
+                assert chain.time(got) <= min(chain.time(p) for p in safe) + 1e-6
+            used_segments |= any(segment_length(o) for o in got)
+    assert used_segments
+
+
+def test_without_segments_the_dp_keeps_per_block_options() -> None:
+    chain = _random_chain(random.Random(4), 5)
+    lo = min(chain.peak(list(p)) for p in itertools.product(OPTS, repeat=5))
+    got = chain.solve(lo, segments=False)
+    assert got is not None and set(got) <= set(OPTS)
+
+
+# -- the planner -----------------------------------------------------------------------------------
+def test_planner_uses_segments_to_go_below_per_block_checkpointing() -> None:
+    model, batch = build("lstm-tiny", hidden_size=48, embed_dim=48)
+    reference = grads_after_step(clone(model), batch)
+    per_block = Planner(clone(model), batch, segments=False, op_level=False)
+    planner = Planner(model, batch, op_level=False)
+    assert planner.min_budget < per_block.min_budget
+    plan = planner.plan(planner.min_budget)
+    assert any(segment_length(d.option) for d in plan.decisions)
+    assert "segment of" in str(plan)
+    planner.apply(plan)
+    assert same_grads(reference, grads_after_step(model, batch))

@@ -74,7 +74,7 @@ class Workload:
     desc: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     planner: Any = None  # a shared tightfit.remat.auto.Planner (--reuse-planner)
-    compile_planner: Any = None  # the same with op_level=False, for plans run under torch.compile
+    compile_planner: Any = None  # the same without op-level options and segments, for torch.compile
 
 
 def _get(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -210,15 +210,19 @@ def tightfit_variant(
         from tightfit.remat import execute
         from tightfit.remat.auto import Planner
 
-        if compiled and w.compile_planner is None:  # op-level options are eager-only: plan without them
-            w.compile_planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn, op_level=False)
+        if compiled and w.compile_planner is None:  # op-level options and segments are eager-only
+            w.compile_planner = Planner(
+                fresh_copy(w.model)[0], w.batch, w.loss_fn, op_level=False, segments=False
+            )
         plan = (w.compile_planner if compiled else w.planner).plan(budget)
         execute.apply(m, plan.options)
         m.__dict__["plan"] = plan
         out = m
         plan_s = float(getattr(plan, "planning_time", time.perf_counter() - t0))
     else:
-        out = tightfit.rematerialize(m, w.batch, budget, loss_fn=w.loss_fn, op_level=not compiled)
+        out = tightfit.rematerialize(
+            m, w.batch, budget, loss_fn=w.loss_fn, op_level=not compiled, segments=not compiled
+        )
         plan_s = time.perf_counter() - t0
     params = _same_order(out, params, ref_names[0], False)
     bufs = _same_order(out, bufs, ref_names[1], True)

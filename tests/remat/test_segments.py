@@ -218,3 +218,31 @@ def test_planner_uses_segments_to_go_below_per_block_checkpointing() -> None:
     assert "segment of" in str(plan)
     planner.apply(plan)
     assert same_grads(reference, grads_after_step(model, batch))
+
+
+def test_regions_are_freed_without_the_garbage_collector() -> None:
+    import gc
+    import weakref
+
+    from tightfit.remat import segments
+
+    model, xs = Loop().train(), _xs()
+    execute.apply(model, {"cell": _segments(12, 4)})
+    regions: list[weakref.ref] = []
+    original = segments.Region.__init__
+
+    def spy(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        original(self, *args, **kwargs)
+        regions.append(weakref.ref(self))
+
+    gc.disable()
+    try:
+        segments.Region.__init__ = spy  # type: ignore[method-assign]
+        loss = model(xs)
+        assert len(regions) == 3 and all(r() is not None for r in regions)  # held by the autograd graph
+        loss.backward()
+        del loss
+        assert all(r() is None for r in regions)  # no reference cycle keeps the segment inputs alive
+    finally:
+        segments.Region.__init__ = original  # type: ignore[method-assign]
+        gc.enable()

@@ -13,9 +13,10 @@ identical blocks is measured once under each option: store, two selective-checkp
 recompute (``tightfit.remat.measure``); (3) whole steps are measured without remat and with every block
 recomputed, which fixes the constants of the chain memory model (``tightfit.remat.chainmodel``), and with
 the plan of least predicted peak: the lower of the last two is the smallest feasible budget; (4) a DP
-picks the fastest option per block under the budget; (5) the plan is applied with
-``torch.utils.checkpoint`` (``tightfit.remat.execute``) and measured; when the measured peak is over the
-budget the internal budget is lowered by the excess and the DP runs again. The returned
+picks the fastest option per block, or segment of blocks (``tightfit.remat.segments``), under the budget;
+(5) the plan is applied with ``torch.utils.checkpoint`` (``tightfit.remat.execute``) and measured; when
+the measured peak is over the budget the internal budget is lowered by the excess (raised by the slack
+when it is well under) and the DP runs again. The returned
 plan therefore measured <= budget on this batch (same shapes => same peak on CPU; on accelerators the
 allocator may round up).
 
@@ -244,9 +245,9 @@ class Planner:
             )
         total = 3 + len(groups) * (len(self.options) + OP_OPTIONS)
         self._progress("measuring no remat", 1, total)
-        self.baseline_peak, self.baseline_time = self.measure_step(None)
-        if self.segments:
-            self.measure_step(None, timed=False, grads="capture")
+        self.baseline_peak, self.baseline_time = self.measure_step(
+            None, grads="capture" if self.segments else None
+        )
         done = [2]
         self.group_costs: list[dict[str, OptionCost] | None] = []
         for gi, group in enumerate(groups):
@@ -368,8 +369,9 @@ class Planner:
             plan.notes.append("the model fits without remat")
             return self._finish(plan, started)
         # The internal budget ``target`` the DP solves for: lowered by the excess when a plan measures
-        # over, then bisected between the highest target known to fit and the lowest known not to (the
-        # memory model can be far off, e.g. for RNN cells whose outputs live to the end of the forward).
+        # over, raised by the slack when it measures well under, then bisected between the highest target
+        # known to fit and the lowest known not to (the memory model can be far off either way, e.g. for
+        # RNN cells whose outputs live to the end of the forward).
         target = float(budget)
         floor = float(self.chain.peak(self.frugal_plan))
         fits, over = None, None  # highest target whose plan measured <= budget, lowest that did not
@@ -397,7 +399,14 @@ class Planner:
                     chosen.solve_budget = int(target)
                     chosen.measured_peak = measured if verify else None
                 fits = target
-                if over is None or over - target <= 0.01 * budget:
+                if over is None:  # nothing measured over yet: when the model over-predicted this plan
+                    slack = budget - measured  # and it left room, ask the DP for the room left
+                    overpredicted = self.chain.peak(solution) - measured
+                    if not verify or min(slack, overpredicted) <= 0.02 * budget:
+                        break
+                    target += slack
+                    continue
+                if over - target <= 0.01 * budget:
                     break
                 target = (target + over) / 2
             else:
@@ -458,11 +467,12 @@ def rematerialize(
     ``options`` are the named in-block options; with ``op_level`` each block also gets options that keep
     the outputs of measured ops (``tightfit.remat.measure``). Those run in eager mode; under
     ``torch.compile`` they fall back to keeping matmul outputs (the measured op positions do not apply
-    to a compiled trace), so for compiled training plan with ``op_level=False``. With ``segments`` a plan
-    may also checkpoint runs of consecutive blocks as one region (``tightfit.remat.segments``: RNN time
-    steps, groups of layers), which keeps only what enters the run; such plans are gradient-checked
-    against the model without remat while planning, and run as per-block checkpoints under
-    ``torch.compile``.
+    to a compiled trace). With ``segments`` a plan may also checkpoint runs of consecutive blocks as one
+    region (``tightfit.remat.segments``: RNN time steps, groups of layers), which keeps only what enters
+    the run; such plans are gradient-checked against the model without remat while planning. A region
+    cannot span calls inside a compiled graph, so under ``torch.compile`` its blocks are checkpointed one
+    by one (another peak than planned): for compiled training plan with ``op_level=False,
+    segments=False``.
     """
     planner = Planner(
         model,

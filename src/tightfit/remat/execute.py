@@ -9,7 +9,9 @@ NOTE [ How a plan is applied ]
   one decision per call index; the count restarts at every forward of the root model) and runs the
   original forward plainly or under checkpoint. ``undo(model)`` restores the previous ``forward``.
   Checkpointing only happens when autograd records (grad enabled) and the block is in training mode, so
-  ``model.eval()`` and ``torch.no_grad()`` run the original code.
+  ``model.eval()`` and ``torch.no_grad()`` run the original code. A ``segment:<n>`` decision opens one
+  checkpoint region over this call and the next n - 1 planned block calls (``tightfit.remat.segments``);
+  a forward hook on the root closes a region the forward left open.
 
 NOTE [ Why gradients are bit-identical ]
   Non-reentrant checkpoint stashes and restores the RNG state (CPU and the inputs' accelerators) and the
@@ -169,7 +171,8 @@ def _context_fn(option: str) -> Callable[[], Any] | None:
     saved = SAC_SAVED_OPS.get(option)
     if saved is None:
         raise ValueError(
-            f"unknown remat option {option!r}; valid: {', '.join(OPTIONS)} or '{KEEP_OPS}:...' (measured)"
+            f"unknown remat option {option!r}; valid: {', '.join(OPTIONS)}, '{KEEP_OPS}:...' (measured), "
+            "'segment:<n>' or 'in-segment'"
         )
     return functools.partial(create_selective_checkpoint_contexts, _policy(saved))
 
@@ -240,7 +243,7 @@ def run_call(
 
 
 # -- patching the model ------------------------------------------------------------------------------
-_ATTR = "_tightfit_remat"  # on the root: {path: _Patched} and the reset hook's handle
+_ATTR = "_tightfit_remat"  # on the root: the patched paths and the root hooks' handles
 _STATE = "_tightfit_remat_state"  # on each patched module: its _Patched
 
 

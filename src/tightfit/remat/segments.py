@@ -188,14 +188,28 @@ class Region:
         for k, s in last.items():
             self.release.setdefault(s, []).append(k)
         self.produced.clear()
+        frame = self.gen.gi_frame
         with contextlib.suppress(StopIteration):
             next(self.gen)
+        self._release(frame)
 
     def abort(self) -> None:
         """End the region after an exception in its forward (pops checkpoint's hooks)."""
         with contextlib.suppress(SegmentError):
             self.pause()
+        frame = self.gen.gi_frame
         self.gen.close()
+        self._release(frame)
+
+    def _release(self, frame: Any) -> None:
+        """Let reference counting free the region (and the segment inputs it holds) as soon as the autograd
+        graph is freed: break the region <-> recorder cycle, and clear the finished generator's frame,
+        which a traceback made inside it (torch looks up device modules with ``getattr``) can keep alive
+        with every local it had, the region included."""
+        self.mode = None  # type: ignore[assignment]
+        self.gen = None  # type: ignore[assignment]
+        if frame is not None:
+            frame.clear()
 
     # -- backward -----------------------------------------------------------------------------------
     def replay(self, *_inputs: Any) -> None:

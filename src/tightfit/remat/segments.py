@@ -20,6 +20,7 @@ NOTE [ How a segment is checkpointed ]
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import weakref
 from collections.abc import Callable, Mapping
@@ -78,6 +79,7 @@ class _Step:
     name: str
 
 
+@functools.cache
 def _generator_prefix() -> tuple[Any, ...]:
     """Default values of the positional parameters of checkpoint's generator between ``fn`` and ``*args``
     (their number differs between torch versions)."""

@@ -75,8 +75,55 @@ class _Ref:
 class _Step:
     run: Callable[..., Any]
     leaves: list[Any]  # arguments, flattened; produced tensors replaced by _Ref
-    spec: pytree.TreeSpec
+    spec: Any  # how to rebuild (args, kwargs) from the leaves (``_flatten``)
     name: str
+
+
+def _is_leaf(x: Any) -> bool:
+    return not isinstance(x, (tuple, list, dict))
+
+
+def _flatten(args: tuple, kwargs: Mapping[str, Any]) -> tuple[list[Any], Any]:
+    """(leaves, spec) of a call's arguments. Positional arguments that are leaves or tuples of leaves (an
+    RNN cell's ``(x, (h, c))``, an indexing tuple) take a fast path; anything else goes through torch's
+    pytree. Recording runs once per call in a segment, so this is on the hot path."""
+    if not kwargs and all(
+        type(a) is tuple and all(map(_is_leaf, a)) if type(a) is tuple else _is_leaf(a) for a in args
+    ):
+        leaves: list[Any] = []
+        shape = []
+        for a in args:
+            if type(a) is tuple:
+                leaves.extend(a)
+                shape.append(len(a))
+            else:
+                leaves.append(a)
+                shape.append(-1)
+        return leaves, tuple(shape)
+    return pytree.tree_flatten((tuple(args), dict(kwargs)))
+
+
+def _unflatten(leaves: list[Any], spec: Any) -> tuple[tuple, dict]:
+    if isinstance(spec, tuple):
+        args, i = [], 0
+        for n in spec:
+            if n < 0:
+                args.append(leaves[i])
+                i += 1
+            else:
+                args.append(tuple(leaves[i : i + n]))
+                i += n
+        return tuple(args), {}
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    """The tensors of a call's output, in a fixed order."""
+    if isinstance(out, Tensor):
+        return [out]
+    if type(out) is tuple and all(isinstance(t, Tensor) for t in out):
+        return list(out)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
 
 
 @functools.cache
@@ -121,7 +168,7 @@ class Region:
     def record(self, run: Callable[..., Any], name: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
         """Run ``run(*args, **kwargs)`` and record it for the replay (calls returning no tensor are not
         recorded: they save nothing and produce nothing a later call could read)."""
-        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        leaves, spec = _flatten(args, kwargs)
         recorded: list[Any] = []
         inputs: list[tuple[Tensor, int]] = []
         for leaf in leaves:
@@ -140,7 +187,7 @@ class Region:
                     "recomputing the segment would apply that change twice. Plan without segments "
                     "(rematerialize(..., segments=False)) or make the change out of place."
                 )
-        produced = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
+        produced = _tensors(out)
         if produced:
             k = len(self.steps)
             for j, t in enumerate(produced):
@@ -219,9 +266,9 @@ class Region:
         values: dict[int, list[Tensor]] = {}
         for k, step in enumerate(self.steps):
             leaves = [values[x.step][x.leaf] if isinstance(x, _Ref) else x for x in step.leaves]
-            args, kwargs = pytree.tree_unflatten(leaves, step.spec)
+            args, kwargs = _unflatten(leaves, step.spec)
             out = step.run(*args, **kwargs)
-            values[k] = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
+            values[k] = _tensors(out)
             for j in self.release.get(k, ()):
                 values.pop(j, None)
 

@@ -105,8 +105,8 @@ class ChainCosts:
         i = 0
         while i < len(plan):
             length = segment_length(plan[i])
-            terms = None if length is None else self._segment_terms(i, length)
             if length is not None:
+                terms = self._segment_terms(i, length)
                 if terms is None:
                     raise ValueError(f"blocks {i}..{i + length - 1} cannot form a segment")
                 entry, fwd, bwd = terms

@@ -140,6 +140,7 @@ def test_bad_segment_options() -> None:
     with pytest.raises(ValueError, match="malformed"):
         execute.apply(Loop(), {"cell": ["segment:1"]})
     assert segment_length(STORE) is None
+    assert execute.option_label(segment_option(4)) == "segment of 4"
 
 
 # -- the DP with segments against brute force -----------------------------------------------------

@@ -293,8 +293,7 @@ class Planner:
             try:
                 peak = self._verify(lowest)
             except SegmentError as err:
-                self.segments = False
-                self.notes.append(f"segments disabled: {err}")
+                self._disable_segments(err)
                 lowest = self._lowest_predicted()
                 peak = self._verify(lowest) if lowest is not None else self.frugal_peak
             if lowest is not None and peak < self.frugal_peak:
@@ -316,6 +315,11 @@ class Planner:
             else:
                 hi, best = mid, plan
         return best
+
+    def _disable_segments(self, err: SegmentError) -> None:
+        """The model's code cannot be replayed as a segment: plan without segments from now on."""
+        self.segments = False
+        self.notes.append(f"segments disabled: {err}")
 
     def _verify(self, plan: Sequence[str]) -> int:
         """The measured peak of ``plan``; with segments, its gradients are also checked (SegmentError)."""
@@ -387,9 +391,8 @@ class Planner:
             if key not in seen:
                 try:
                     seen[key] = self._verify(solution) if verify else 0
-                except SegmentError as err:  # the model's code cannot be replayed: plan without segments
-                    self.segments = False
-                    self.notes.append(f"segments disabled: {err}")
+                except SegmentError as err:
+                    self._disable_segments(err)
                     rounds -= 1
                     continue
             measured = seen[key]

@@ -116,9 +116,13 @@ def kept_ops(option: str) -> KeptOps | None:
 
 
 def option_label(option: str) -> str:
-    """A short name for printing (``keep-ops:...`` options become "keep N ops")."""
+    """A short name for printing (``keep-ops:...`` options become "keep N ops", ``segment:<n>`` ones
+    "segment of n")."""
     kept = kept_ops(option)
-    return option if kept is None else f"keep {len(kept.indices)} ops"
+    if kept is not None:
+        return f"keep {len(kept.indices)} ops"
+    length = segment_length(option)
+    return option if length is None else f"segment of {length}"
 
 
 def _policy(saved: frozenset[Any]) -> Callable[..., CheckpointPolicy]:

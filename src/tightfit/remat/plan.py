@@ -40,11 +40,6 @@ def legend(option: str) -> str:
     return OPTION_LEGEND.get(option, "")
 
 
-def _label(option: str) -> str:
-    n = segment_length(option)
-    return option_label(option) if n is None else f"segment of {n}"
-
-
 @dataclass
 class Decision:
     """One block's decision: the ``call``-th call of submodule ``path`` runs with ``option``."""
@@ -98,7 +93,7 @@ class Plan:
         ds = self.decisions
         while i < len(ds):
             n = segment_length(ds[i].option) or 1
-            units.append((i, min(i + n, len(ds)) - 1, _label(ds[i].option)))
+            units.append((i, min(i + n, len(ds)) - 1, option_label(ds[i].option)))
             i += n
         return units
 

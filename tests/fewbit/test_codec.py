@@ -74,6 +74,10 @@ def test_encode_decode_against_reference(dtype, backend):
                     grad = torch.randn(n).to(dtype)
                     want = codec.decode_mul_reference(ref, levels, grad, bits)
                     assert torch.equal(codec.decode_mul(ref, levels, grad, bits), want), (bits, k)
+                    scale = (torch.randn(n) * 3).to(dtype)  # fused (grad * scale) of gated units
+                    want = codec.decode_mul_reference(ref, levels, grad * scale, bits)
+                    got = codec.decode_mul(ref, levels, grad, bits, scale)
+                    assert torch.equal(got, want), (bits, k, "scale")
     finally:
         codec.set_backend("auto")
 
@@ -109,9 +113,13 @@ def test_native_large_multithreaded_matches_torch():
             p = _native.encode(x, cmp, bits, nan_code=1)
             assert torch.equal(p, codec._encode_torch(x, cmp, bits, nan_code=1)), bits
             levels = torch.randn(1 << bits, dtype=torch.float64)
-            g = torch.randn(x.shape)
+            g, scale = torch.randn(x.shape), torch.randn(x.shape)
             assert torch.equal(
                 _native.decode_mul(p, levels, g, bits), codec._decode_mul_torch(p, levels, g, bits)
+            )
+            assert torch.equal(
+                _native.decode_mul(p, levels, g, bits, scale),
+                codec._decode_mul_torch(p, levels, g, bits, scale),
             )
     finally:
         torch.set_num_threads(1)

@@ -19,6 +19,7 @@ library is cached under ``$TIGHTFIT_CACHE`` (default ``~/.cache/tightfit``), key
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -109,10 +110,16 @@ ENCODE_FN(enc_bf16, ld_bf16, float)
 ENCODE_FN(enc_f16, ld_f16, float)
 ENCODE_FN(enc_f64, ld_f64, double)
 
-/* ---------------- decode_mul: out = levels[code] * grad ---------------- */
-#define DECODE_FN(NAME, LD, ST, CT)                                                                   \
+/* a product rounded to the tensor dtype, as torch's fp16/bf16 mul rounds its fp32 product */
+static inline float rnd_f32(float v) { return v; }
+static inline double rnd_f64(double v) { return v; }
+static inline float rnd_f16(float v) { return (float)(_Float16)v; }
+static inline float rnd_bf16(float v) { uint16_t b; st_bf16(&b, 0, v); return ld_bf16(&b, 0); }
+
+/* ---------------- decode_mul: out = levels[code] * grad, or levels[code] * (grad * g2) ---------------- */
+#define DECODE_FN(NAME, LD, ST, RND, CT)                                                              \
 static void NAME(const uint8_t* in, int64_t n, int64_t b0, int64_t b1, const CT* L, int bits,        \
-                 const void* grad, void* out) {                                                     \
+                 const void* grad, const void* g2, void* out) {                                     \
   uint64_t mask = (bits == 8) ? 0xffu : ((1u << bits) - 1u);                                        \
   int64_t nbytes_all = (n * bits + 7) / 8;                                                          \
   for (int64_t blk = b0; blk < b1; blk++) {                                                         \
@@ -128,24 +135,27 @@ static void NAME(const uint8_t* in, int64_t n, int64_t b0, int64_t b1, const CT*
         if (at < nbytes_all) w |= (uint64_t)p[gi * bits + t] << (8 * t); } }                        \
       for (int j = 0; j < 8; j++) c[gi * 8 + j] = (uint32_t)((w >> (j * bits)) & mask);             \
     }                                                                                               \
-    if (cnt == 64) { for (int j = 0; j < 64; j++) ST(out, base + j, L[c[j]] * LD(grad, base + j)); } \
-    else { for (int j = 0; j < cnt; j++) ST(out, base + j, L[c[j]] * LD(grad, base + j)); }         \
+    for (int j = 0; j < cnt; j++) {                                                                 \
+      CT g = g2 ? RND(LD(grad, base + j) * LD(g2, base + j)) : LD(grad, base + j);                  \
+      ST(out, base + j, L[c[j]] * g);                                                               \
+    }                                                                                               \
   }                                                                                                 \
 }
 
-DECODE_FN(dec_f32, ld_f32, st_f32, float)
-DECODE_FN(dec_bf16, ld_bf16, st_bf16, float)
-DECODE_FN(dec_f16, ld_f16, st_f16, float)
-DECODE_FN(dec_f64, ld_f64, st_f64, double)
+DECODE_FN(dec_f32, ld_f32, st_f32, rnd_f32, float)
+DECODE_FN(dec_bf16, ld_bf16, st_bf16, rnd_bf16, float)
+DECODE_FN(dec_f16, ld_f16, st_f16, rnd_f16, float)
+DECODE_FN(dec_f64, ld_f64, st_f64, rnd_f64, double)
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* fp32 decode of full blocks with AVX-512: 8 codes per 64-bit word via variable shifts, the level gather
-   via one permute (<= 16 levels) or a gather, then one IEEE fp32 multiply (the same as torch's mul).
+   via one permute (<= 16 levels) or a gather, then one IEEE fp32 multiply (the same as torch's mul;
+   with g2, the product g * g2 first, as torch's (grad * g2) would round it).
    Reads 8 bytes at p + gi*bits, so the caller keeps it away from the last 8 bytes of the buffer. */
 #define HAVE_SIMD_DEC 1
-static void dec_f32_simd(const uint8_t* in, int64_t b0, int64_t b1, const float* L, int bits,
-                         const float* g, float* out) {
+static inline __attribute__((always_inline)) void dec_f32_simd_(const uint8_t* in, int64_t b0, int64_t b1,
+    const float* L, int bits, const float* g, const float* g2, float* out) {
   __m512i shifts = _mm512_setr_epi64(0, bits, 2 * bits, 3 * bits, 4 * bits, 5 * bits, 6 * bits, 7 * bits);
   __m512i mask = _mm512_set1_epi64((bits == 8) ? 0xff : ((1 << bits) - 1));
   __m512 L16 = _mm512_loadu_ps(L);
@@ -161,9 +171,17 @@ static void dec_f32_simd(const uint8_t* in, int64_t b0, int64_t b1, const float*
       __m256i i1 = _mm512_cvtepi64_epi32(_mm512_and_si512(v1, mask));
       __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(i0), i1, 1);
       __m512 lv = bits <= 4 ? _mm512_permutexvar_ps(idx, L16) : _mm512_i32gather_ps(idx, L, 4);
-      _mm512_storeu_ps(out + base + gi * 8, _mm512_mul_ps(lv, _mm512_loadu_ps(g + base + gi * 8)));
+      __m512 gv = _mm512_loadu_ps(g + base + gi * 8);
+      if (g2) gv = _mm512_mul_ps(gv, _mm512_loadu_ps(g2 + base + gi * 8));
+      _mm512_storeu_ps(out + base + gi * 8, _mm512_mul_ps(lv, gv));
     }
   }
+}
+
+static void dec_f32_simd(const uint8_t* in, int64_t b0, int64_t b1, const float* L, int bits,
+                         const float* g, const float* g2, float* out) {
+  if (g2) dec_f32_simd_(in, b0, b1, L, bits, g, g2, out);
+  else dec_f32_simd_(in, b0, b1, L, bits, g, 0, out);
 }
 #endif
 
@@ -179,8 +197,46 @@ static void dec_f32_simd(const uint8_t* in, int64_t b0, int64_t b1, const float*
    bytes, so the caller keeps them away from the end of the buffer and of the thread's range. */
 #include <immintrin.h>
 #define HAVE_SIMD_ENC 1
+
+/* SiLU y = x / (1 + exp(-x)) bit-identical to torch's CPU kernel (AVX-512 build): torch splits [0, n)
+   into ranges of `chunk` (one per OpenMP thread); inside a range, whole pairs of 16-lane vectors use
+   Sleef_expf16_u10 (`vexp`: torch's own copy, passed in) and the rest the scalar expf. Element i gets
+   the path torch gives it, whatever this file's own threading. */
+typedef __m512 (*vexp16_t)(__m512);
+typedef struct { float* y; int64_t n, chunk, next, vend; vexp16_t vexp; } silu_t;
+
+/* y[i : i + cnt] for 1 <= cnt <= 16, v = x[i : i + cnt] (masked lanes zero) */
+static inline __attribute__((always_inline)) void silu16(silu_t* S, const float* x, int64_t i, int cnt,
+                                                         __m512 v) {
+  if (i >= S->next || i < S->next - S->chunk) {  /* entering another of torch's ranges */
+    int64_t b = (i / S->chunk) * S->chunk;
+    S->next = b + S->chunk < S->n ? b + S->chunk : S->n;
+    S->vend = b + ((S->next - b) & ~(int64_t)31);
+  }
+  const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+  __m512 neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign));
+  __m512 e = S->vexp(neg);
+  __m512 r = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  if (cnt == 16 && i + 16 <= S->vend) { _mm512_storeu_ps(S->y + i, r); return; }
+  float tmp[16];
+  _mm512_storeu_ps(tmp, r);
+  for (int k = 0; k < cnt; k++) {  /* lanes in a range's scalar tail */
+    int64_t at = i + k, bt = (at / S->chunk) * S->chunk, et = bt + S->chunk < S->n ? bt + S->chunk : S->n;
+    if (at >= bt + ((et - bt) & ~(int64_t)31)) tmp[k] = x[at] / (1.0f + expf(-x[at]));
+  }
+  _mm512_mask_storeu_ps(S->y + i, (__mmask16)((1u << cnt) - 1u), _mm512_loadu_ps(tmp));
+}
+
+static void silu_f32(silu_t* S, const float* x, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; i += 16) {
+    int cnt = i1 - i >= 16 ? 16 : (int)(i1 - i);
+    silu16(S, x, i, cnt, _mm512_maskz_loadu_ps((__mmask16)((1u << cnt) - 1u), x + i));
+  }
+}
+
+/* S: also write silu(x) to S->y (fused forward), or NULL */
 static inline __attribute__((always_inline)) void enc_f32_simd_(const float* x, int64_t s0, int64_t s1,
-    const float* B, int K, int bits, int nan_code, uint8_t* out) {
+    const float* B, int K, int bits, int nan_code, uint8_t* out, silu_t* S) {
   uint64_t pattern[8];  /* bits <= 4: 16 codes per 64-bit word; else 8 codes per word, two words */
   int per = bits <= 4 ? 16 : 8;
   for (int k = 0; k < bits; k++) {
@@ -197,17 +253,32 @@ static inline __attribute__((always_inline)) void enc_f32_simd_(const float* x, 
   __m512 t[16];
   for (int k = 0; k < K && count; k++) t[k] = _mm512_set1_ps(B[k]);
   const __m512 table = _mm512_loadu_ps(coarse);
+  /* b <= 4: the table shifted by st - 1 for each step st, so a probe is one permute by the code so far;
+     the first probe (code 0) is a broadcast */
+  __m512 shifted[4];
+  for (int l = 0; l < 4; l++) {
+    float tmp[16];
+    for (int m = 0; m < 16; m++) tmp[m] = m + (1 << l) - 1 < 16 ? coarse[m + (1 << l) - 1] : NAN;
+    shifted[l] = _mm512_loadu_ps(tmp);
+  }
+  const __m512 first = _mm512_set1_ps(pad[(1 << (bits - 1)) - 1]);
   const __m512i one = _mm512_set1_epi32(1), nanc = _mm512_set1_epi32(nan_code);
-  for (int64_t s = s0; s < s1; s++) {
+  for (int64_t s8 = s0; s8 < s1; s8 += 8) {
+  int64_t s8e = s8 + 8 < s1 ? s8 + 8 : s1;
+  /* SiLU of 8 steps first: the constants below are spilled around its calls once per 8 steps */
+  if (S) for (int64_t q = s8; q < s8e; q++) silu16(S, x, q * 16, 16, _mm512_loadu_ps(x + q * 16));
+  for (int64_t s = s8; s < s8e; s++) {
     __m512 v = _mm512_loadu_ps(x + s * 16);
     __m512i c = _mm512_setzero_si512();
     if (count) {
       for (int k = 0; k < K; k++)
         c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, t[k], _CMP_GT_OQ), c, one);
     } else if (bits <= 4) {
-      for (int st = 1 << (bits - 1); st; st >>= 1) {
-        __m512 tv = _mm512_permutexvar_ps(_mm512_add_epi32(c, _mm512_set1_epi32(st - 1)), table);
-        c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ), c, _mm512_set1_epi32(st));
+      c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, first, _CMP_GT_OQ),
+                                 _mm512_set1_epi32(1 << (bits - 1)));
+      for (int l = bits - 2; l >= 0; l--) {
+        __m512 tv = _mm512_permutexvar_ps(c, shifted[l]);
+        c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ), c, _mm512_set1_epi32(1 << l));
       }
     } else {
       int st = 1 << (bits - 1);
@@ -250,13 +321,15 @@ static inline __attribute__((always_inline)) void enc_f32_simd_(const float* x, 
     memcpy(out + s * 2 * bits, &w0, 8);
     if (per == 8) memcpy(out + s * 2 * bits + bits, &w1, 8);
   }
+  }
 }
 
 /* one copy per code width, so that the search and the packing are unrolled for a constant width */
 static void enc_f32_simd(const float* x, int64_t s0, int64_t s1, const float* B, int K, int bits,
-                         int nan_code, uint8_t* out) {
+                         int nan_code, uint8_t* out, silu_t* S) {
   switch (bits) {
-#define ENC_CASE(W) case W: enc_f32_simd_(x, s0, s1, B, K, W, nan_code, out); break;
+#define ENC_CASE(W) case W: if (S) enc_f32_simd_(x, s0, s1, B, K, W, nan_code, out, S); \
+                            else enc_f32_simd_(x, s0, s1, B, K, W, nan_code, out, 0); break;
     ENC_CASE(1) ENC_CASE(2) ENC_CASE(3) ENC_CASE(4) ENC_CASE(5) ENC_CASE(6) ENC_CASE(7) ENC_CASE(8)
 #undef ENC_CASE
   }
@@ -264,38 +337,49 @@ static void enc_f32_simd(const float* x, int64_t s0, int64_t s1, const float* B,
 #endif
 
 typedef struct { int op, dtype, K, bits, right, nan_code; const void* x; const void* aux; const void* grad;
-                 void* out; const uint8_t* in; int64_t n, g0, g1; } job_t;
+                 void* out; const uint8_t* in; int64_t n, g0, g1; const void* g2;
+                 void* y; const void* vexp; int64_t chunk; } job_t;  /* y, vexp, chunk: fused SiLU */
+
+/* fp32 codes of the thread's blocks [j->g0, j->g1); with S, silu(x) too (fused forward) */
+static void enc_f32_blocks(const job_t* j, void* S) {
+  int64_t g0 = j->g0, g1 = j->g1;
+  uint8_t* o = (uint8_t*)j->out;
+#ifdef HAVE_SIMD_ENC
+  if (!j->right) {
+    /* blocks of 64 = 4 SIMD steps of 16. The 8-byte stores overrun a step by up to 6 bytes, so the
+       last block of this thread's range is left to the scalar path (which rewrites those bytes;
+       another thread's bytes are never touched) and so is the end of the buffer. */
+    int64_t nbytes_all = (j->n * j->bits + 7) / 8;
+    int64_t lim = nbytes_all >= 8 ? (nbytes_all - 8) / (8 * j->bits) : 0;
+    if (lim > j->n / 64) lim = j->n / 64;
+    if (lim > j->g1 - 1) lim = j->g1 - 1;
+    int64_t safe = lim < g0 ? g0 : (lim > g1 ? g1 : lim);
+    if (safe > g0)
+      enc_f32_simd((const float*)j->x, g0 * 4, safe * 4, (const float*)j->aux, j->K, j->bits, j->nan_code, o,
+                   (silu_t*)S);
+    g0 = safe;
+  }
+  if (S) silu_f32((silu_t*)S, (const float*)j->x, g0 * 64, g1 * 64 < j->n ? g1 * 64 : j->n);
+#endif
+  enc_f32(j->x, j->n, g0, g1, (const float*)j->aux, j->K, j->bits, j->right, j->nan_code, o);
+}
 
 static void run_job(job_t* j) {
   if (j->op == 0) {
     uint8_t* o = (uint8_t*)j->out;
     switch (j->dtype) {
-      case 0: {
-        int64_t g0 = j->g0;
-#ifdef HAVE_SIMD_ENC
-        if (!j->right) {
-          /* blocks of 64 = 4 SIMD steps of 16. The 8-byte stores overrun a step by up to 6 bytes, so the
-             last block of this thread's range is left to the scalar path (which rewrites those bytes;
-             another thread's bytes are never touched) and so is the end of the buffer. */
-          int64_t nbytes_all = (j->n * j->bits + 7) / 8;
-          int64_t lim = nbytes_all >= 8 ? (nbytes_all - 8) / (8 * j->bits) : 0;
-          if (lim > j->n / 64) lim = j->n / 64;
-          if (lim > j->g1 - 1) lim = j->g1 - 1;
-          int64_t safe = lim < j->g0 ? j->g0 : (lim > j->g1 ? j->g1 : lim);
-          if (safe > j->g0)
-            enc_f32_simd((const float*)j->x, j->g0 * 4, safe * 4, (const float*)j->aux, j->K, j->bits,
-                         j->nan_code, o);
-          g0 = safe;
-        }
-#endif
-        enc_f32(j->x, j->n, g0, j->g1, (const float*)j->aux, j->K, j->bits, j->right, j->nan_code, o);
-        break; }
+      case 0: enc_f32_blocks(j, 0); break;
 #define ENC_ARGS j->x, j->n, j->g0, j->g1, j->aux, j->K, j->bits, j->right, j->nan_code, o
       case 1: enc_f64(ENC_ARGS); break;
       case 2: enc_f16(ENC_ARGS); break;
       default: enc_bf16(ENC_ARGS);
 #undef ENC_ARGS
     }
+  } else if (j->op == 2) {
+#ifdef HAVE_SIMD_ENC
+    silu_t S = {(float*)j->y, j->n, j->chunk, 0, 0, (vexp16_t)j->vexp};  /* SiLU and codes in one pass */
+    enc_f32_blocks(j, &S);
+#endif
   } else {
     switch (j->dtype) {
       case 0: {
@@ -307,15 +391,17 @@ static void run_job(job_t* j) {
         int64_t safe = lim < j->g0 ? j->g0 : (lim > j->g1 ? j->g1 : lim);
         if (safe > j->g0)
           dec_f32_simd(j->in, j->g0, safe, (const float*)j->aux, j->bits, (const float*)j->grad,
-                       (float*)j->out);
-        dec_f32(j->in, j->n, safe, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
+                       (const float*)j->g2, (float*)j->out);
+        dec_f32(j->in, j->n, safe, j->g1, (const float*)j->aux, j->bits, j->grad, j->g2, j->out);
 #else
-        dec_f32(j->in, j->n, j->g0, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
+        dec_f32(j->in, j->n, j->g0, j->g1, (const float*)j->aux, j->bits, j->grad, j->g2, j->out);
 #endif
         break; }
-      case 1: dec_f64(j->in, j->n, j->g0, j->g1, (const double*)j->aux, j->bits, j->grad, j->out); break;
-      case 2: dec_f16(j->in, j->n, j->g0, j->g1, (const float*)j->aux, j->bits, j->grad, j->out); break;
-      default: dec_bf16(j->in, j->n, j->g0, j->g1, (const float*)j->aux, j->bits, j->grad, j->out);
+#define DEC_ARGS j->in, j->n, j->g0, j->g1, j->aux, j->bits, j->grad, j->g2, j->out
+      case 1: dec_f64(DEC_ARGS); break;
+      case 2: dec_f16(DEC_ARGS); break;
+      default: dec_bf16(DEC_ARGS);
+#undef DEC_ARGS
     }
   }
 }
@@ -344,15 +430,35 @@ int tf_encode(int dtype, const void* x, int64_t n, const void* borders, int K, i
   j.out = out; run_parallel(j, nthreads); return 0;
 }
 
-int tf_decode_mul(int dtype, const uint8_t* in, int64_t n, const void* levels, int bits, const void* grad,
-                  void* out, int nthreads) {
+int tf_has_simd_encode(void) {
+#ifdef HAVE_SIMD_ENC
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int tf_silu_encode(const float* x, int64_t n, float* y, int64_t chunk, const void* vexp,
+                   const float* borders, int K, int bits, int nan_code, uint8_t* out, int nthreads) {
+#ifdef HAVE_SIMD_ENC
   job_t j; memset(&j, 0, sizeof j);
-  j.op = 1; j.dtype = dtype; j.in = in; j.n = n; j.aux = levels; j.bits = bits; j.grad = grad; j.out = out;
+  j.op = 2; j.dtype = 0; j.x = x; j.n = n; j.y = y; j.chunk = chunk; j.vexp = vexp; j.aux = borders; j.K = K;
+  j.bits = bits; j.nan_code = nan_code; j.out = out; run_parallel(j, nthreads); return 0;
+#else
+  return 1;
+#endif
+}
+
+int tf_decode_mul(int dtype, const uint8_t* in, int64_t n, const void* levels, int bits, const void* grad,
+                  const void* g2, void* out, int nthreads) {
+  job_t j; memset(&j, 0, sizeof j);
+  j.op = 1; j.dtype = dtype; j.in = in; j.n = n; j.aux = levels; j.bits = bits; j.grad = grad; j.g2 = g2;
+  j.out = out;
   run_parallel(j, nthreads); return 0;
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu11"]
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-std=gnu11", "-lm"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -391,7 +497,9 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(lib_path))
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.tf_encode.argtypes = [i32, vp, i64, vp, i32, i32, i32, i32, vp, i32]
-    lib.tf_decode_mul.argtypes = [i32, vp, i64, vp, i32, vp, vp, i32]
+    lib.tf_decode_mul.argtypes = [i32, vp, i64, vp, i32, vp, vp, vp, i32]
+    lib.tf_silu_encode.argtypes = [vp, i64, vp, i64, vp, vp, i32, i32, i32, vp, i32]
+    lib.tf_has_simd_encode.argtypes = []
     return lib
 
 
@@ -449,14 +557,27 @@ def encode(x: torch.Tensor, cmp_borders: torch.Tensor, bits: int, nan_code: int 
     return out
 
 
-def decode_mul(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
-    """grad * levels[code] (levels rounded to grad's dtype); fp16/bf16 via exact fp32 products."""
+def decode_mul(
+    packed: torch.Tensor,
+    levels: torch.Tensor,
+    grad: torch.Tensor,
+    bits: int,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """grad * levels[code] (levels rounded to grad's dtype); fp16/bf16 via exact fp32 products. With
+    `scale` (grad's shape and dtype): ``(grad * scale) * levels[code]`` in one pass, rounded as torch
+    rounds those two products."""
     lib = _load()
     assert lib is not None
     g = grad.contiguous()
     n = g.numel()
     if packed.numel() != (n * bits + 7) // 8:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold exactly {n} codes of {bits} bits")
+    s = None if scale is None else scale.contiguous()
+    if s is not None and (s.shape != g.shape or s.dtype != g.dtype):
+        raise ValueError(
+            f"scale must match grad ({tuple(g.shape)}, {g.dtype}), got {tuple(s.shape)}, {s.dtype}"
+        )
     lv = levels.detach().to(g.dtype)
     lv = lv.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
     table = torch.zeros(256, dtype=lv.dtype)  # any code < 2**bits is a valid index
@@ -469,7 +590,87 @@ def decode_mul(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, b
         table.data_ptr(),
         bits,
         g.data_ptr(),
+        None if s is None else s.data_ptr(),
         out.data_ptr(),
         _threads(n),
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused SiLU forward
+# ---------------------------------------------------------------------------------------------------
+
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: below it, and with one thread, torch's loop runs serially
+
+
+def _torch_chunk(n: int) -> int:
+    """Length of the ranges torch's OpenMP parallel_for gives each thread for an n-element pointwise op."""
+    nt = torch.get_num_threads()
+    if n < _GRAIN or nt == 1:
+        return max(n, 1)
+    nt = min(nt, -(-n // _GRAIN))
+    return -(-n // nt)
+
+
+@functools.cache
+def _sleef_expf16() -> int | None:
+    """Address of torch's own Sleef_expf16_u10 (what its AVX-512 SiLU kernel calls), or None."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    libdir = Path(torch.__file__).parent / "lib"
+    for path in sorted(libdir.glob("libtorch_cpu.*")):
+        try:
+            fn = ctypes.CDLL(str(path)).Sleef_expf16_u10
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
+
+
+def _silu_encode_raw(x: torch.Tensor, cmp_borders: torch.Tensor, bits: int, nan_code: int):
+    lib = _load()
+    assert lib is not None
+    n = x.numel()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty((n * bits + 7) // 8, dtype=torch.uint8)
+    b = cmp_borders.contiguous()
+    rc = lib.tf_silu_encode(
+        x.data_ptr(), n, y.data_ptr(), _torch_chunk(n), _sleef_expf16(), b.data_ptr(), b.numel(), bits,
+        nan_code, out.data_ptr(), _threads(n),
+    )
+    assert rc == 0
+    return y, out
+
+
+@functools.cache
+def _silu_checked(nthreads: int) -> bool:
+    """The fused SiLU reproduces torch.nn.functional.silu bit for bit at this thread count (checked once
+    on values that hit the vector and the scalar paths, NaN, infinities, zeros and subnormals)."""
+    g = torch.Generator().manual_seed(0)
+    n = 5 * _GRAIN + 37
+    x = torch.randn(n, generator=g) * torch.exp(3 * torch.randn(n, generator=g))
+    for start, value in enumerate((float("nan"), float("inf"), -float("inf"), -0.0, 1e-40)):
+        x[start :: 97 + 2 * start] = value
+    y, _ = _silu_encode_raw(x, torch.zeros(1), 1, 0)
+    ref = torch.nn.functional.silu(x)
+    return bool(torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num()))
+
+
+def silu_fused_available() -> bool:
+    """True where `silu_encode` may be used: kernels built with AVX-512, torch dispatching its AVX-512
+    kernels, its Sleef found, and the self-check passed at the current thread count."""
+    lib = _load()
+    if lib is None or _sleef_expf16() is None or not lib.tf_has_simd_encode():
+        return False
+    return _silu_checked(torch.get_num_threads())
+
+
+def silu_encode(
+    x: torch.Tensor, cmp_borders: torch.Tensor, bits: int, nan_code: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(x), packed codes) in one pass over contiguous fp32 x: y bit-identical to torch's CPU SiLU, the
+    codes as `encode` makes them. Only where `silu_fused_available()`."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
+        raise ValueError("silu_encode takes a contiguous float32 CPU tensor")
+    return _silu_encode_raw(x.detach(), cmp_borders, bits, nan_code)

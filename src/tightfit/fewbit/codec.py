@@ -218,10 +218,15 @@ def _encode_torch(x: torch.Tensor, cmp: torch.Tensor, bits: int, nan_code: int =
 
 
 def _decode_mul_torch(
-    packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int
+    packed: torch.Tensor,
+    levels: torch.Tensor,
+    grad: torch.Tensor,
+    bits: int,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     codes = unpack(packed, bits, grad.numel()).long()
-    return (levels.to(grad.dtype)[codes] * grad.reshape(-1)).reshape(grad.shape)
+    g = grad if scale is None else grad * scale
+    return (levels.to(grad.dtype)[codes] * g.reshape(-1)).reshape(grad.shape)
 
 
 def get_backend() -> str:
@@ -252,6 +257,14 @@ def _native_ok(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in _native.DTYPES and get_backend() == "native"
 
 
+def _check_table(borders: torch.Tensor, bits: int, nan_code: int) -> None:
+    _check_bits(bits)
+    if borders.numel() >= 1 << bits:
+        raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
+    if not 0 <= nan_code <= borders.numel():
+        raise ValueError(f"nan_code must be a code in [0, {borders.numel()}], got {nan_code}")
+
+
 def encode(
     x: torch.Tensor,
     borders: torch.Tensor,
@@ -261,11 +274,7 @@ def encode(
 ) -> torch.Tensor:
     """Packed codes of x (any shape/dtype/strides) in ceil(x.numel()*bits/8) bytes; see the module doc.
     NaN inputs get ``nan_code`` (a table's ``nan_code``: the piece whose level torch gives at NaN)."""
-    _check_bits(bits)
-    if borders.numel() >= 1 << bits:
-        raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
-    if not 0 <= nan_code <= borders.numel():
-        raise ValueError(f"nan_code must be a code in [0, {borders.numel()}], got {nan_code}")
+    _check_table(borders, bits, nan_code)
     cmp = compare_borders(borders, x.dtype, right)
     if _native_ok(x):
         from tightfit.fewbit import _native
@@ -274,11 +283,39 @@ def encode(
     return _encode_torch(x, cmp, bits, nan_code)
 
 
-def decode_mul(packed: torch.Tensor, levels: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
-    """grad * levels[code] (levels rounded to grad's dtype), contiguous, grad's shape."""
+def silu_encode(
+    x: torch.Tensor,
+    borders: torch.Tensor,
+    bits: int,
+    right: bool | Sequence[bool] = False,
+    nan_code: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(``F.silu(x)``, ``encode(x, ...)``) in one pass where the native kernels can (contiguous fp32 on a
+    CPU where torch runs its AVX-512 kernels; y bit-identical to torch's, checked at first use), else None.
+    """
+    if not (_native_ok(x) and x.dtype == torch.float32 and x.is_contiguous()):
+        return None
+    from tightfit.fewbit import _native
+
+    if not _native.silu_fused_available():
+        return None
+    _check_table(borders, bits, nan_code)
+    return _native.silu_encode(x, compare_borders(borders, x.dtype, right), bits, nan_code)
+
+
+def decode_mul(
+    packed: torch.Tensor,
+    levels: torch.Tensor,
+    grad: torch.Tensor,
+    bits: int,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """grad * levels[code] (levels rounded to grad's dtype), contiguous, grad's shape. With `scale` (same
+    shape and dtype): ``levels[code] * (grad * scale)``, exactly as those two torch products round, in
+    one pass (a gated unit's backward) instead of a temporary for ``grad * scale``."""
     _check_bits(bits)
     if _native_ok(grad):
         from tightfit.fewbit import _native
 
-        return _native.decode_mul(packed, levels, grad, bits)
-    return _decode_mul_torch(packed, levels, grad, bits)
+        return _native.decode_mul(packed, levels, grad, bits, scale)
+    return _decode_mul_torch(packed, levels, grad, bits, scale)

@@ -29,6 +29,7 @@ from tightfit.fewbit.config import DEFAULT_BITS
 from tightfit.fewbit.ops import (
     _lookup,
     backward_gather,
+    forward_and_encode,
     forward_key,
     named_table_constants,
     register_forward,
@@ -50,8 +51,8 @@ def _gated_forward(
     right: list[bool],
     nan_code: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    s = _lookup(key)(a)
-    return s * b, s, codec.encode(a, borders, bits, right, nan_code)
+    s, packed = forward_and_encode(a, key, borders, bits, right, nan_code)
+    return s * b, s, packed
 
 
 @_gated_forward.register_fake
@@ -96,7 +97,10 @@ class _GatedFunction(torch.autograd.Function):
         b, s, packed, levels = ctx.saved_tensors
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_a = backward_gather(packed, levels, grad_h * b, ctx.bits)
+            if b.dtype == grad_h.dtype and b.shape == grad_h.shape:  # (grad_h * b) fused into the gather
+                grad_a = backward_gather(packed, levels, grad_h, ctx.bits, scale=b)
+            else:
+                grad_a = backward_gather(packed, levels, grad_h * b, ctx.bits)
         if ctx.needs_input_grad[1]:
             grad_b = grad_h * s
         return grad_a, grad_b, None, None, None, None, None, None

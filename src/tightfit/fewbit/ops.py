@@ -38,6 +38,7 @@ __all__ = [
     "table_tensors",
     "register_forward",
     "forward_key",
+    "forward_and_encode",
     "DOUBLE_BACKWARD_ERROR",
 ]
 
@@ -64,11 +65,24 @@ def register_forward(key: str, fn: Callable[[Tensor], Tensor]) -> str:
     return key
 
 
+_SILU_KEY = forward_key("silu")  # fused with its encoding where the native kernels can (codec.silu_encode)
+
+
 def _lookup(key: str) -> Callable[[Tensor], Tensor]:
     try:
         return _FORWARDS[key]
     except KeyError:
         raise KeyError(f"no few-bit forward registered under {key!r}; call register_forward first") from None
+
+
+def forward_and_encode(
+    x: Tensor, key: str, borders: Tensor, bits: int, right: list[bool], nan_code: int
+) -> tuple[Tensor, Tensor]:
+    """(f(x), packed code of x): one fused pass where the native kernels have one (SiLU), else torch's f
+    followed by `codec.encode`."""
+    if key == _SILU_KEY and (fused := codec.silu_encode(x, borders, bits, right, nan_code)) is not None:
+        return fused
+    return _lookup(key)(x), codec.encode(x, borders, bits, right, nan_code)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,10 +94,10 @@ def _lookup(key: str) -> Callable[[Tensor], Tensor]:
 def _fewbit_forward(
     x: Tensor, key: str, borders: Tensor, levels: Tensor, bits: int, right: list[bool], nan_code: int
 ) -> tuple[Tensor, Tensor]:
-    y = _lookup(key)(x)
+    y, packed = forward_and_encode(x, key, borders, bits, right, nan_code)
     if y is x or (y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and y.numel()):
         y = y.clone()  # a custom op may not return its input
-    return y, codec.encode(x, borders, bits, right, nan_code)
+    return y, packed
 
 
 @_fewbit_forward.register_fake
@@ -95,12 +109,12 @@ def _(
 
 
 @torch.library.custom_op("tightfit::fewbit_backward", mutates_args=())
-def _fewbit_backward(packed: Tensor, levels: Tensor, grad: Tensor, bits: int) -> Tensor:
-    return codec.decode_mul(packed, levels, grad, bits)
+def _fewbit_backward(packed: Tensor, levels: Tensor, grad: Tensor, bits: int, scale: Tensor | None) -> Tensor:
+    return codec.decode_mul(packed, levels, grad, bits, scale)
 
 
 @_fewbit_backward.register_fake
-def _(packed: Tensor, levels: Tensor, grad: Tensor, bits: int) -> Tensor:
+def _(packed: Tensor, levels: Tensor, grad: Tensor, bits: int, scale: Tensor | None) -> Tensor:
     return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
 
 
@@ -108,8 +122,11 @@ def _functorch_active(t: Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
-def backward_gather(packed: Tensor, levels: Tensor, grad: Tensor, bits: int) -> Tensor:
-    """levels[code] * grad. Raises when called to build a graph for a second derivative (module NOTE).
+def backward_gather(
+    packed: Tensor, levels: Tensor, grad: Tensor, bits: int, scale: Tensor | None = None
+) -> Tensor:
+    """levels[code] * grad (``* (grad * scale)`` with `scale`). Raises when called to build a graph for a
+    second derivative (module NOTE).
 
     ``torch.func.grad`` always builds such a graph even for first derivatives, so under functorch only
     nested transforms (level > 1) raise.
@@ -120,7 +137,7 @@ def backward_gather(packed: Tensor, levels: Tensor, grad: Tensor, bits: int) -> 
         level = torch._C._functorch.maybe_current_level()
         if level is not None and level > 1:  # grad(grad(f)), hessian, jacfwd(grad(f)), ...
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-    return _fewbit_backward(packed, levels, grad, bits)
+    return _fewbit_backward(packed, levels, grad, bits, scale)
 
 
 class _FewBitFunction(torch.autograd.Function):

@@ -5,7 +5,8 @@ CPU: saved bytes measured by the ruler (tightfit.memory.SavedTensorCounter, the 
 excluded) and wall time of forward and backward. Variants are interleaved round-robin for --repeats
 rounds and the median is reported, so machine load hits every variant alike. The fewbit backend is the
 default ('native' C kernels when they build, else 'torch'); --backends adds the pure-torch fallback for
-comparison, which is how the default was chosen.
+comparison, and a last table times the codec kernels alone per backend (native C, pure torch, and the
+pure-torch code compiled by inductor), which is how the default was chosen.
 
     .venv/bin/python benchmarks/fewbit_ops.py --n 12600000 --repeats 7 --threads 1
 """
@@ -73,6 +74,49 @@ def timed(op, args, grad):
     return t1 - t0, t2 - t1
 
 
+def kernel_table(n: int, repeats: int) -> None:
+    """The codec kernels alone (4-bit encode, decode_mul) per backend: how the default was picked."""
+    x, grad = torch.randn(n), torch.randn(n)
+    cmp = codec.compare_borders(torch.sort(torch.randn(15)).values, x.dtype, False)
+    levels = torch.randn(16, dtype=torch.float64)
+    packed = codec._encode_torch(x, cmp, 4)
+    t0 = time.perf_counter()
+    enc_c = torch.compile(codec._encode_torch, dynamic=False, fullgraph=True)
+    dec_c = torch.compile(codec._decode_mul_torch, dynamic=False, fullgraph=True)
+    enc_c(x, cmp, 4), dec_c(packed, levels, grad, 4)
+    compile_s = time.perf_counter() - t0
+    kernels = {
+        "torch": (
+            lambda: codec._encode_torch(x, cmp, 4),
+            lambda: codec._decode_mul_torch(packed, levels, grad, 4),
+        ),
+        "inductor": (lambda: enc_c(x, cmp, 4), lambda: dec_c(packed, levels, grad, 4)),
+    }
+    if _native.available():
+        kernels["native"] = (
+            lambda: _native.encode(x, cmp, 4),
+            lambda: _native.decode_mul(packed, levels, grad, 4),
+        )
+    want_dec = codec.decode_mul_reference(packed, levels, grad, 4)
+    times = {k: ([], []) for k in kernels}
+    for _ in range(repeats):
+        for name, (enc, dec) in kernels.items():
+            for i, f in enumerate((enc, dec)):
+                t = time.perf_counter()
+                f()
+                times[name][i].append(time.perf_counter() - t)
+    print(
+        f"\ncodec kernels alone, 4 bits, n={n:,} fp32 "
+        f"(medians of {repeats}; inductor compile {compile_s:.0f} s)"
+    )
+    print("| backend | encode ms | decode_mul ms | same result as reference |")
+    print("|---|---|---|---|")
+    for name, (enc, dec) in kernels.items():
+        same = torch.equal(enc(), packed) and torch.equal(dec(), want_dec)
+        e, d = (1e3 * statistics.median(ts) for ts in times[name])
+        print(f"| {name} | {e:.1f} | {d:.1f} | {'yes' if same else 'NO'} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=12_600_000)
@@ -81,6 +125,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backends", nargs="*", default=["default"], help="default, native, torch")
     p.add_argument("--inductor-check", action="store_true", help="also compile GELU(bits=2) with inductor")
+    p.add_argument(
+        "--no-kernels", action="store_true", help="skip the codec kernel table (native vs torch vs inductor)"
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -137,6 +184,9 @@ def main() -> None:
         f"\nmedians of {a.repeats} interleaved rounds; saved bytes by tightfit.memory.SavedTensorCounter "
         "(the 2**bits-entry table is a shared constant and counted in the few-bit rows: 8-2048 bytes)"
     )
+
+    if not a.no_kernels:
+        kernel_table(a.n, a.repeats)
 
     if a.inductor_check:
         import tightfit

@@ -11,7 +11,8 @@ and gets: the exact peak of a full training step (ruler; grads count), the step 
 round-robin rounds; ratio to the eager no-remat baseline of the same rounds), and a torch.equal check of
 every gradient against the unmodified eager model with the same seed (dropout on, so RNG replay is tested).
 Then the target check: for every peer, the fastest tightfit variant whose measured peak is <= the peer's
-(eager against eager, compiled against compiled).
+(eager against eager, compiled against compiled). The harness's step frees the model output once the loss is
+computed, so tightfit plans with ``keep_output=False`` (the same step: its budgets are the peaks measured here).
 
     .venv/bin/python benchmarks/remat.py                 # default: reduced B/T (see --help), ~5 min
     .venv/bin/python benchmarks/remat.py --full          # gpt2 B=8 T=256 (research), more budgets/rounds
@@ -140,7 +141,7 @@ def min_feasible_budget(w: Workload) -> int | None:
         return int(w.planner.min_budget)
     m = fresh_copy(w.model)[0]
     try:
-        tightfit.rematerialize(m, w.batch, 1, loss_fn=w.loss_fn)
+        tightfit.rematerialize(m, w.batch, 1, loss_fn=w.loss_fn, keep_output=False)
     except Exception as e:  # InfeasibleBudget (or the solvers' exception) carries min_budget
         mb = getattr(e, "min_budget", None)
         if mb is None:
@@ -212,7 +213,7 @@ def tightfit_variant(
 
         if compiled and w.compile_planner is None:  # op-level options and segments are eager-only
             w.compile_planner = Planner(
-                fresh_copy(w.model)[0], w.batch, w.loss_fn, op_level=False, segments=False
+                fresh_copy(w.model)[0], w.batch, w.loss_fn, op_level=False, segments=False, keep_output=False
             )
         plan = (w.compile_planner if compiled else w.planner).plan(budget)
         execute.apply(m, plan.options)
@@ -221,7 +222,13 @@ def tightfit_variant(
         plan_s = float(getattr(plan, "planning_time", time.perf_counter() - t0))
     else:
         out = tightfit.rematerialize(
-            m, w.batch, budget, loss_fn=w.loss_fn, op_level=not compiled, segments=not compiled
+            m,
+            w.batch,
+            budget,
+            loss_fn=w.loss_fn,
+            op_level=not compiled,
+            segments=not compiled,
+            keep_output=False,
         )
         plan_s = time.perf_counter() - t0
     params = _same_order(out, params, ref_names[0], False)
@@ -417,7 +424,7 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
         from tightfit.remat.auto import Planner
 
         t0 = time.perf_counter()
-        w.planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn)
+        w.planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn, keep_output=False)
         log(f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)")
     log("tightfit: smallest feasible budget ...")
     min_b = timed_min_budget(w)

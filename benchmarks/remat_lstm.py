@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         from tightfit.remat.auto import Planner
 
         t0 = time.perf_counter()
-        w.planner = Planner(fresh_copy(model)[0], batch)
+        w.planner = Planner(fresh_copy(model)[0], batch, keep_output=False)
         log(f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)")
     min_b = timed_min_budget(w)
     lo = min_b if min_b is not None else min(v.peak for v in rows)

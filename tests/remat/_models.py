@@ -56,9 +56,15 @@ def same_grads(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> bo
     )
 
 
-def step_peak(model: torch.nn.Module, batch: Any, optimizer: torch.optim.Optimizer | None = None) -> int:
+def step_peak(
+    model: torch.nn.Module,
+    batch: Any,
+    optimizer: torch.optim.Optimizer | None = None,
+    keep_output: bool = True,
+) -> int:
     """The ruler's peak of one training step, measured here independently of the planner, with the
-    procedure of ``tightfit.profile`` (optimizer state created first; the output lives until the end)."""
+    procedure of ``tightfit.profile`` (optimizer state created first; the output lives until the end,
+    or only the loss does with ``keep_output=False``)."""
     from tightfit.memory import ensure_optimizer_state
 
     if optimizer is not None:
@@ -69,6 +75,8 @@ def step_peak(model: torch.nn.Module, batch: Any, optimizer: torch.optim.Optimiz
     with LiveTracker(track=[model, optimizer, batch]) as t:
         out = call_model(model, batch)
         loss = loss_of(out)
+        if not keep_output:
+            out = None
         loss.backward()
         if optimizer is not None:
             optimizer.step()

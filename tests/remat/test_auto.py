@@ -54,7 +54,26 @@ def test_public_api_and_infeasible_budget() -> None:
     assert same_grads(reference, grads_after_step(out, batch))
     text = str(out.plan)
     assert "predicted" in text and "measured" in text and "transformer.h" in text
+    assert "capture + measure" in text and 0 < out.plan.measure_time < out.plan.planning_time
+    assert 0 < out.plan.verify_time < out.plan.planning_time - out.plan.measure_time
     assert '"decisions"' in out.plan.to_json()
+
+
+def test_keep_output_false_counts_a_step_that_frees_the_output() -> None:
+    model, batch = build("gpt2-tiny")
+    reference = grads_after_step(clone(model), batch)
+    kept = Planner(clone(model), batch)
+    freed = Planner(model, batch, keep_output=False)
+    assert freed.baseline_peak == step_peak(model, batch, keep_output=False) < kept.baseline_peak
+    assert freed.min_budget < kept.min_budget
+    assert any("frees the model output" in n for n in freed.notes)
+    # a budget between the two minimums: only feasible when the output is not kept
+    budget = (freed.min_budget + kept.min_budget) // 2
+    with pytest.raises(InfeasibleBudget):
+        kept.plan(budget)
+    freed.apply(freed.plan(budget))
+    assert step_peak(model, batch, keep_output=False) <= budget
+    assert same_grads(reference, grads_after_step(model, batch))
 
 
 def test_optimizer_training_matches_and_planning_has_no_side_effects() -> None:

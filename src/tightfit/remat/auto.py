@@ -118,6 +118,7 @@ class Planner:
         flop_rate: float | None = None,
         op_level: bool = True,
         segments: bool = True,
+        keep_output: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -134,8 +135,11 @@ class Planner:
         self.timing_reps = timing_reps
         self.op_level = op_level
         self.segments = segments  # may checkpoint runs of blocks as one region (tightfit.remat.segments)
+        self.keep_output = keep_output  # the model output stays alive until the step ends
         self.flop_rate = flop_rate  # set: times from FLOP counts (tightfit.remat.estimate), else clocks
         self.notes: list[str] = []
+        if not keep_output:
+            self.notes.append("peaks count a step that frees the model output once the loss is computed")
         self._progress = progress or (lambda what, done, total: None)
         config = getattr(model, "config", None)
         if getattr(config, "use_cache", False):
@@ -169,6 +173,9 @@ class Planner:
             t.phase = "forward"
             output = call_model(self.model, self.batch)
             loss = loss_of(output, self.loss_fn)
+            if not self.keep_output:
+                del output
+                output = None
             t.phase = "backward"
             loss.backward()
             if self.optimizer is not None:
@@ -379,8 +386,10 @@ class Planner:
         target = float(budget)
         floor = float(self.chain.peak(self.frugal_plan))
         fits, over = None, None  # highest target whose plan measured <= budget, lowest that did not
-        seen: dict[tuple[str, ...], int] = {}
+        # measured peak per plan; the plans measured while measuring the model are not measured again
+        seen = {tuple(self.frugal_plan): self.frugal_peak, tuple(self.store_plan): self.baseline_peak}
         rounds = 0
+        verify_time = 0.0
         chosen: Plan | None = None
         while rounds < max_rounds:
             rounds += 1
@@ -389,12 +398,15 @@ class Planner:
                 break
             key = tuple(solution)
             if key not in seen:
+                t0 = time.perf_counter()
                 try:
                     seen[key] = self._verify(solution) if verify else 0
                 except SegmentError as err:
                     self._disable_segments(err)
                     rounds -= 1
                     continue
+                finally:
+                    verify_time += time.perf_counter() - t0
             measured = seen[key]
             if measured <= budget:
                 if chosen is None or self.chain.time(solution) < chosen.time:
@@ -427,12 +439,16 @@ class Planner:
             )
         chosen.iterations = rounds
         if verify:
+            t0 = time.perf_counter()
             _, chosen.measured_time = self.measure_step(
                 self._options([d.option for d in chosen.decisions]), tracked=False
             )
+            verify_time += time.perf_counter() - t0
+        chosen.verify_time = verify_time
         return self._finish(chosen, started)
 
     def _finish(self, plan: Plan, started: float) -> Plan:
+        plan.measure_time = self.measure_time
         plan.planning_time = self.measure_time + time.perf_counter() - started
         return plan
 
@@ -455,6 +471,7 @@ def rematerialize(
     progress: Progress | None = None,
     op_level: bool = True,
     segments: bool = True,
+    keep_output: bool = True,
 ) -> torch.nn.Module:
     """Make ``model`` train within ``budget`` by recomputing activations; returns the model to train.
 
@@ -476,6 +493,11 @@ def rematerialize(
     cannot span calls inside a compiled graph, so under ``torch.compile`` its blocks are checkpointed one
     by one (another peak than planned): for compiled training plan with ``op_level=False,
     segments=False``.
+
+    ``keep_output``: the budget counts the model output (logits) as alive until the step ends, as in a
+    loop that holds ``out = model(batch)`` through ``backward`` (and as ``tightfit.profile`` counts). Pass
+    False for a loop that keeps only the loss (``loss = model(**batch).loss``, Hugging Face's Trainer):
+    the output is then freed before the backward, which leaves that much more of the budget to activations.
     """
     planner = Planner(
         model,
@@ -486,5 +508,6 @@ def rematerialize(
         progress=progress,
         op_level=op_level,
         segments=segments,
+        keep_output=keep_output,
     )
     return planner.apply(planner.plan(budget, verify=verify))

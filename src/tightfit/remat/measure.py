@@ -41,7 +41,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 from tightfit.memory import LiveTracker
 from tightfit.memory.flops import FlopCounter
 from tightfit.remat.blocks import Group, _leaves
-from tightfit.remat.execute import OPTIONS, STORE, keep_ops_option, kept_ops, run_call, sac_contexts
+from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE, keep_ops_option, run_call, sac_contexts
 
 
 @dataclass
@@ -396,8 +396,8 @@ def measure_group(
         else:
             exact = same_tensors(reference, grads)
         del grads
-        if kept_ops(option) is not None and keep >= costs[STORE].keep:
-            if on_option is not None:  # keeps outputs autograd would not: storing is better in both
+        if option not in (STORE, RECOMPUTE) and keep >= costs[STORE].keep:
+            if on_option is not None:  # keeps as much as storing and recomputes: never better, not timed
                 on_option(option)
             continue
         if flop_rate is not None:

@@ -67,6 +67,8 @@ class Plan:
     baseline_time: float | None = None
     min_budget: int | None = None  # measured peak of the most memory-frugal plan
     planning_time: float = 0.0  # seconds: capture + measure + solve + verify
+    measure_time: float = 0.0  # seconds of it capturing and measuring the model (once per Planner)
+    verify_time: float = 0.0  # seconds of it measuring the chosen plan(s): peak, and the step time
     solve_budget: int | None = None  # the internal budget the last solve used (lowered by verification)
     iterations: int = 0  # solve/verify rounds
     source: str = ""  # how the blocks were found
@@ -158,12 +160,14 @@ class Plan:
         ratio = ""
         if self.measured_time and self.baseline_time:
             ratio = f" (x{self.measured_time / self.baseline_time:.2f} of no remat)"
+        solve = self.planning_time - self.measure_time - self.verify_time
         lines += [
             f"  peak:  predicted {size(self.peak)}, measured {size(self.measured_peak)}, "
             f"no remat {size(self.baseline_peak)}, smallest feasible {size(self.min_budget)}",
             f"  step:  predicted {secs(self.time)}, measured {secs(self.measured_time)}{ratio}, "
             f"no remat {secs(self.baseline_time)}",
-            f"  planning: {self.planning_time:.2f} s, {self.iterations} solve/verify round(s)",
+            f"  planning: {self.planning_time:.2f} s (capture + measure {self.measure_time:.2f} s, solve "
+            f"{solve:.2f} s, verify {self.verify_time:.2f} s in {self.iterations} round(s))",
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -32,6 +32,16 @@ def test_plan_command_prints_the_plan_and_plots(tmp_path, capsys) -> None:  # no
     assert plot.stat().st_size > 10_000
 
 
+def test_plan_command_planner_flags(capsys) -> None:  # noqa: ANN001
+    args = _args("lstm-tiny", "--budget", "min", "--no-segments", "--no-op-level", "--free-output", "--json")
+    assert args._run(args) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(out[: out.rindex("}") + 1])
+    options = {d["option"] for d in plan["decisions"]}
+    assert not any(o.startswith(("segment", "keep-ops")) for o in options), options
+    assert any("frees the model output" in n for n in plan["notes"])
+
+
 def test_plan_command_user_errors() -> None:
     args = _args("gpt2-tiny", "--budget", "1KiB")
     with pytest.raises(CliError, match="smallest feasible budget"):

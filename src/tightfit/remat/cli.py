@@ -35,6 +35,22 @@ def configure_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--flop-rate", type=float, default=None, metavar="F", help="FLOP/s for --estimate (default 1e12)"
     )
+    p.add_argument(
+        "--no-segments",
+        action="store_true",
+        help="checkpoint blocks one by one only (no runs of blocks as one region; e.g. for torch.compile)",
+    )
+    p.add_argument(
+        "--no-op-level",
+        action="store_true",
+        help="only the named in-block options, not the measured keep-these-ops ones (e.g. for torch.compile)",
+    )
+    p.add_argument(
+        "--free-output",
+        action="store_true",
+        help="the training loop keeps only the loss, so the model output is freed before backward "
+        "(default: it stays alive to the end of the step, as `tightfit profile` counts it)",
+    )
     p.add_argument("--plot", metavar="FILE", help="draw memory over the step, before/after (png, pdf, svg)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -84,7 +100,13 @@ def run_plan(args: argparse.Namespace) -> int:
 
             rate = args.flop_rate or DEFAULT_FLOP_RATE
             planner, mode = estimate_planner(
-                model_factory, batch_factory, optimizer_factory=make_optimizer, flop_rate=rate, progress=bar
+                model_factory,
+                batch_factory,
+                optimizer_factory=make_optimizer,
+                flop_rate=rate,
+                progress=bar,
+                segments=not args.no_segments,
+                keep_output=not args.free_output,
             )
         else:
             import contextlib
@@ -92,7 +114,15 @@ def run_plan(args: argparse.Namespace) -> int:
             model = model_factory().train()
             batch = batch_factory()
             optimizer = make_optimizer(model.parameters()) if make_optimizer is not None else None
-            planner = Planner(model, batch, optimizer=optimizer, progress=bar)
+            planner = Planner(
+                model,
+                batch,
+                optimizer=optimizer,
+                progress=bar,
+                op_level=not args.no_op_level,
+                segments=not args.no_segments,
+                keep_output=not args.free_output,
+            )
             mode = contextlib.nullcontext()
         bar("solving and verifying", 1, 1)
         try:

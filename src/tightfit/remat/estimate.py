@@ -41,8 +41,11 @@ def estimate_planner(
     flop_rate: float = DEFAULT_FLOP_RATE,
     options: Sequence[str] = OPTIONS,
     progress: Progress | None = None,
+    segments: bool = True,
+    keep_output: bool = True,
 ) -> tuple[Planner, Any]:
-    """A ``Planner`` measured under FakeTensorMode, and the fake mode (plans must be made inside it)."""
+    """A ``Planner`` measured under FakeTensorMode, and the fake mode (plans must be made inside it);
+    ``segments`` and ``keep_output`` as for ``rematerialize``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if flop_rate <= 0:
@@ -53,7 +56,15 @@ def estimate_planner(
         batch = batch_factory()
         optimizer = optimizer_factory(model.parameters()) if optimizer_factory is not None else None
         planner = Planner(
-            model, batch, loss_fn, optimizer, options=options, progress=progress, flop_rate=flop_rate
+            model,
+            batch,
+            loss_fn,
+            optimizer,
+            options=options,
+            progress=progress,
+            flop_rate=flop_rate,
+            segments=segments,
+            keep_output=keep_output,
         )
     return planner, mode
 

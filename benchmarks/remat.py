@@ -11,8 +11,9 @@ and gets: the exact peak of a full training step (ruler; grads count), the step 
 round-robin rounds; ratio to the eager no-remat baseline of the same rounds), and a torch.equal check of
 every gradient against the unmodified eager model with the same seed (dropout on, so RNG replay is tested).
 Then the target check: for every peer, the fastest tightfit variant whose measured peak is <= the peer's
-(eager against eager, compiled against compiled). The harness's step frees the model output once the loss is
-computed, so tightfit plans with ``keep_output=False`` (the same step: its budgets are the peaks measured here).
+(eager against eager, compiled against compiled). The harness's step frees the model output once the loss
+is computed, so tightfit plans with ``keep_output=False`` (the same step: its budgets are the peaks measured
+here).
 
     .venv/bin/python benchmarks/remat.py                 # default: reduced B/T (see --help), ~5 min
     .venv/bin/python benchmarks/remat.py --full          # gpt2 B=8 T=256 (research), more budgets/rounds

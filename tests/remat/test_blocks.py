@@ -48,6 +48,30 @@ def test_lstm_time_steps_are_blocks() -> None:
     assert len({b.group for b in steps}) == 2
 
 
+def test_blocks_recorded_during_a_training_step_ignore_recomputation_in_backward() -> None:
+    """The planner records blocks during its timed step: a model that checkpoints its own layers calls
+    them again inside the backward, which must not add blocks."""
+    from torch.utils.checkpoint import checkpoint
+
+    mlp = lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))  # noqa: E731
+
+    class SelfCheckpointed(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self:
+                x = checkpoint(layer, x, use_reentrant=False)
+            return x
+
+    model = SelfCheckpointed(mlp(), mlp(), mlp())
+    x = torch.randn(2, 8)
+    recomputed = []
+    model[1].register_forward_pre_hook(lambda *_: recomputed.append(torch.is_grad_enabled()))
+    plain = find_blocks(model, x)
+    stepped = find_blocks(model, x, run=lambda: model(x).sum().backward())
+    assert len(recomputed) == 3  # probe forward, step forward, recomputation in the backward
+    assert [(b.path, b.call) for b in stepped.blocks] == [(b.path, b.call) for b in plain.blocks]
+    assert [b.path for b in stepped.blocks] == ["0", "1", "2"]
+
+
 def test_sequential_of_layers_is_split_into_its_composite_children_only() -> None:
     mlp = lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))  # noqa: E731
     model = nn.Sequential(mlp(), mlp(), mlp())

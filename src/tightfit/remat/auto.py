@@ -8,7 +8,8 @@ optimizer step when ``optimizer`` is given) as the ruler ``tightfit.memory.LiveT
 parameters, gradients, optimizer state, inputs, activations and temporaries all count. It is not a budget
 for activations only, and not an allocator number (no caching or fragmentation on accelerators).
 
-How: (1) one forward with hooks finds the chain of blocks (``tightfit.remat.blocks``); (2) each group of
+How: (1) the timed no-remat training step, run with hooks, finds the chain of blocks
+(``tightfit.remat.blocks``); (2) each group of
 identical blocks is measured once under each option: store, two selective-checkpoint policies, full
 recompute (``tightfit.remat.measure``); (3) whole steps are measured without remat and with every block
 recomputed, which fixes the constants of the chain memory model (``tightfit.remat.chainmodel``), and with
@@ -98,8 +99,9 @@ class _Snapshot:
 class Planner:
     """Measure a model once, then plan for any number of budgets (``plan``) and apply plans (``apply``).
 
-    Measuring runs: one probe forward, every option of every group of identical blocks in isolation, and
-    whole training steps without remat and with every block recomputed. ``progress(what, done, total)``
+    Measuring runs: whole training steps without remat (one with the ruler, one timed that also records
+    the blocks) and with every block recomputed, and every option of every group of identical blocks in
+    isolation. ``progress(what, done, total)``
     is called as it goes (the CLI draws a progress bar with it).
     """
 
@@ -239,10 +241,36 @@ class Planner:
             snap.restore()
         return peak, seconds
 
+    def _find_blocks_timed(self) -> tuple[Blocks, float]:
+        """The blocks, recorded during the timed no-remat training step (one step instead of a probe
+        forward and a step; the recording hooks cost microseconds per module call)."""
+        seconds: list[float] = []
+
+        def run() -> None:
+            started = time.perf_counter()
+            self._step()
+            seconds.append(time.perf_counter() - started)
+
+        snap = _Snapshot(self.model, self.optimizer)
+        try:
+            blocks = find_blocks(self.model, self.batch, self.loss_fn, run=run)
+        finally:
+            snap.restore()
+        return blocks, seconds[0]
+
     def _measure(self) -> None:
         total = 4
-        self._progress("finding blocks", 0, total)
-        self.blocks: Blocks = find_blocks(self.model, self.batch, self.loss_fn)
+        grads = "capture" if self.segments else None
+        if self.flop_rate is None:
+            self._progress("measuring no remat", 0, total)
+            self.baseline_peak, _ = self.measure_step(None, timed=False, grads=grads)
+            self._progress("finding blocks", 1, total)
+            self.blocks, self.baseline_time = self._find_blocks_timed()
+        else:  # FLOP-counted times: a probe forward, then the counted step
+            self._progress("finding blocks", 0, total)
+            self.blocks = find_blocks(self.model, self.batch, self.loss_fn)
+            self._progress("measuring no remat", 1, total)
+            self.baseline_peak, self.baseline_time = self.measure_step(None, grads=grads)
         groups = self.blocks.groups
         if self.blocks.skips:
             names = [self.blocks.blocks[j].name for _, j in self.blocks.skips]
@@ -251,10 +279,6 @@ class Planner:
                 "per-block decisions, skip tensors counted in the measured constant"
             )
         total = 3 + len(groups) * (len(self.options) + OP_OPTIONS)
-        self._progress("measuring no remat", 1, total)
-        self.baseline_peak, self.baseline_time = self.measure_step(
-            None, grads="capture" if self.segments else None
-        )
         done = [2]
         self.group_costs: list[dict[str, OptionCost] | None] = []
         for gi, group in enumerate(groups):

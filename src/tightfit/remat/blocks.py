@@ -124,10 +124,14 @@ def _detach(x: Any) -> Any:
 
 
 def record_calls(
-    model: torch.nn.Module, batch: Any, loss_fn: LossFn | None = None
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    run: Callable[[], Any] | None = None,
 ) -> tuple[list[Call], dict[tuple, tuple[tuple, dict, tuple[bool, ...]]]]:
-    """Run one forward with hooks; return the calls in order and, per signature, the first call's
-    arguments (detached) with the requires_grad flag of each tensor argument."""
+    """Run one forward with hooks (or ``run()``, which makes one, e.g. a whole training step); return the
+    calls in order and, per signature, the first call's arguments (detached) with the requires_grad flag
+    of each tensor argument."""
     del loss_fn  # the forward alone fixes the structure
     calls: list[Call] = []
     stack: list[int] = []
@@ -137,7 +141,13 @@ def record_calls(
     tick = [0]
     paths = {id(m): p for p, m in model.named_modules()}
 
+    # a module called inside the backward (a checkpoint recomputing it, possibly stopped early before its
+    # forward hook) is not a call of the forward
+    graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
     def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if graph_task() != -1:
+            return
         index = counts.get(id(module), 0)
         counts[id(module)] = index + 1
         signature = (_module_key(module, keys), module.training, _describe(args), _describe(kwargs))
@@ -165,6 +175,8 @@ def record_calls(
             first_args[signature] = (_detach(args), _detach(dict(kwargs)), flags)
 
     def post(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if graph_task() != -1:
+            return
         tick[0] += 1
         if stack:
             call = calls[stack.pop()]
@@ -176,9 +188,12 @@ def record_calls(
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
     try:
-        with torch.enable_grad():
-            out = call_model(model, batch)
-        del out
+        if run is not None:
+            run()
+        else:
+            with torch.enable_grad():
+                out = call_model(model, batch)
+            del out
     finally:
         for h in handles:
             h.remove()
@@ -296,12 +311,14 @@ def find_blocks(
     loss_fn: LossFn | None = None,
     *,
     include: Callable[[str], bool] | None = None,
+    run: Callable[[], Any] | None = None,
 ) -> Blocks:
     """Record one forward of ``model`` on ``batch`` and return its blocks grouped by signature.
 
-    ``include(path)`` can restrict the blocks to some module paths.
+    ``include(path)`` can restrict the blocks to some module paths; ``run()``, when given, makes the
+    forward instead (the planner records the blocks during its timed training step).
     """
-    calls, first_args = record_calls(model, batch, loss_fn)
+    calls, first_args = record_calls(model, batch, loss_fn, run)
     positions, source = select_blocks(calls, model)
     if include is not None:
         positions = [i for i in positions if include(calls[i].path)]

@@ -234,6 +234,19 @@ static void silu_f32(silu_t* S, const float* x, int64_t i0, int64_t i1) {
   }
 }
 
+/* T[idx] for a table of 16 * nreg floats in nreg registers (nreg = 1, 2, 4, 8; idx < 16 * nreg) */
+static inline __attribute__((always_inline)) __m512 lut(__m512i idx, const __m512* T, int nreg) {
+  if (nreg == 1) return _mm512_permutexvar_ps(idx, T[0]);
+  __m512 r0 = _mm512_permutex2var_ps(T[0], idx, T[1]);  /* the low 5 bits of idx */
+  if (nreg == 2) return r0;
+  __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+  __m512 s0 = _mm512_mask_blend_ps(b5, r0, _mm512_permutex2var_ps(T[2], idx, T[3]));
+  if (nreg == 4) return s0;
+  __m512 s1 = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(T[4], idx, T[5]),
+                                   _mm512_permutex2var_ps(T[6], idx, T[7]));
+  return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(64)), s0, s1);
+}
+
 /* S: also write silu(x) to S->y (fused forward), or NULL */
 static inline __attribute__((always_inline)) void enc_f32_simd_(const float* x, int64_t s0, int64_t s1,
     const float* B, int K, int bits, int nan_code, uint8_t* out, silu_t* S) {
@@ -262,6 +275,15 @@ static inline __attribute__((always_inline)) void enc_f32_simd_(const float* x, 
     shifted[l] = _mm512_loadu_ps(tmp);
   }
   const __m512 first = _mm512_set1_ps(pad[(1 << (bits - 1)) - 1]);
+  /* b > 4, the last 4 steps (st = 8, 4, 2, 1): the probed slot c + st - 1 is entry c >> (l + 1) of a
+     table of 16 << (3 - l) slots (st = 2**l), looked up with permutes from 1, 2, 4 or 8 registers */
+  __m512 fine[15];
+  const int fine_at[4] = {0, 8, 12, 14};  /* first register of the table of step 2**l */
+  for (int l = 0; l < 4 && bits > 4; l++) {
+    float tab[128];
+    for (int e = 0; e < (16 << (3 - l)); e++) tab[e] = pad[(e << (l + 1)) + (1 << l) - 1];
+    for (int r = 0; r < (8 >> l); r++) fine[fine_at[l] + r] = _mm512_loadu_ps(tab + 16 * r);
+  }
   const __m512i one = _mm512_set1_epi32(1), nanc = _mm512_set1_epi32(nan_code);
   for (int64_t s8 = s0; s8 < s1; s8 += 8) {
   int64_t s8e = s8 + 8 < s1 ? s8 + 8 : s1;
@@ -287,9 +309,9 @@ static inline __attribute__((always_inline)) void enc_f32_simd_(const float* x, 
         __m512 tv = _mm512_permutexvar_ps(m, table);
         c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ), c, _mm512_set1_epi32(st));
       }
-      for (; st; st >>= 1) {
-        __m512 tv = _mm512_i32gather_ps(_mm512_add_epi32(c, _mm512_set1_epi32(st - 1)), pad, 4);
-        c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ), c, _mm512_set1_epi32(st));
+      for (int l = 3; l >= 0; l--) {  /* st = 2**l: probe slot c + st - 1, from fine[l][c >> (l + 1)] */
+        __m512 tv = lut(_mm512_srli_epi32(c, l + 1), fine + fine_at[l], 8 >> l);
+        c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ), c, _mm512_set1_epi32(1 << l));
       }
     }
     c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nanc);

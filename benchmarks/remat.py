@@ -212,9 +212,9 @@ def tightfit_variant(
         from tightfit.remat import execute
         from tightfit.remat.auto import Planner
 
-        if compiled and w.compile_planner is None:  # op-level options and segments are eager-only
+        if compiled and w.compile_planner is None:  # measures whole steps compiled (aot_eager)
             w.compile_planner = Planner(
-                fresh_copy(w.model)[0], w.batch, w.loss_fn, op_level=False, segments=False, keep_output=False
+                fresh_copy(w.model)[0], w.batch, w.loss_fn, keep_output=False, compile_backend="aot_eager"
             )
         plan = (w.compile_planner if compiled else w.planner).plan(budget)
         execute.apply(m, plan.options)
@@ -227,9 +227,8 @@ def tightfit_variant(
             w.batch,
             budget,
             loss_fn=w.loss_fn,
-            op_level=not compiled,
-            segments=not compiled,
             keep_output=False,
+            compile_backend="aot_eager" if compiled else None,
         )
         plan_s = time.perf_counter() - t0
     params = _same_order(out, params, ref_names[0], False)
@@ -433,11 +432,19 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
     budgets = pick_budgets(min_b, peer_peaks, base.peak, args.extra_budgets)
     plan_times = add_tightfit_rows(w, budgets, rows, ref, ref_names, seed)
     if args.compile_budgets:
-        cpeaks = [v.peak for v in rows if v.family == "compile" and v.grads_equal]
-        cb = [b for b in budgets if b <= base.peak]
-        # the largest budget under each correct compiled peer's peak first, then the smallest feasible
-        chosen = sorted({max([b for b in cb if b <= p], default=min(cb)) for p in cpeaks}, reverse=True)
-        chosen += [b for b in [min(cb)] if b not in chosen]
+        # planned compiled (peaks measured compiled): each compiled peer's peak as the budget, then the
+        # smallest feasible compiled budget
+        chosen = sorted({v.peak for v in rows if v.family == "compile"}, reverse=True)
+        if w.planner is not None:
+            if w.compile_planner is None:
+                from tightfit.remat.auto import Planner
+
+                t0 = time.perf_counter()
+                w.compile_planner = Planner(
+                    fresh_copy(w.model)[0], w.batch, w.loss_fn, keep_output=False, compile_backend="aot_eager"
+                )
+                log(f"tightfit compiled Planner measured the model: {time.perf_counter() - t0:.1f}s")
+            chosen.append(int(w.compile_planner.min_budget))
         for b in chosen[: args.compiled_tightfit]:
             log(f"  tightfit {format_size(b)} under torch.compile(aot_eager) ...")
             try:

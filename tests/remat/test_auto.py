@@ -146,6 +146,30 @@ def test_composes_with_torch_compile_aot_eager() -> None:
     torch._dynamo.reset()
 
 
+def test_compiled_planning_measures_and_keeps_the_compiled_step_within_budget() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, batch = build("gpt2-tiny", n_layer=2)
+    ref = clone(model)
+    planner = Planner(model, batch, compile_backend="aot_eager")
+    assert any("torch.compile" in n for n in planner.notes)
+    budget = (planner.min_budget + planner.baseline_peak) // 2
+    plan = planner.plan(budget)
+    assert plan.checkpointed and plan.measured_time > 0
+    assert not any(o.startswith(("keep-ops", "segment")) for opts in plan.options.values() for o in opts)
+    planner.apply(plan)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    assert same_grads(grads_after_step(ref, batch), grads_after_step(compiled, batch))
+    frames = counter.frame_count
+    assert frames >= 1
+    peak = step_peak(compiled, batch)  # the compiled graphs, not an eager fallback or a recompile
+    assert counter.frame_count == frames
+    assert peak == plan.measured_peak <= budget
+    torch._dynamo.reset()
+
+
 def test_own_model_with_loss_fn() -> None:
     from torch import nn
 

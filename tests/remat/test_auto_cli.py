@@ -49,6 +49,9 @@ def test_plan_command_user_errors() -> None:
     args = _args("gpt2-tiny", "--budget", "lots")
     with pytest.raises(CliError, match="--budget"):
         args._run(args)
+    args = _args("gpt2-tiny", "--budget", "min", "--estimate", "--compile", "aot_eager")
+    with pytest.raises(CliError, match="--compile"):
+        args._run(args)
 
 
 def test_estimate_matches_the_real_planner_on_memory() -> None:

@@ -121,6 +121,7 @@ class Planner:
         op_level: bool = True,
         segments: bool = True,
         keep_output: bool = True,
+        compile_backend: str | Callable[..., Any] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -135,11 +136,20 @@ class Planner:
         if RECOMPUTE not in self.options:
             self.options.append(RECOMPUTE)
         self.timing_reps = timing_reps
+        # a torch.compile backend: whole steps (peaks, times) are measured compiled, as they will run
+        self.compile_backend = compile_backend
+        self.notes: list[str] = []
+        if compile_backend is not None and (op_level or segments):
+            op_level = segments = False
+            self.notes.append(
+                "planned for torch.compile: op-level options and segments are off (they are eager-only)"
+            )
+        self._runner: torch.nn.Module = model  # what the measured steps call (the compiled model, or it)
+        self._compiled_times: dict[tuple[str, ...], float] = {}  # compiled step time of verified plans
         self.op_level = op_level
         self.segments = segments  # may checkpoint runs of blocks as one region (tightfit.remat.segments)
         self.keep_output = keep_output  # the model output stays alive until the step ends
         self.flop_rate = flop_rate  # set: times from FLOP counts (tightfit.remat.estimate), else clocks
-        self.notes: list[str] = []
         if not keep_output:
             self.notes.append("peaks count a step that frees the model output once the loss is computed")
         self._progress = progress or (lambda what, done, total: None)
@@ -160,7 +170,17 @@ class Planner:
 
     # -- measuring ----------------------------------------------------------------------------------
     def _step(self) -> None:
-        training_step(self.model, self.batch, self.loss_fn, self.optimizer)
+        training_step(self._runner, self.batch, self.loss_fn, self.optimizer)
+
+    def _compiled(self) -> torch.nn.Module:
+        """The model (with the plan applied) compiled afresh, and compiled already: one step outside the
+        ruler traces it, so that the measured steps run the compiled graphs."""
+        torch._dynamo.reset()
+        compiled = torch.compile(self.model, backend=self.compile_backend)
+        training_step(compiled, self.batch, self.loss_fn, None)
+        for p in self.model.parameters():
+            p.grad = None
+        return compiled
 
     def _tracked_step(self, timeline: bool = False) -> Any:
         """One step measured as ``tightfit.profile`` measures it (the output stays alive until the step
@@ -173,7 +193,7 @@ class Planner:
                 p.grad = None
         with LiveTracker(track=[self.model, self.optimizer, self.batch], timeline=timeline) as t:
             t.phase = "forward"
-            output = call_model(self.model, self.batch)
+            output = call_model(self._runner, self.batch)
             loss = loss_of(output, self.loss_fn)
             if not self.keep_output:
                 del output
@@ -215,6 +235,8 @@ class Planner:
         try:
             if options:
                 execute.apply(self.model, options)
+            if self.compile_backend is not None:
+                self._runner = self._compiled()
             if grads is not None:
                 torch.manual_seed(self.GRAD_SEED)
             peak = self._tracked_step().peak if tracked or grads else -1
@@ -237,6 +259,7 @@ class Planner:
                     runs.append(time.perf_counter() - t0)
                 seconds = sorted(runs)[len(runs) // 2]
         finally:
+            self._runner = self.model
             execute.undo(self.model)
             snap.restore()
         return peak, seconds
@@ -261,12 +284,12 @@ class Planner:
     def _measure(self) -> None:
         total = 4
         grads = "capture" if self.segments else None
-        if self.flop_rate is None:
+        if self.flop_rate is None and self.compile_backend is None:
             self._progress("measuring no remat", 0, total)
             self.baseline_peak, _ = self.measure_step(None, timed=False, grads=grads)
             self._progress("finding blocks", 1, total)
             self.blocks, self.baseline_time = self._find_blocks_timed()
-        else:  # FLOP-counted times: a probe forward, then the counted step
+        else:  # FLOP-counted times or compiled steps: a probe forward, then the step
             self._progress("finding blocks", 0, total)
             self.blocks = find_blocks(self.model, self.batch, self.loss_fn)
             self._progress("measuring no remat", 1, total)
@@ -353,9 +376,15 @@ class Planner:
         self.notes.append(f"segments disabled: {err}")
 
     def _verify(self, plan: Sequence[str]) -> int:
-        """The measured peak of ``plan``; with segments, its gradients are also checked (SegmentError)."""
+        """The measured peak of ``plan``; with segments, its gradients are also checked (SegmentError).
+        Compiled, its step time is measured too (``_compiled_times``), as compiling it again would cost
+        more than the timed step."""
         check = "check" if any(is_segment_option(o) for o in plan) else None
-        return self.measure_step(self._options(plan), timed=False, grads=check)[0]
+        compiled = self.compile_backend is not None
+        peak, seconds = self.measure_step(self._options(plan), timed=compiled, grads=check)
+        if compiled:
+            self._compiled_times[tuple(plan)] = seconds
+        return peak
 
     def _frugal(self, i: int) -> str:
         """The exact option with the smallest keep for block i (full recompute unless it is not exact)."""
@@ -462,11 +491,12 @@ class Planner:
                 f"no solved plan measured under the budget in {rounds} round(s); using the most frugal plan"
             )
         chosen.iterations = rounds
-        if verify:
+        options = [d.option for d in chosen.decisions]
+        if verify and tuple(options) in self._compiled_times:
+            chosen.measured_time = self._compiled_times[tuple(options)]
+        elif verify:
             t0 = time.perf_counter()
-            _, chosen.measured_time = self.measure_step(
-                self._options([d.option for d in chosen.decisions]), tracked=False
-            )
+            _, chosen.measured_time = self.measure_step(self._options(options), tracked=False)
             verify_time += time.perf_counter() - t0
         chosen.verify_time = verify_time
         return self._finish(chosen, started)
@@ -496,6 +526,7 @@ def rematerialize(
     op_level: bool = True,
     segments: bool = True,
     keep_output: bool = True,
+    compile_backend: str | Callable[..., Any] | None = None,
 ) -> torch.nn.Module:
     """Make ``model`` train within ``budget`` by recomputing activations; returns the model to train.
 
@@ -522,6 +553,11 @@ def rematerialize(
     loop that holds ``out = model(batch)`` through ``backward`` (and as ``tightfit.profile`` counts). Pass
     False for a loop that keeps only the loss (``loss = model(**batch).loss``, Hugging Face's Trainer):
     the output is then freed before the backward, which leaves that much more of the budget to activations.
+
+    ``compile_backend`` (e.g. ``"inductor"``, ``"aot_eager"``): you will train ``torch.compile(model,
+    backend=compile_backend)``. Whole steps are then measured compiled (each plan measured is compiled
+    afresh, so planning takes a few compilations), the budget holds for the compiled step, and op-level
+    options and segments are off. Blocks are still measured one by one in eager mode.
     """
     planner = Planner(
         model,
@@ -533,5 +569,6 @@ def rematerialize(
         op_level=op_level,
         segments=segments,
         keep_output=keep_output,
+        compile_backend=compile_backend,
     )
     return planner.apply(planner.plan(budget, verify=verify))

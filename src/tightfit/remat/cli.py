@@ -51,6 +51,12 @@ def configure_plan(p: argparse.ArgumentParser) -> None:
         help="the training loop keeps only the loss, so the model output is freed before backward "
         "(default: it stays alive to the end of the step, as `tightfit profile` counts it)",
     )
+    p.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        help="plan for torch.compile(model, backend=BACKEND) (e.g. inductor, aot_eager): whole steps are "
+        "measured compiled and the budget holds for the compiled step",
+    )
     p.add_argument("--plot", metavar="FILE", help="draw memory over the step, before/after (png, pdf, svg)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -92,6 +98,8 @@ def run_plan(args: argparse.Namespace) -> int:
     budget = None if args.budget == "min" else parse_budget(args.budget)
     if args.estimate and args.plot:
         raise CliError("--plot needs a real run: it cannot be combined with --estimate")
+    if args.estimate and args.compile:
+        raise CliError("--compile measures compiled steps: it cannot be combined with --estimate")
     if args.flop_rate is not None and (not args.estimate or args.flop_rate <= 0):
         raise CliError("--flop-rate needs --estimate and a positive number of FLOP/s")
     with _Bar() as bar:
@@ -122,6 +130,7 @@ def run_plan(args: argparse.Namespace) -> int:
                 op_level=not args.no_op_level,
                 segments=not args.no_segments,
                 keep_output=not args.free_output,
+                compile_backend=args.compile,
             )
             mode = contextlib.nullcontext()
         bar("solving and verifying", 1, 1)

@@ -144,6 +144,12 @@ class Planner:
             self.notes.append(
                 "planned for torch.compile: op-level options and segments are off (they are eager-only)"
             )
+        if compile_backend not in (None, "eager", "aot_eager"):
+            self.notes.append(
+                f"measured under backend {compile_backend!r}: the ruler sees tensors that go through the "
+                "dispatcher, not buffers a code-generating backend (inductor) allocates itself, so measured "
+                "peaks are lower bounds there; aot_eager measures exactly"
+            )
         self._runner: torch.nn.Module = model  # what the measured steps call (the compiled model, or it)
         self._compiled_times: dict[tuple[str, ...], float] = {}  # compiled step time of verified plans
         self.op_level = op_level

@@ -562,7 +562,8 @@ def rematerialize(
 
     ``compile_backend`` (e.g. ``"inductor"``, ``"aot_eager"``): you will train ``torch.compile(model,
     backend=compile_backend)``. Whole steps are then measured compiled (each plan measured is compiled
-    afresh, so planning takes a few compilations), the budget holds for the compiled step, and op-level
+    afresh after ``torch._dynamo.reset()``, so planning takes a few compilations and other compiled
+    functions recompile on their next call), the budget holds for the compiled step, and op-level
     options and segments are off. Blocks are still measured one by one in eager mode.
     """
     planner = Planner(

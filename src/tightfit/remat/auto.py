@@ -8,10 +8,10 @@ optimizer step when ``optimizer`` is given) as the ruler ``tightfit.memory.LiveT
 parameters, gradients, optimizer state, inputs, activations and temporaries all count. It is not a budget
 for activations only, and not an allocator number (no caching or fragmentation on accelerators).
 
-How: (1) the timed no-remat training step, run with hooks, finds the chain of blocks
-(``tightfit.remat.blocks``); (2) each group of
-identical blocks is measured once under each option: store, two selective-checkpoint policies, full
-recompute (``tightfit.remat.measure``); (3) whole steps are measured without remat and with every block
+How: (1) the timed no-remat training step (a probe forward when planning compiled or estimated steps),
+run with hooks, finds the chain of blocks (``tightfit.remat.blocks``); (2) each group of identical blocks
+is measured once under each option: store, two selective-checkpoint policies, full recompute
+(``tightfit.remat.measure``); (3) whole steps are measured without remat and with every block
 recomputed, which fixes the constants of the chain memory model (``tightfit.remat.chainmodel``), and with
 the plan of least predicted peak: the lower of the last two is the smallest feasible budget; (4) a DP
 picks the fastest option per block, or segment of blocks (``tightfit.remat.segments``), under the budget;
@@ -101,8 +101,7 @@ class Planner:
 
     Measuring runs: whole training steps without remat (one with the ruler, one timed that also records
     the blocks) and with every block recomputed, and every option of every group of identical blocks in
-    isolation. ``progress(what, done, total)``
-    is called as it goes (the CLI draws a progress bar with it).
+    isolation. ``progress(what, done, total)`` is called as it goes (the CLI draws a progress bar).
     """
 
     GRAD_SEED = 1234  # RNG seed of the steps whose gradients are compared (segment plans)
@@ -552,8 +551,7 @@ def rematerialize(
     region (``tightfit.remat.segments``: RNN time steps, groups of layers), which keeps only what enters
     the run; such plans are gradient-checked against the model without remat while planning. A region
     cannot span calls inside a compiled graph, so under ``torch.compile`` its blocks are checkpointed one
-    by one (another peak than planned): for compiled training plan with ``op_level=False,
-    segments=False``.
+    by one (another peak than planned): for compiled training pass ``compile_backend`` (below).
 
     ``keep_output``: the budget counts the model output (logits) as alive until the step ends, as in a
     loop that holds ``out = model(batch)`` through ``backward`` (and as ``tightfit.profile`` counts). Pass

@@ -201,6 +201,19 @@ def _same_order(
     return [named[n] for n in ref_names]
 
 
+def compiled_planner(w: Workload) -> Any:
+    """--reuse-planner's planner for compiled runs (whole steps measured under aot_eager), made once."""
+    if w.compile_planner is None:
+        from tightfit.remat.auto import Planner
+
+        t0 = time.perf_counter()
+        w.compile_planner = Planner(
+            fresh_copy(w.model)[0], w.batch, w.loss_fn, keep_output=False, compile_backend="aot_eager"
+        )
+        log(f"tightfit compiled Planner measured the model: {time.perf_counter() - t0:.1f}s")
+    return w.compile_planner
+
+
 def tightfit_variant(
     w: Workload, budget: int, ref_names: tuple[list[str], list[str]], compiled: bool, seed: int
 ) -> Variant:
@@ -210,13 +223,8 @@ def tightfit_variant(
     t0 = time.perf_counter()
     if w.planner is not None:  # --reuse-planner: measure once, solve + verify per budget, apply to a copy
         from tightfit.remat import execute
-        from tightfit.remat.auto import Planner
 
-        if compiled and w.compile_planner is None:  # measures whole steps compiled (aot_eager)
-            w.compile_planner = Planner(
-                fresh_copy(w.model)[0], w.batch, w.loss_fn, keep_output=False, compile_backend="aot_eager"
-            )
-        plan = (w.compile_planner if compiled else w.planner).plan(budget)
+        plan = (compiled_planner(w) if compiled else w.planner).plan(budget)
         execute.apply(m, plan.options)
         m.__dict__["plan"] = plan
         out = m
@@ -435,16 +443,8 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
         # planned compiled (peaks measured compiled): each compiled peer's peak as the budget, then the
         # smallest feasible compiled budget
         chosen = sorted({v.peak for v in rows if v.family == "compile"}, reverse=True)
-        if w.planner is not None:
-            if w.compile_planner is None:
-                from tightfit.remat.auto import Planner
-
-                t0 = time.perf_counter()
-                w.compile_planner = Planner(
-                    fresh_copy(w.model)[0], w.batch, w.loss_fn, keep_output=False, compile_backend="aot_eager"
-                )
-                log(f"tightfit compiled Planner measured the model: {time.perf_counter() - t0:.1f}s")
-            chosen.append(int(w.compile_planner.min_budget))
+        if w.planner is not None and int(compiled_planner(w).min_budget) not in chosen:
+            chosen.append(int(compiled_planner(w).min_budget))
         for b in chosen[: args.compiled_tightfit]:
             log(f"  tightfit {format_size(b)} under torch.compile(aot_eager) ...")
             try:

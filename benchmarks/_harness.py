@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from tightfit._step import forward_loss
+from tightfit._step import forward_loss, wait_for_device
 from tightfit.memory import LiveTracker
 from tightfit.sizes import format_size
 
@@ -121,6 +121,7 @@ class Variant:
     buffers_equal: bool | None = None  # running stats after one step (BatchNorm updated twice by recompute?)
     graphs_ran: bool | None = None
     after_forward: int | None = None  # live bytes above params/buffers/batch when the forward returns
+    allocator_peak: int | None = None  # CUDA only: the caching allocator's peak above its start, one step
 
     @property
     def peak_above_params(self) -> int | None:
@@ -213,6 +214,23 @@ def measure(v: Variant, seed: int) -> None:
     v.peak, v.after_forward = measure_step(v.step, v.track)
     if before is not None:
         v.graphs_ran = all(v.counts[k] > before.get(k, 0) for k in ("fw", "bw"))
+    if any(t.is_cuda for t in v.params):
+        torch.manual_seed(seed)
+        v.allocator_peak = cuda_allocator_peak(v.step)
+
+
+def cuda_allocator_peak(step: Callable[[], Any]) -> int:
+    """What CUDA's caching allocator says one step peaks at above what was allocated before it (grads freed
+    first): a cross-check of the ruler's peak above the tracked tensors, rounded up to allocator blocks."""
+    if hasattr(step, "zero"):
+        step.zero()
+    gc.collect()
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
 
 
 def time_interleaved(
@@ -226,8 +244,10 @@ def time_interleaved(
     for r in range(rounds):
         for i in range(n):
             v = variants[(r + i) % n]
+            wait_for_device()
             t0 = time.perf_counter()
             v.step()
+            wait_for_device()
             v.times.append(time.perf_counter() - t0)
         if log:
             log(f"timing round {r + 1}/{rounds} done")
@@ -364,6 +384,8 @@ def rows_as_dicts(rows: Sequence[Variant], base: Variant) -> list[dict[str, Any]
             "peak_above_params_mib": None if v.peak is None else round(v.peak_above_params / MiB, 2),
             "peak_mib": None if v.peak is None else round(v.peak / MiB, 2),
             "after_forward_mib": None if v.after_forward is None else round(v.after_forward / MiB, 2),
+            "ruler_peak_above_start_bytes": None if v.peak is None else v.peak - storage_bytes(v.track),
+            "cuda_allocator_peak_above_start_bytes": v.allocator_peak,
             "peak_pct_of_baseline": None if v.peak is None else round(100 * v.peak / base.peak, 1),
             "median_s": round(v.median, 4),
             "time_ratio": round(v.median / base.median, 3),
@@ -527,6 +549,7 @@ def conditions() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "load_avg": os.getloadavg(),
+        "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "ruler": "tightfit.memory.LiveTracker",
         "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "note": "step times are medians of interleaved rounds; on a shared machine ratios move by ~±0.1",

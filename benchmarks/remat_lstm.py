@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from _harness import (  # noqa: E402
     print_table,
     reference_grads,
     run_step,
+    storage_bytes,
     tensors_of,
     time_interleaved,
     write_results,
@@ -79,14 +81,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--segments", type=int, nargs="*", default=None, help="peer segment lengths k")
     ap.add_argument("--extra-budgets", type=int, default=3, help="evenly spaced tightfit budgets to add")
+    ap.add_argument(
+        "--fractions",
+        type=float,
+        nargs="*",
+        default=[0.05],
+        help="also budget params + grads + this fraction of the no-remat peak's rest (0.05: -95%%)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, ...")
     ap.add_argument("--results", default="remat_lstm", help="name of the files under benchmarks/results/")
     ap.add_argument(
         "--reuse-planner", action="store_true", help="measure the model once, then solve + verify per budget"
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        # gradients are compared bit for bit: CUDA's embedding backward and cuBLAS's split-K reductions are
+        # not deterministic by default (two identical steps differ in the last bits)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     T = args.steps
     if args.segments is None:
         args.segments = sorted({10, round(math.sqrt(T)), 100} - {0})
@@ -95,12 +110,17 @@ def main(argv: list[str] | None = None) -> None:
 
     model_f, batch_f = zoo.get("lstm")
     model = model_f(
-        vocab_size=args.vocab, embed_dim=args.embed, hidden_size=args.hidden, num_layers=args.layers
+        vocab_size=args.vocab,
+        embed_dim=args.embed,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        device=args.device,
     ).train()
-    batch = batch_f(batch_size=args.batch, seq_len=T, vocab_size=args.vocab)
+    batch = batch_f(batch_size=args.batch, seq_len=T, vocab_size=args.vocab, device=args.device)
+    on = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} CPU thread(s)"
     desc = (
         f"zoo lstm: {args.layers}x LSTMCell({args.embed}->{args.hidden}), vocab {args.vocab}, "
-        f"B={args.batch}, T={T}, dropout 0.1"
+        f"B={args.batch}, T={T}, dropout 0.1, on {on}"
     )
     w = Workload("lstm", model, batch, [], desc=desc)
     floor = 4 * args.batch * T * (args.embed + args.hidden + 2 * args.vocab)
@@ -145,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         log(f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)")
     min_b = timed_min_budget(w)
     lo = min_b if min_b is not None else min(v.peak for v in rows)
-    # the budget a -95% activation memory would need, if above the smallest feasible one
-    target = base.params_bytes * 2 + int(0.05 * (base.peak - 2 * base.params_bytes))
+    # budgets keeping a fraction of what the no-remat peak holds beyond params + grads (0.05: -95%)
+    targets = {base.params_bytes * 2 + int(f * (base.peak - 2 * base.params_bytes)) for f in args.fractions}
     budgets = sorted(
         {
             lo,
@@ -156,13 +176,13 @@ def main(argv: list[str] | None = None) -> None:
                 for i in range(args.extra_budgets)
             ),
         }
-        | ({target} if target > lo else set())
+        | {b for b in targets if b > lo}
     )
     plan_times = add_tightfit_rows(w, budgets, rows, ref, ref_names, seed)
 
     log(f"timing {len(rows)} variants, {args.rounds} interleaved rounds ...")
     time_interleaved(rows, args.rounds, warmup=1, log=log)
-    title = f"lstm: {desc}; {args.rounds} rounds, {torch.get_num_threads()} thread(s), shared machine"
+    title = f"lstm: {desc}; {args.rounds} rounds"
     print_table(rows, base, title)
 
     from rich.console import Console
@@ -179,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         "time ratio",
         "grads",
         "meets -95% / x1.33",
+        *(["peak above start: ruler / CUDA allocator MiB"] if base.allocator_peak is not None else []),
     ):
         t.add_column(c, justify="left" if c == "variant" else "right")
     headline = []
@@ -208,6 +229,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{ratio:.2f}",
             "==" if v.grads_equal else "[red]WRONG[/red]",
             "yes" if ok else "no",
+            *(
+                [f"{(v.peak - storage_bytes(v.track)) / MiB:.1f} / {v.allocator_peak / MiB:.1f}"]
+                if v.allocator_peak is not None
+                else []
+            ),
         )
     Console(width=160).print(t)
     log(

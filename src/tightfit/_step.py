@@ -7,6 +7,7 @@ output itself if it is a scalar tensor, its ``.loss`` (Hugging Face outputs), or
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,6 +16,24 @@ import torch
 from tightfit.errors import LossError
 
 LossFn = Callable[[Any], torch.Tensor]
+
+
+@functools.cache
+def _accelerator_sync() -> Callable[[], None] | None:
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if acc is not None:
+        return acc.synchronize if acc.is_available() else None
+    return torch.cuda.synchronize if torch.cuda.is_available() else None
+
+
+def wait_for_device() -> None:
+    """Block until the accelerator (CUDA, XPU, MPS) has run all queued work, so wall-clock timings cover it.
+
+    Kernels on an accelerator run asynchronously; without this a timer measures only the launches. A
+    no-op on a machine without an accelerator."""
+    sync = _accelerator_sync()
+    if sync is not None:
+        sync()
 
 
 def call_model(model: Callable[..., Any], batch: Any) -> Any:

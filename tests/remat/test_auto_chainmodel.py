@@ -65,3 +65,38 @@ def test_fit_reproduces_the_two_measured_peaks() -> None:
     head_store, head_frugal = chain.terms(store)[0], chain.terms(frugal)[0]
     # H explains the store run's peak at the head, unless that would put the frugal plan over its measure
     assert chain.H + head_store == 1000 or chain.H + head_frugal == 700
+
+
+def _flat_chain(n: int, skip_in: list) -> ChainCosts:
+    cost = {
+        "store": OptionCost("store", 100, 100, 10, 1.0, 2.0),
+        "recompute": OptionCost("recompute", 10, 100, 10, 1.0, 3.0),
+    }
+    return ChainCosts([dict(cost) for _ in range(n)], [0] * n, base_time=10.0, skip_in=skip_in)
+
+
+def test_a_segment_keeps_the_skip_tensors_entering_it_unless_read_after_it() -> None:
+    from tightfit.remat.segments import IN_SEGMENT, segment_option
+
+    # block 3 reads storage 7 (40 bytes) from block 0, last read there; block 4 reads storage 8 (1000
+    # bytes) from block 0, read again by block 5; block 2 reads storage 9 from block 1 (inside the segment)
+    skip_in = [[], [], [(1, 9, 5, 2)], [(0, 7, 40, 3)], [(0, 8, 1000, 5)], [(0, 8, 1000, 5)]]
+    chain = _flat_chain(6, skip_in)
+    plan = ["store", segment_option(4), IN_SEGMENT, IN_SEGMENT, IN_SEGMENT, "store"]
+    head, _ = chain.terms(plan)
+    assert head == 100 + (10 + 40) + 100  # storage 8 lives on for block 5 anyway; 9 is made inside
+    no_skips = _flat_chain(6, [])
+    assert no_skips.terms(plan)[0] == head - 40
+
+
+def test_learn_raises_the_binding_constant_to_the_measured_peak_and_never_lowers() -> None:
+    rng = random.Random(4)
+    chain = _random_chain(rng, 5)
+    plan = ["recompute"] * 5
+    predicted = chain.peak(plan)
+    a, h = chain.A, chain.H
+    chain.learn(plan, predicted + 1000)
+    assert chain.peak(plan) == predicted + 1000
+    assert (chain.A != a) + (chain.H != h) == 1  # only the constant of the binding term moved
+    chain.learn(plan, predicted - 500)  # a lower measurement does not lower the model
+    assert chain.peak(plan) == predicted + 1000

@@ -101,3 +101,17 @@ def test_unet_skip_connections_are_detected_and_chains_have_none() -> None:
     assert into == ["ups.0", "ups.1"]
     model, batch = build("gpt2-tiny")
     assert find_blocks(model, batch).skips == []
+
+
+def test_skip_tensors_of_a_stacked_rnn_carry_their_bytes_and_last_reader() -> None:
+    model, batch = build("lstm-tiny")
+    blocks = find_blocks(model, batch)
+    names = [b.name for b in blocks.blocks]
+    top = [j for j, n in enumerate(names) if n.startswith("rnn.cells.1[")]
+    assert len(top) == batch["x"].shape[1]
+    b, h = batch["x"].shape[0], model.config.hidden_size
+    for prev, nxt in zip(top, top[1:]):  # layer 1's (h, c) skips over layer 0's step to layer 1's next
+        tensors = blocks.skip_tensors[(prev, nxt)]
+        assert sorted(tensors.values()) == [4 * b * h, 4 * b * h]
+        assert all(blocks.last_reader[key] == nxt for key in tensors)
+    assert set(blocks.skips) == set(blocks.skip_tensors)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tightfit._step import LossFn, call_model, loss_of, training_step
+from tightfit._step import LossFn, call_model, loss_of, training_step, wait_for_device
 from tightfit.errors import InvalidInput, NothingToTrain
 from tightfit.memory.flops import FlopCounter
 from tightfit.memory.live import LiveTracker, _tensors, storage_key
@@ -45,11 +45,6 @@ def _device_of(model: torch.nn.Module, batch: Any) -> torch.device:
     for t in list(model.parameters()) + list(_tensors(batch)):
         return t.device
     return torch.device("cpu")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type != "cpu" and hasattr(torch, "accelerator") and torch.accelerator.is_available():
-        torch.accelerator.synchronize()
 
 
 def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -164,13 +159,12 @@ def profile(
     if time_steps < 0:
         raise ValueError(f"time_steps must be >= 0, got {time_steps}")
     report = _measure(model, batch, loss_fn, optimizer, estimated=False, timeline=timeline)
-    device = _device_of(model, batch)
     times = []
     for _ in range(time_steps):
-        _synchronize(device)
+        wait_for_device()
         start = time.perf_counter()
         training_step(model, batch, loss_fn, optimizer)
-        _synchronize(device)
+        wait_for_device()
         times.append(time.perf_counter() - start)
     report.step_time = statistics.median(times) if times else None
     return report

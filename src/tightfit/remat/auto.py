@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from tightfit._step import LossFn, call_model, loss_of, training_step
+from tightfit._step import LossFn, call_model, loss_of, training_step, wait_for_device
 from tightfit.errors import UserError
 from tightfit.memory import LiveTracker
 from tightfit.memory.profile import ensure_optimizer_state
@@ -259,8 +259,10 @@ class Planner:
             elif timed:
                 runs = []
                 for _ in range(max(1, self.timing_reps)):
+                    wait_for_device()
                     t0 = time.perf_counter()
                     self._step()
+                    wait_for_device()
                     runs.append(time.perf_counter() - t0)
                 seconds = sorted(runs)[len(runs) // 2]
         finally:
@@ -275,8 +277,10 @@ class Planner:
         seconds: list[float] = []
 
         def run() -> None:
+            wait_for_device()
             started = time.perf_counter()
             self._step()
+            wait_for_device()
             seconds.append(time.perf_counter() - started)
 
         snap = _Snapshot(self.model, self.optimizer)
@@ -324,7 +328,8 @@ class Planner:
             except RuntimeError as err:  # a block that cannot run on its own stays unplanned (glue)
                 self.group_costs.append(None)
                 self.notes.append(f"{group.path} is not planned: {err}")
-        self.blocks.blocks = [b for b in self.blocks.blocks if self.group_costs[b.group] is not None]
+        kept = [k for k, b in enumerate(self.blocks.blocks) if self.group_costs[b.group] is not None]
+        self.blocks.blocks = [self.blocks.blocks[k] for k in kept]
         if not self.blocks.blocks:
             raise RuntimeError(f"no block of the model could be measured: {'; '.join(self.notes)}")
         blocks = self.blocks.blocks
@@ -339,7 +344,21 @@ class Planner:
                 seen.add(id(module))
                 acc += sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
         later.reverse()
-        self.chain = ChainCosts([self.group_costs[b.group] for b in blocks], later, self.baseline_time)  # type: ignore[misc]
+        position = {k: n for n, k in enumerate(kept)}
+        skip_in: list[list[tuple[int, int, int, int]]] = [[] for _ in blocks]
+        last_reader = self.blocks.last_reader
+        for (i, j), tensors in self.blocks.skip_tensors.items():
+            if i in position and j in position:
+                skip_in[position[j]].extend(
+                    (position[i], key, nbytes, position.get(last_reader[key], len(blocks)))
+                    for key, nbytes in tensors.items()
+                )
+        self.chain = ChainCosts(
+            [self.group_costs[b.group] for b in blocks],  # type: ignore[misc]
+            later,
+            self.baseline_time,
+            skip_in=skip_in,
+        )
         self.store_plan = [STORE] * len(blocks)
         self.frugal_plan = [self._frugal(i) for i in range(len(blocks))]
         self._progress("measuring all blocks recomputed", done[0] + 1, total)
@@ -355,6 +374,8 @@ class Planner:
                 self._disable_segments(err)
                 lowest = self._lowest_predicted()
                 peak = self._verify(lowest) if lowest is not None else self.frugal_peak
+            if lowest is not None:
+                self.chain.learn(lowest, peak)
             if lowest is not None and peak < self.frugal_peak:
                 self.frugal_plan, self.frugal_peak = lowest, peak
         self.min_budget = min(self.baseline_peak, self.frugal_peak)
@@ -378,7 +399,14 @@ class Planner:
     def _disable_segments(self, err: SegmentError) -> None:
         """The model's code cannot be replayed as a segment: plan without segments from now on."""
         self.segments = False
-        self.notes.append(f"segments disabled: {err}")
+        note = f"segments disabled: {err}"
+        on_accelerator = any(p.device.type != "cpu" for p in self.model.parameters())
+        if on_accelerator and not torch.are_deterministic_algorithms_enabled():
+            note += (
+                " (kernels on this device may not be deterministic, so two identical steps can differ: "
+                "torch.use_deterministic_algorithms(True) makes the gradient check meaningful)"
+            )
+        self.notes.append(note)
 
     def _verify(self, plan: Sequence[str]) -> int:
         """The measured peak of ``plan``; with segments, its gradients are also checked (SegmentError).
@@ -483,6 +511,7 @@ class Planner:
                     break
                 target = (target + over) / 2
             else:
+                self.chain.learn(solution, measured)
                 over = target
                 lowered = target - (measured - budget + max(1.0, 0.001 * budget))
                 target = (fits + target) / 2 if fits is not None else max(lowered, floor)

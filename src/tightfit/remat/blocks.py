@@ -47,8 +47,8 @@ class Call:
     end: int = -1
     parent: int = -1  # position of the enclosing call in the record, -1 for top level
     signature: tuple = field(default=(), repr=False)
-    inputs: frozenset = field(default=frozenset(), repr=False)  # data pointers of tensor arguments
-    outputs: frozenset = field(default=frozenset(), repr=False)  # data pointers of tensor outputs
+    inputs: dict[int, int] = field(default_factory=dict, repr=False)  # storages of tensor arguments: bytes
+    outputs: dict[int, int] = field(default_factory=dict, repr=False)  # storages of tensor outputs: bytes
 
 
 @dataclass
@@ -83,6 +83,10 @@ class Blocks:
     skips: list[tuple[int, int]] = field(
         default_factory=list
     )  # (i, j): block j reads block i's output, i < j-1
+    skip_tensors: dict[tuple[int, int], dict[int, int]] = field(
+        default_factory=dict
+    )  # (i, j) of skips: the storages block j reads from block i, with their bytes
+    last_reader: dict[int, int] = field(default_factory=dict)  # storage -> the last block reading it
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -200,15 +204,17 @@ def record_calls(
     return calls, first_args
 
 
-def _storages(x: Any) -> frozenset:
-    """Identities of the storages behind the tensors in ``x`` (to see which block feeds which)."""
-    out = set()
+def _storages(x: Any) -> dict[int, int]:
+    """Identities of the storages behind the tensors in ``x`` (to see which block feeds which), with their
+    bytes."""
+    out = {}
     for t in _leaves(x):
         try:
-            out.add(t.untyped_storage()._cdata)
+            st = t.untyped_storage()
+            out[st._cdata] = st.nbytes()
         except (RuntimeError, NotImplementedError):
             pass
-    return frozenset(out)
+    return out
 
 
 def _leaves(x: Any) -> list[torch.Tensor]:
@@ -339,5 +345,16 @@ def find_blocks(
         name = c.path if counts[c.path] == 1 else f"{c.path}[{c.index}]"
         blocks.append(Block(c.path, c.index, g, name))
     record = [calls[i] for i in positions]
-    skips = [(i, j) for j in range(len(record)) for i in range(j - 1) if record[i].outputs & record[j].inputs]
-    return Blocks(blocks, groups, source, skips)
+    producer: dict[int, int] = {}  # storage -> the last block that output it
+    skip_tensors: dict[tuple[int, int], dict[int, int]] = {}
+    last_reader: dict[int, int] = {}
+    for j, call in enumerate(record):
+        for key, nbytes in call.inputs.items():
+            last_reader[key] = j
+            i = producer.get(key, j)
+            if i < j - 1:
+                skip_tensors.setdefault((i, j), {})[key] = nbytes
+        for key in call.outputs:
+            producer[key] = j
+    skips = sorted(skip_tensors, key=lambda ij: (ij[1], ij[0]))
+    return Blocks(blocks, groups, source, skips, skip_tensors, last_reader)

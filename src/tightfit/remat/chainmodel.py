@@ -16,7 +16,10 @@ NOTE [ The memory model ]
 
 NOTE [ Segments ]
   A segment i..j checkpointed as ONE region (``tightfit.remat.segments``) keeps only its entry: K grows
-  by keep_i of the whole-block recompute option, instead of one keep per block. Its forward runs every
+  by keep_i of the whole-block recompute option, instead of one keep per block, plus the skip tensors
+  that blocks i+1..j read from blocks before i and no block after j reads (a stacked RNN's other layers'
+  state): the region holds them as its inputs until its backward, where they would have been freed
+  after their last reader's forward. Its forward runs every
   block without saving (peak A + K + max fwd_peak); its backward recomputes blocks i..j storing
   everything, so the backward of block m in it peaks at
       A + K_i + entry_i + sum_{i<=l<=m} store keep_l + G_m + store bwd_peak_m.
@@ -49,6 +52,9 @@ class ChainCosts:
     costs: list[dict[str, OptionCost]]
     later_grads: list[int]  # G_i
     base_time: float  # measured step time without remat
+    # per block j: (i, storage, bytes, last reader) of each tensor it reads from an earlier, non-adjacent
+    # block i; the last reader is the last block that reads that storage
+    skip_in: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
     A: float = 0.0
     H: float = 0.0
     _segments: dict[tuple[int, int], tuple[int, int, int] | None] = field(default_factory=dict, repr=False)
@@ -88,7 +94,7 @@ class ChainCosts:
             return None
         if not all(self.costs[m][STORE].exact for m in range(i, i + length)):
             return None
-        entry = self.costs[i][RECOMPUTE].keep
+        entry = self.costs[i][RECOMPUTE].keep + self._entering(i, i + length)
         fwd = max(self.costs[m][RECOMPUTE].fwd_peak for m in range(i, i + length))
         acc, bwd = 0, 0
         for m in range(i, i + length):
@@ -96,6 +102,18 @@ class ChainCosts:
             acc += s.keep
             bwd = max(bwd, acc + self.later_grads[m] + s.bwd_peak)
         return entry, fwd, entry + bwd
+
+    def _entering(self, start: int, stop: int) -> int:
+        """Bytes of the tensors that blocks start+1..stop-1 read from blocks before ``start`` and no block
+        from ``stop`` on reads (block start's own inputs are in its keep), each storage once."""
+        if not self.skip_in:
+            return 0
+        seen: dict[int, int] = {}
+        for j in range(start + 1, stop):
+            for i, key, nbytes, last in self.skip_in[j]:
+                if i < start and last < stop:
+                    seen[key] = nbytes
+        return sum(seen.values())
 
     # -- the model ----------------------------------------------------------------------------------
     def terms(self, plan: Sequence[str]) -> tuple[int, int]:
@@ -137,6 +155,17 @@ class ChainCosts:
         self.A = frugal_peak - body_f
         if self.H + head_f > frugal_peak:
             self.H = frugal_peak - head_f
+
+    def learn(self, plan: Sequence[str], measured: int) -> None:
+        """Raise the constant of the term that sets ``plan``'s predicted peak so that the model predicts at
+        least the ``measured`` one; never lower. A and H are what the blocks do not explain, and that
+        varies along the step (an RNN's stacked outputs and their gradient live through its backward),
+        so a plan unlike the two fitted ones can peak where the fitted constants are too low."""
+        head, body = self.terms(plan)
+        if self.H + head >= self.A + body:
+            self.H = max(self.H, measured - head)
+        else:
+            self.A = max(self.A, measured - body)
 
     # -- the solver ---------------------------------------------------------------------------------
     def solve(self, budget: float, slots: int | None = None, segments: bool = True) -> list[str] | None:
@@ -219,7 +248,7 @@ class ChainCosts:
                 length = -code
                 plan.extend([IN_SEGMENT] * (length - 1))
                 plan.append(segment_option(length))
-                k -= math.ceil(self.costs[j - length][RECOMPUTE].keep / unit)
+                k -= math.ceil(self._segment_terms(j - length, length)[0] / unit)  # type: ignore[index]
                 j -= length
         plan.reverse()
         return plan

@@ -38,6 +38,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
+from tightfit._step import wait_for_device
 from tightfit.memory import LiveTracker
 from tightfit.memory.flops import FlopCounter
 from tightfit.remat.blocks import Group, _leaves
@@ -143,12 +144,15 @@ def _measure_time(run: _Run, reps: int) -> tuple[float, float]:
             p.grad = None
         for x in run.inputs():
             x.grad = None
+        wait_for_device()
         t0 = time.perf_counter()
         out = run.fwd()
         outs = _differentiable(out)
+        wait_for_device()
         t1 = time.perf_counter()
         if outs:
             torch.autograd.backward(outs, run.grad_outputs(outs))
+        wait_for_device()
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
@@ -236,6 +240,7 @@ def _record_ops(group: Group, seed: int) -> list[_OpRecord] | None:
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         if getattr(ctx, "is_recompute", False):
             return CheckpointPolicy.PREFER_RECOMPUTE
+        wait_for_device()
         now = time.perf_counter()
         if not hasattr(ctx, "op_output"):
             supported[0] = False
@@ -246,6 +251,7 @@ def _record_ops(group: Group, seed: int) -> list[_OpRecord] | None:
         return CheckpointPolicy.PREFER_RECOMPUTE
 
     def body(*a: Any, **k: Any) -> Any:
+        wait_for_device()
         last[0] = time.perf_counter()
         return run.forward(*a, **k)
 

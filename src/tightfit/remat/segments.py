@@ -237,28 +237,31 @@ class Region:
         for k, s in last.items():
             self.release.setdefault(s, []).append(k)
         self.produced.clear()
-        frame = self.gen.gi_frame
-        with contextlib.suppress(StopIteration):
-            next(self.gen)
-        self._release(frame)
+        self._end(lambda gen: next(gen, None))
 
     def abort(self) -> None:
         """End the region after an exception in its forward (pops checkpoint's hooks)."""
         with contextlib.suppress(SegmentError):
             self.pause()
-        frame = self.gen.gi_frame
-        self.gen.close()
-        self._release(frame)
+        self._end(lambda gen: gen.close())
 
-    def _release(self, frame: Any) -> None:
-        """Let reference counting free the region (and the segment inputs it holds) as soon as the autograd
-        graph is freed: break the region <-> recorder cycle, and clear the finished generator's frame,
-        which a traceback made inside it (torch looks up device modules with ``getattr``) can keep alive
-        with every local it had, the region included."""
-        self.mode = None  # type: ignore[assignment]
-        self.gen = None  # type: ignore[assignment]
-        if frame is not None:
-            frame.clear()
+    def _end(self, finish: Callable[[Any], Any]) -> None:
+        """Run checkpoint's generator to its end with ``finish(gen)``, then let reference counting free the
+        region (and the segment inputs it holds) as soon as the autograd graph is freed: break the
+        region <-> recorder cycle and clear the finished generator's frame, which a traceback made inside it
+        (torch looks up device modules with ``getattr``) can keep alive with every local it had. On Python
+        >= 3.12 a finished generator's frame also links back (``f_back``) to the frame that resumed it, so no
+        local here may still reference it when this returns: that cycle held every region of a step, with
+        its inputs, until the next garbage collection."""
+        frame = self.gen.gi_frame
+        try:
+            finish(self.gen)
+        finally:
+            self.mode = None  # type: ignore[assignment]
+            self.gen = None  # type: ignore[assignment]
+            if frame is not None:
+                frame.clear()
+            del frame
 
     # -- backward -----------------------------------------------------------------------------------
     def replay(self, *_inputs: Any) -> None:

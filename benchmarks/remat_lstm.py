@@ -5,7 +5,8 @@ BPTT on sequences of length 1000 for about a third more time per iteration. Here
 `nn.LSTMCell` loop over time, dropout 0.1 on) with a small hidden size runs over T=1000 steps, and we measure,
 in one process, side by side:
 
-  no remat | tightfit.rematerialize at budgets from its smallest feasible one up | segment checkpointing
+  no remat | tightfit.rematerialize at budgets from its smallest feasible one up, and at each peer's peak |
+  segment checkpointing
   (PyTorch's `checkpoint` over every k consecutive time steps via the model's `rnn.run`, k ~ sqrt(T) is the
   classic choice)
 
@@ -18,6 +19,11 @@ through time itself, which is what Gruslys et al. reduce.
     .venv/bin/python benchmarks/remat_lstm.py                          # T=1000, H=256, B=8, ~3-5 min
     .venv/bin/python benchmarks/remat_lstm.py --hidden 512 --embed 128 --batch 16 --segments 32 \
         --extra-budgets 1 --rounds 3 --reuse-planner --results remat_lstm_h512   # matmul-bound, ~15 min
+    python3 benchmarks/remat_lstm.py --device cuda --hidden 4096 --embed 128 --batch 64 --segments 25 \
+        --extra-budgets 0 --rounds 3 --reuse-planner --results remat_lstm_h100  # GPU-bound on an H100, ~3 min
+
+On CUDA, deterministic algorithms are switched on (gradients are compared bit for bit) and each row also
+gets the caching allocator's peak of one step, beside the ruler's.
 
 Results: benchmarks/results/remat_lstm.{csv,json,png}.
 """
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
         }
         | {b for b in targets if b > lo}
+        | {v.peak for v in rows[1:] if v.peak >= lo}  # each hand-written variant's peak: equal-peak rows
     )
     plan_times = add_tightfit_rows(w, budgets, rows, ref, ref_names, seed)
 

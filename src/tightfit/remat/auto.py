@@ -308,7 +308,7 @@ class Planner:
             names = [self.blocks.blocks[j].name for _, j in self.blocks.skips]
             self.notes.append(
                 f"not a chain: {len(self.blocks.skips)} skip connection(s) into {', '.join(names[:4])}; "
-                "per-block decisions, skip tensors counted in the measured constant"
+                "skip tensors counted in the measured constant, and in the entry of a segment that holds them"
             )
         total = 3 + len(groups) * (len(self.options) + OP_OPTIONS)
         done = [2]

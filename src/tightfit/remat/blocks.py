@@ -13,9 +13,10 @@ One forward pass is recorded with forward hooks on every submodule. Blocks are t
 If no family exists, the root's direct child calls are the blocks.
 
 Non-chains: ``Blocks.skips`` lists (i, j) where block j reads block i's output with i < j - 1 (U-Net skip
-connections). The planner keeps per-block decisions there too (always correct: each block is checkpointed
-on its own), and the skip tensors, alive from block i to block j whatever the plan, are part of the
-measured constant of the memory model; the verification loop covers what that model misses.
+connections, a stacked RNN's per-layer state), ``Blocks.skip_tensors`` their storages and bytes. Per-block
+decisions stay correct there (each block is checkpointed on its own), and the skip tensors, alive from
+block i to block j whatever the plan, are part of the measured constant of the memory model; a segment
+that holds one longer (its reader is inside, its producer before it) counts it in its entry.
 Work outside the blocks (embeddings, the loss, glue code in the parent's forward) is not planned: its
 memory is a measured constant.
 

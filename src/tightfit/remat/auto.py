@@ -517,12 +517,12 @@ class Planner:
                 target = (fits + target) / 2 if fits is not None else max(lowered, floor)
                 if over <= floor:
                     break
-        if chosen is None:
-            fallback = self.store_plan if self.baseline_peak <= budget else self.frugal_plan
-            chosen = self._make_plan(budget, fallback)
-            chosen.measured_peak = self.baseline_peak if fallback is self.store_plan else self.frugal_peak
+        if chosen is None:  # (budgets at or above the no-remat peak returned above)
+            chosen = self._make_plan(budget, self.frugal_plan)
+            chosen.measured_peak = self.frugal_peak
             chosen.notes.append(
-                f"no solved plan measured under the budget in {rounds} round(s); using the most frugal plan"
+                f"no solved plan measured under the budget in {rounds} round(s); using the plan of least "
+                "measured peak (measured while measuring the model)"
             )
         chosen.iterations = rounds
         options = [d.option for d in chosen.decisions]

@@ -143,3 +143,25 @@ def test_profile_does_not_change_what_it_measures():
     assert report.activations_bytes == 4 * 128 * 64 * 4
     backward_peaks = {m.path: m.backward_peak for m in report.modules}
     assert all(backward_peaks[f"blocks.{i}"] > 0 for i in range(4))
+
+
+def test_timed_steps_wait_for_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels on an accelerator run asynchronously: every timed region must synchronize before and after."""
+    from tightfit import _step
+
+    calls: list[str] = []
+    monkeypatch.setattr(_step, "_accelerator_sync", lambda: lambda: calls.append("sync"))
+    model = torch.nn.Linear(4, 2)
+    report = tightfit.profile(model, torch.randn(3, 4), loss_fn=lambda out: out.sum(), time_steps=2)
+    assert report.step_time is not None and report.step_time >= 0
+    assert calls == ["sync"] * 4
+
+
+def test_waiting_for_the_device_is_a_no_op_without_an_accelerator() -> None:
+    from tightfit import _step
+
+    accelerator = getattr(torch, "accelerator", None)
+    if torch.cuda.is_available() or (accelerator is not None and accelerator.is_available()):
+        pytest.skip("this machine has an accelerator")
+    assert _step._accelerator_sync() is None
+    _step.wait_for_device()

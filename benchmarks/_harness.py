@@ -128,6 +128,11 @@ class Variant:
         return None if self.peak is None else self.peak - self.params_bytes
 
     @property
+    def peak_above_start(self) -> int | None:
+        """The ruler's peak above the tensors that exist before the step (the CUDA allocator's view)."""
+        return None if self.peak is None else self.peak - storage_bytes(self.track)
+
+    @property
     def median(self) -> float:
         return statistics.median(self.times) if self.times else math.nan
 
@@ -384,7 +389,7 @@ def rows_as_dicts(rows: Sequence[Variant], base: Variant) -> list[dict[str, Any]
             "peak_above_params_mib": None if v.peak is None else round(v.peak_above_params / MiB, 2),
             "peak_mib": None if v.peak is None else round(v.peak / MiB, 2),
             "after_forward_mib": None if v.after_forward is None else round(v.after_forward / MiB, 2),
-            "ruler_peak_above_start_bytes": None if v.peak is None else v.peak - storage_bytes(v.track),
+            "ruler_peak_above_start_bytes": v.peak_above_start,
             "cuda_allocator_peak_above_start_bytes": v.allocator_peak,
             "peak_pct_of_baseline": None if v.peak is None else round(100 * v.peak / base.peak, 1),
             "median_s": round(v.median, 4),

@@ -49,7 +49,6 @@ from _harness import (  # noqa: E402
     print_table,
     reference_grads,
     run_step,
-    storage_bytes,
     tensors_of,
     time_interleaved,
     write_results,
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             "==" if v.grads_equal else "[red]WRONG[/red]",
             "yes" if ok else "no",
             *(
-                [f"{(v.peak - storage_bytes(v.track)) / MiB:.1f} / {v.allocator_peak / MiB:.1f}"]
+                [f"{v.peak_above_start / MiB:.1f} / {v.allocator_peak / MiB:.1f}"]
                 if v.allocator_peak is not None
                 else []
             ),

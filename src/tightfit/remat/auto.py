@@ -304,10 +304,11 @@ class Planner:
             self._progress("measuring no remat", 1, total)
             self.baseline_peak, self.baseline_time = self.measure_step(None, grads=grads)
         groups = self.blocks.groups
-        if self.blocks.skips:
-            names = [self.blocks.blocks[j].name for _, j in self.blocks.skips]
+        skips = self.blocks.skips
+        if skips:
+            names = [self.blocks.blocks[j].name for _, j in skips]
             self.notes.append(
-                f"not a chain: {len(self.blocks.skips)} skip connection(s) into {', '.join(names[:4])}; "
+                f"not a chain: {len(skips)} skip connection(s) into {', '.join(names[:4])}; "
                 "skip tensors counted in the measured constant, and in the entry of a segment that holds them"
             )
         total = 3 + len(groups) * (len(self.options) + OP_OPTIONS)

@@ -81,16 +81,18 @@ class Blocks:
     blocks: list[Block]
     groups: list[Group]
     source: str  # which rule found them, for the plan printout
-    skips: list[tuple[int, int]] = field(
-        default_factory=list
-    )  # (i, j): block j reads block i's output, i < j-1
     skip_tensors: dict[tuple[int, int], dict[int, int]] = field(
         default_factory=dict
-    )  # (i, j) of skips: the storages block j reads from block i, with their bytes
+    )  # (i, j), i < j-1: the storages block j reads from block i's output, with their bytes
     last_reader: dict[int, int] = field(default_factory=dict)  # storage -> the last block reading it
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    @property
+    def skips(self) -> list[tuple[int, int]]:
+        """(i, j): block j reads block i's output, i < j-1; ordered by j, then i."""
+        return sorted(self.skip_tensors, key=lambda ij: (ij[1], ij[0]))
 
 
 def _describe(x: Any) -> Any:
@@ -357,5 +359,4 @@ def find_blocks(
                 skip_tensors.setdefault((i, j), {})[key] = nbytes
         for key in call.outputs:
             producer[key] = j
-    skips = sorted(skip_tensors, key=lambda ij: (ij[1], ij[0]))
-    return Blocks(blocks, groups, source, skips, skip_tensors, last_reader)
+    return Blocks(blocks, groups, source, skip_tensors, last_reader)

@@ -152,6 +152,15 @@ def min_feasible_budget(w: Workload) -> int | None:
     return None
 
 
+def share_planner(w: Workload) -> None:
+    """--reuse-planner: measure the model once (``Planner``) and plan every budget from that."""
+    from tightfit.remat.auto import Planner
+
+    t0 = time.perf_counter()
+    w.planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn, keep_output=False)
+    log(f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)")
+
+
 def timed_min_budget(w: Workload) -> int | None:
     """`min_feasible_budget`, logged with the time it took."""
     t0 = time.perf_counter()
@@ -429,11 +438,7 @@ def run_workload(w: Workload, args: argparse.Namespace) -> None:
     base = rows[0]
 
     if args.reuse_planner:
-        from tightfit.remat.auto import Planner
-
-        t0 = time.perf_counter()
-        w.planner = Planner(fresh_copy(w.model)[0], w.batch, w.loss_fn, keep_output=False)
-        log(f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)")
+        share_planner(w)
     log("tightfit: smallest feasible budget ...")
     min_b = timed_min_budget(w)
     peer_peaks = [v.peak for v in rows[1:] if v.grads_equal and v.family != "compile"]

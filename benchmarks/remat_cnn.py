@@ -38,7 +38,7 @@ from _harness import (  # noqa: E402
     time_interleaved,
     write_results,
 )
-from remat import Workload, add_tightfit_rows, finish, log, timed_min_budget  # noqa: E402
+from remat import Workload, add_tightfit_rows, finish, log, share_planner, timed_min_budget  # noqa: E402
 
 KUSUMOTO = "36-81% (Kusumoto et al. 2019, peak memory, several CNNs)"
 
@@ -91,6 +91,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         finish(v, ref, seed)
     base = rows[0]
 
+    if args.reuse_planner:
+        share_planner(w)
     min_b = timed_min_budget(w)
     lo = min_b if min_b is not None else min(v.peak for v in rows)
     n = args.budgets
@@ -141,6 +143,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         "command": "python " + " ".join(sys.argv),
     }
     stem = f"remat_cnn_{name.split('-')[0]}"
+    if (args.width, args.size) != (16, 128):  # the default size keeps the unsuffixed name
+        stem += f"_w{args.width}_{args.size}px"
     paths = write_results(stem, rows, base, meta)
     png = plot_pareto(stem, rows, base, title)
     log(f"wrote {', '.join(str(p) for p in [*paths.values(), png] if p)}")
@@ -159,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--reuse-planner",
+        action="store_true",
+        help="measure each model once (tightfit.remat.auto.Planner) and plan every budget from it",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     summaries = [run_model(m, args) for m in args.models]

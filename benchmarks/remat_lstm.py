@@ -53,7 +53,7 @@ from _harness import (  # noqa: E402
     time_interleaved,
     write_results,
 )
-from remat import Workload, add_tightfit_rows, finish, log, timed_min_budget  # noqa: E402
+from remat import Workload, add_tightfit_rows, finish, log, share_planner, timed_min_budget  # noqa: E402
 
 
 def segment_checkpoint(model: torch.nn.Module, k: int) -> None:
@@ -161,13 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     base = rows[0]
 
     if args.reuse_planner:
-        import time
-
-        from tightfit.remat.auto import Planner
-
-        t0 = time.perf_counter()
-        w.planner = Planner(fresh_copy(model)[0], batch, keep_output=False)
-        log(f"tightfit Planner measured the model once: {time.perf_counter() - t0:.1f}s (--reuse-planner)")
+        share_planner(w)
     min_b = timed_min_budget(w)
     lo = min_b if min_b is not None else min(v.peak for v in rows)
     # budgets keeping a fraction of what the no-remat peak holds beyond params + grads (0.05: -95%)

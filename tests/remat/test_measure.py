@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from tightfit.remat.blocks import find_blocks
-from tightfit.remat.execute import RECOMPUTE, STORE
-from tightfit.remat.measure import measure_group
+from tightfit.remat.execute import RECOMPUTE, SAVE_LINEAR, SAVE_MATMUL, STORE
+from tightfit.remat.measure import kept_positions, measure_group, record_units
 
 
 class Chain(nn.Module):
@@ -32,3 +34,56 @@ def test_a_weight_view_is_not_counted_as_kept() -> None:
     assert costs[RECOMPUTE].keep == out_bytes  # checkpoint keeps the output (the input was made outside)
     weight_bytes = 512 * 512 * 4
     assert costs[STORE].bwd_peak >= weight_bytes  # the weight's gradient is made in the backward
+
+
+class ConvChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()) for _ in range(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x.sum()
+
+
+class Attention(nn.Module):
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(q @ q.transpose(-1, -2), dim=-1) @ q
+
+
+class AttnChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), Attention()) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x.sum()
+
+
+def test_options_keeping_the_same_ops_are_measured_once() -> None:
+    """In a conv block the convolutions are all its matmuls and all its projections: save-linear keeps what
+    save-matmul keeps, so it is not run again and gets the same costs (times included, which two separate
+    timings would not give). With attention (bmm) the two keep different ops and are both measured."""
+    torch.manual_seed(0)
+    conv = find_blocks(ConvChain().train(), torch.randn(2, 4, 8, 8)).groups[0]
+    ops = record_units(conv).ops
+    assert kept_positions(SAVE_LINEAR, ops) == kept_positions(SAVE_MATMUL, ops) != frozenset()
+    seen: list[str] = []
+    costs = measure_group(conv, reps=1, on_option=seen.append)
+    assert seen.count(SAVE_LINEAR) == 1  # reported to the progress callback, like a measured option
+    assert costs[SAVE_LINEAR] == replace(costs[SAVE_MATMUL], option=SAVE_LINEAR)
+    assert costs[SAVE_LINEAR].exact and costs[SAVE_LINEAR].fwd_time > 0
+
+    attn = find_blocks(AttnChain(), torch.randn(2, 5, 8)).groups[0]
+    ops = record_units(attn).ops
+    assert kept_positions(SAVE_LINEAR, ops) < kept_positions(SAVE_MATMUL, ops)
+    costs = measure_group(attn, reps=1)
+    # here keeping the matmuls keeps as much as storing (not worth timing, dropped), keeping only the
+    # projection keeps less: measured on its own, not taken for save-matmul's twin
+    assert SAVE_MATMUL not in costs
+    assert costs[SAVE_LINEAR].keep < costs[STORE].keep

@@ -23,7 +23,9 @@ NOTE [ Op-level options ]
   block form one unit (a recomputed random op must see the RNG state it saw first, so the random ops
   recomputed cannot follow ones that are skipped). Units are ranked by recompute time saved per byte
   kept, and the shortest prefixes saving 30/55/80% of the recompute time become ``keep-ops`` options,
-  measured like the others.
+  measured like the others. Selective options that keep the same op positions as an earlier one (in a
+  CNN, save-linear keeps what save-matmul keeps: its convolutions) run the same code and are measured
+  once (``kept_positions``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,7 +44,16 @@ from tightfit._step import wait_for_device
 from tightfit.memory import LiveTracker
 from tightfit.memory.flops import FlopCounter
 from tightfit.remat.blocks import Group, _leaves
-from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE, keep_ops_option, run_call, sac_contexts
+from tightfit.remat.execute import (
+    OPTIONS,
+    RECOMPUTE,
+    SAC_SAVED_OPS,
+    STORE,
+    keep_ops_option,
+    kept_ops,
+    run_call,
+    sac_contexts,
+)
 
 
 @dataclass
@@ -356,6 +367,18 @@ def op_options(profile: OpProfile, fractions: Sequence[float] = OP_FRACTIONS) ->
     return options
 
 
+def kept_positions(option: str, ops: Sequence[Any]) -> frozenset[int] | None:
+    """Positions in the block's op sequence ``ops`` whose outputs a selective-checkpoint option keeps;
+    None for store, recompute and segments (not selective)."""
+    kept = kept_ops(option)
+    if kept is not None:
+        return kept.indices
+    saved = SAC_SAVED_OPS.get(option)
+    if saved is None:
+        return None
+    return frozenset(i for i, op in enumerate(ops) if getattr(op, "overloadpacket", op) in saved)
+
+
 def same_tensors(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
     """Whether two lists of optional tensors are equal bit for bit."""
     return len(a) == len(b) and all(
@@ -383,11 +406,27 @@ def measure_group(
     are no values): the ``--estimate`` cost model.
     """
     options = [STORE, *[o for o in options if o != STORE]]
+    ops: list[Any] = []
     if op_level and flop_rate is None:
-        options += op_options(record_units(group, seed))
+        profile = record_units(group, seed)
+        ops = profile.ops
+        options += op_options(profile)
     costs: dict[str, OptionCost] = {}
     reference: list[torch.Tensor | None] | None = None
+    # selective options that keep the same ops as an earlier one (a CNN's convolutions are all its
+    # matmuls and all its projections) run the same code: measured once, the costs copied
+    first_keeping: dict[frozenset[int], str] = {}
+    twins: dict[str, str] = {}
     for option in options:
+        positions = kept_positions(option, ops) if ops else None
+        twin = first_keeping.get(positions) if positions is not None else None
+        if twin is not None and (twin not in costs or costs[twin].exact):
+            twins[option] = twin  # (a twin not in costs kept as much as storing: so does this one)
+            if on_option is not None:
+                on_option(option)
+            continue
+        if positions is not None:
+            first_keeping.setdefault(positions, option)
         run = _Run(group, option, seed)
         try:
             keep, fwd_peak, bwd_peak, grads = _measure_memory(run)
@@ -416,4 +455,7 @@ def measure_group(
             on_option(option)
     if flop_rate is None:
         _time_interleaved(group, costs, reps, seed)
+    for option, twin in twins.items():
+        if twin in costs:
+            costs[option] = replace(costs[twin], option=option)
     return costs

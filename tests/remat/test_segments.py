@@ -247,3 +247,52 @@ def test_regions_are_freed_without_the_garbage_collector() -> None:
     finally:
         segments.Region.__init__ = original  # type: ignore[method-assign]
         gc.enable()
+
+
+class _GcSpy(Cell):
+    """A cell that records whether the garbage collector was enabled each time it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled: list[bool] = []
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        import gc
+
+        self.enabled.append(gc.isenabled())
+        return super().forward(x, h)
+
+
+@pytest.mark.parametrize("plan", ["segments", "per-call"])
+def test_the_collector_is_paused_while_checkpointed_code_runs_and_resumed(plan: str) -> None:
+    """Training forward (and a segment's recompute): paused; afterwards, after a forward that raised, in
+    eval/no_grad and when the user had paused it: as it was. Gradients stay identical."""
+    import gc
+
+    model, xs = Loop().train(), _xs()
+    model.cell = _GcSpy()
+    reference = grads_after_step(clone(model), xs)
+    execute.apply(model, {"cell": _segments(12, 4) if plan == "segments" else [RECOMPUTE] * 12})
+    cell = model.cell
+    assert gc.isenabled()
+    loss = model(xs)
+    assert cell.enabled == [False] * 12 and gc.isenabled()  # resumed when the forward returned
+    loss.backward()
+    if plan == "segments":  # the segment's replay pauses it; a per-call recompute runs torch's own code
+        assert cell.enabled[12:] == [False] * 12
+    assert gc.isenabled()
+    assert same_grads(reference, grads_after_step(model, xs))
+
+    cell.enabled.clear()
+    with pytest.raises(RuntimeError, match="shape"):
+        model(torch.randn(4, 12, 7))  # the cell's matmul fails inside the forward
+    assert gc.isenabled()
+    with torch.no_grad():
+        model(xs)
+    assert cell.enabled[-12:] == [True] * 12
+    gc.disable()
+    try:
+        model(xs).backward()
+        assert not gc.isenabled()  # the user's choice is left alone
+    finally:
+        gc.enable()

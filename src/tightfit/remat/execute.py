@@ -12,6 +12,8 @@ NOTE [ How a plan is applied ]
   ``model.eval()`` and ``torch.no_grad()`` run the original code. A ``segment:<n>`` decision opens one
   checkpoint region over this call and the next n - 1 planned block calls (``tightfit.remat.segments``);
   a forward hook on the root closes a region the forward left open.
+  The root's forward hooks also pause Python's garbage collector during a training forward
+  (``tightfit.remat.collector``).
 
 NOTE [ Why gradients are bit-identical ]
   Non-reentrant checkpoint stashes and restores the RNG state (CPU and the inputs' accelerators) and the
@@ -36,6 +38,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from tightfit.remat import collector
 from tightfit.remat.segments import IN_SEGMENT, Segments, is_segment_option, segment_length
 
 aten = torch.ops.aten
@@ -359,6 +362,9 @@ def apply(
         patched.append(path)
         counting = counting or state.constant is None or is_segment_option(state.constant)
     handles = []
+    if patched:
+        handles.append(model.register_forward_pre_hook(collector.pause_for_forward))
+        handles.append(model.register_forward_hook(collector.resume_after_forward, always_call=True))
     if counting:
         handles.append(model.register_forward_pre_hook(_reset_counts))
         handles.append(model.register_forward_hook(_close_segments, always_call=True))

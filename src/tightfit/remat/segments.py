@@ -33,6 +33,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode, _get_current_function_mode
 from torch.utils import checkpoint as _ckpt
 
+from tightfit.remat import collector
+
 SEGMENT = "segment"  # "segment:<n>": this block call opens a region of n block calls
 IN_SEGMENT = "in-segment"  # a later block call of the open region
 
@@ -265,15 +267,17 @@ class Region:
 
     # -- backward -----------------------------------------------------------------------------------
     def replay(self, *_inputs: Any) -> None:
-        """Rerun the recorded calls in order (checkpoint calls this under its recompute hooks)."""
+        """Rerun the recorded calls in order (checkpoint calls this under its recompute hooks), with the
+        garbage collector paused (``tightfit.remat.collector``)."""
         values: dict[int, list[Tensor]] = {}
-        for k, step in enumerate(self.steps):
-            leaves = [values[x.step][x.leaf] if isinstance(x, _Ref) else x for x in step.leaves]
-            args, kwargs = _unflatten(leaves, step.spec)
-            out = step.run(*args, **kwargs)
-            values[k] = _tensors(out)
-            for j in self.release.get(k, ()):
-                values.pop(j, None)
+        with collector.paused():
+            for k, step in enumerate(self.steps):
+                leaves = [values[x.step][x.leaf] if isinstance(x, _Ref) else x for x in step.leaves]
+                args, kwargs = _unflatten(leaves, step.spec)
+                out = step.run(*args, **kwargs)
+                values[k] = _tensors(out)
+                for j in self.release.get(k, ()):
+                    values.pop(j, None)
 
 
 class Segments:

@@ -200,3 +200,25 @@ def test_own_model_with_loss_fn() -> None:
     out = tightfit.rematerialize(model, x, budget, loss_fn=loss_fn)
     assert out.plan.checkpointed and out.plan.measured_peak <= budget
     assert same_grads(reference, grads(out))
+
+
+@pytest.mark.parametrize("threshold", [0, 10**6])
+def test_long_chains_time_the_baseline_without_the_recording_hooks(
+    threshold: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recording step's time includes its hooks (~0.1 ms per module call); past RETIME_ABOVE_BLOCKS
+    blocks the no-remat time comes from an extra plain timed step instead."""
+    model, batch = build("lstm-tiny")
+    steps: list[tuple[object, bool, bool]] = []
+    measure_step = Planner.measure_step
+
+    def spy(self: Planner, options=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        steps.append((options, kwargs.get("timed", True), kwargs.get("tracked", True)))
+        return measure_step(self, options, **kwargs)
+
+    monkeypatch.setattr(Planner, "RETIME_ABOVE_BLOCKS", threshold)
+    monkeypatch.setattr(Planner, "measure_step", spy)
+    planner = Planner(model, batch)
+    plain_timed = [s for s in steps if s == (None, True, False)]
+    assert len(plain_timed) == (1 if threshold == 0 else 0)
+    assert planner.baseline_time > 0

@@ -255,11 +255,14 @@ class _GcSpy(Cell):
     def __init__(self) -> None:
         super().__init__()
         self.enabled: list[bool] = []
+        self.interrupt = False
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         import gc
 
         self.enabled.append(gc.isenabled())
+        if self.interrupt:
+            raise KeyboardInterrupt
         return super().forward(x, h)
 
 
@@ -290,8 +293,15 @@ def test_the_collector_is_paused_while_checkpointed_code_runs_and_resumed(plan: 
     with torch.no_grad():
         model(xs)
     assert cell.enabled[-12:] == [True] * 12
-    gc.disable()
     try:
+        cell.interrupt = True  # forward hooks do not run on a KeyboardInterrupt: resumed at the next forward
+        with pytest.raises(KeyboardInterrupt):
+            model(xs)
+        cell.interrupt = False
+        assert not gc.isenabled()
+        model(xs).backward()
+        assert gc.isenabled()
+        gc.disable()
         model(xs).backward()
         assert not gc.isenabled()  # the user's choice is left alone
     finally:

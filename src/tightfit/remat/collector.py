@@ -7,9 +7,10 @@ NOTE [ The garbage collector during checkpointing ]
   heap. On an LSTM stepped over 1000 time steps with tiny tensors (pure overhead), collection was half of
   a checkpointed forward's time (0.66 s with it, 0.31 s without; 0.17 s without checkpointing). So the
   collector is paused while a patched model runs a training forward (root hooks, resumed when the forward
-  returns or raises) and while a segment is recomputed in the backward. Reference counting frees everything
-  as usual; only cyclic garbage made meanwhile waits for the next collection after it. Under
-  ``torch.compile`` nothing is paused (there is nothing to trace in it).
+  returns or raises; after a KeyboardInterrupt, at the model's next forward) and while a segment is
+  recomputed in the backward. Reference counting frees everything as usual; only cyclic garbage made
+  meanwhile waits for the next collection after it. Nothing is paused while torch.compile traces (a call
+  into ``gc`` would break the graph).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-_PAUSES = "_tightfit_gc_paused"  # on the root module: per running forward, whether it paused the collector
+_PAUSED = "_tightfit_gc_paused"  # on the root module: set while a forward of it has the collector paused
 
 
 @contextlib.contextmanager
@@ -38,15 +39,18 @@ def paused() -> Iterator[None]:
 
 
 def pause_for_forward(root: torch.nn.Module, _args: Any) -> None:
-    """Forward pre-hook on the root: pause the collector for a training forward."""
-    pause = not torch.compiler.is_compiling() and torch.is_grad_enabled() and root.training and gc.isenabled()
-    root.__dict__.setdefault(_PAUSES, []).append(pause)
-    if pause:
+    """Forward pre-hook on the root: pause the collector for a training forward. A pause still recorded
+    here is from a forward that never returned (interrupted: forward hooks do not run on a
+    KeyboardInterrupt): it is resumed first."""
+    if root.__dict__.pop(_PAUSED, False):
+        gc.enable()
+    if not torch.compiler.is_compiling() and torch.is_grad_enabled() and root.training and gc.isenabled():
         gc.disable()
+        root.__dict__[_PAUSED] = True
 
 
 def resume_after_forward(root: torch.nn.Module, _args: Any, _output: Any) -> None:
-    """Forward hook on the root (also called when the forward raises): resume what the pre-hook paused."""
-    pauses = root.__dict__.get(_PAUSES)
-    if pauses and pauses.pop():
+    """Forward hook on the root (also called when the forward raises an Exception): resume the collector
+    if the pre-hook paused it."""
+    if root.__dict__.pop(_PAUSED, False):
         gc.enable()

@@ -208,12 +208,14 @@ def _count_time(run: _Run, flop_rate: float, byte_rate: float) -> tuple[float, f
 def _time_interleaved(group: Group, costs: dict[str, OptionCost], reps: int, seed: int) -> None:
     """Median forward/backward times of every runnable option, timed round-robin so that load changes on
     a shared machine hit all options alike (the memory runs just before were the warm-up). Blocks slower
-    than 50 ms get at most two rounds."""
+    than 50 ms get at most two rounds, slower than 0.5 s one (a full-size U-Net level: measuring is most
+    of its planning time, and its relative noise is small)."""
     timed = [o for o, c in costs.items() if c.exact]
     runs = {o: _Run(group, o, seed) for o in timed}
     samples: dict[str, list[tuple[float, float]]] = {o: [_measure_time(runs[o], 1)] for o in timed}
     once = statistics.median(sum(samples[o][0]) for o in timed) if timed else 0.0
-    for _ in range((reps if once < 0.05 else min(reps, 2)) - 1):
+    rounds = reps if once < 0.05 else min(reps, 2) if once < 0.5 else 1
+    for _ in range(rounds - 1):
         for o in timed:
             samples[o].append(_measure_time(runs[o], 1))
     for o in timed:

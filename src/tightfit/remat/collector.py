@@ -42,9 +42,11 @@ def pause_for_forward(root: torch.nn.Module, _args: Any) -> None:
     """Forward pre-hook on the root: pause the collector for a training forward. A pause still recorded
     here is from a forward that never returned (interrupted: forward hooks do not run on a
     KeyboardInterrupt): it is resumed first."""
+    if torch.compiler.is_compiling():
+        return
     if root.__dict__.pop(_PAUSED, False):
         gc.enable()
-    if not torch.compiler.is_compiling() and torch.is_grad_enabled() and root.training and gc.isenabled():
+    if torch.is_grad_enabled() and root.training and gc.isenabled():
         gc.disable()
         root.__dict__[_PAUSED] = True
 
@@ -52,5 +54,5 @@ def pause_for_forward(root: torch.nn.Module, _args: Any) -> None:
 def resume_after_forward(root: torch.nn.Module, _args: Any, _output: Any) -> None:
     """Forward hook on the root (also called when the forward raises an Exception): resume the collector
     if the pre-hook paused it."""
-    if root.__dict__.pop(_PAUSED, False):
+    if not torch.compiler.is_compiling() and root.__dict__.pop(_PAUSED, False):
         gc.enable()

@@ -268,8 +268,9 @@ class _GcSpy(Cell):
 
 @pytest.mark.parametrize("plan", ["segments", "per-call"])
 def test_the_collector_is_paused_while_checkpointed_code_runs_and_resumed(plan: str) -> None:
-    """Training forward (and a segment's recompute): paused; afterwards, after a forward that raised, in
-    eval/no_grad and when the user had paused it: as it was. Gradients stay identical."""
+    """Training forward (and a segment's recompute): paused. Afterwards, after a forward that raised,
+    under no_grad and when the user had paused it: as it was; after a KeyboardInterrupt (no forward hook
+    runs): resumed at the next forward. Gradients stay identical."""
     import gc
 
     model, xs = Loop().train(), _xs()

@@ -128,10 +128,14 @@ def option_label(option: str) -> str:
     return option if length is None else f"segment of {length}"
 
 
+def keeps_output(saved: frozenset[Any], op: Any) -> bool:
+    """Whether a named option whose kept ops are ``saved`` (``SAC_SAVED_OPS``) keeps ``op``'s output."""
+    return getattr(op, "overloadpacket", op) in saved
+
+
 def _policy(saved: frozenset[Any]) -> Callable[..., CheckpointPolicy]:
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        packet = getattr(op, "overloadpacket", op)
-        return CheckpointPolicy.MUST_SAVE if packet in saved else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.MUST_SAVE if keeps_output(saved, op) else CheckpointPolicy.PREFER_RECOMPUTE
 
     return policy
 

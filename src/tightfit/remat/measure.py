@@ -50,6 +50,7 @@ from tightfit.remat.execute import (
     SAC_SAVED_OPS,
     STORE,
     keep_ops_option,
+    keeps_output,
     kept_ops,
     run_call,
     sac_contexts,
@@ -378,7 +379,7 @@ def kept_positions(option: str, ops: Sequence[Any]) -> frozenset[int] | None:
     saved = SAC_SAVED_OPS.get(option)
     if saved is None:
         return None
-    return frozenset(i for i, op in enumerate(ops) if getattr(op, "overloadpacket", op) in saved)
+    return frozenset(i for i, op in enumerate(ops) if keeps_output(saved, op))
 
 
 def same_tensors(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:

@@ -87,3 +87,24 @@ def test_options_keeping_the_same_ops_are_measured_once() -> None:
     # projection keeps less: measured on its own, not taken for save-matmul's twin
     assert SAVE_MATMUL not in costs
     assert costs[SAVE_LINEAR].keep < costs[STORE].keep
+
+
+def test_an_option_costs_at_least_the_ops_it_recomputes() -> None:
+    """Timed alone, recomputing can look free (store slower for other reasons); the extra time is raised
+    to the recorded forward time of the ops the option recomputes, and left alone when above it."""
+    from tightfit.remat.measure import OpProfile, OptionCost, _at_least_the_recomputed_ops
+
+    aten = torch.ops.aten
+    profile = OpProfile([aten.mm.default, aten.relu.default], [], [0.5, 0.25])
+    costs = {
+        STORE: OptionCost(STORE, 100, 0, 0, 1.0, 2.0),
+        SAVE_MATMUL: OptionCost(SAVE_MATMUL, 60, 0, 0, 1.0, 2.0),  # keeps mm: recomputes relu (0.25 s)
+        RECOMPUTE: OptionCost(RECOMPUTE, 10, 0, 0, 1.0, 2.1),  # recomputes both (0.75 s)
+        SAVE_LINEAR: OptionCost(SAVE_LINEAR, 60, 0, 0, 1.0, 2.4),  # already 0.4 s over store
+    }
+    _at_least_the_recomputed_ops(costs, profile)
+    extra = {o: c.fwd_time + c.bwd_time - 3.0 for o, c in costs.items()}
+    assert extra[STORE] == 0
+    assert abs(extra[SAVE_MATMUL] - 0.25) < 1e-12
+    assert abs(extra[RECOMPUTE] - 0.75) < 1e-12
+    assert abs(extra[SAVE_LINEAR] - 0.4) < 1e-12

@@ -9,7 +9,9 @@ the recorded arguments, under the ruler (``tightfit.memory.LiveTracker``):
   fwd_peak  highest live bytes during its forward, above the level before it;
   bwd_peak  highest live bytes during its backward (recompute included, the block's parameter
             gradients and input gradients included), above the level when its backward starts;
-  fwd_time, bwd_time  median wall time of untracked runs (seconds; backward includes the recompute).
+  fwd_time, bwd_time  median wall time of untracked runs (seconds; backward includes the recompute, and
+            is raised where needed so that an option costs at least the recorded forward time of the
+            ops it recomputes: ``_at_least_the_recomputed_ops``).
 
 Every option's gradients (parameters and inputs) are compared bit for bit with the store option's under
 the same RNG seed; an option that does not reproduce them (a block that modifies its input in place, for
@@ -315,6 +317,7 @@ class OpProfile:
 
     ops: list[Any]
     units: list[OpUnit]
+    seconds: list[float] = field(default_factory=list)  # forward time of each op
 
 
 def record_units(group: Group, seed: int = 1234, runs: int = 2) -> OpProfile:
@@ -332,7 +335,7 @@ def record_units(group: Group, seed: int = 1234, runs: int = 2) -> OpProfile:
         u.seconds = sum(seconds[i] for i in u.ops)
     keep = [u for u in units if not u.external]
     if any(u.random and u.external for u in units):
-        return OpProfile(ops, [u for u in keep if not u.random])  # a random op is never kept: none is
+        return OpProfile(ops, [u for u in keep if not u.random], seconds)  # a random op is never kept
     randoms = [u for u in keep if u.random]
     if len(randoms) > 1:
         merged = OpUnit(
@@ -342,7 +345,7 @@ def record_units(group: Group, seed: int = 1234, runs: int = 2) -> OpProfile:
             random=True,
         )
         keep = [u for u in keep if not u.random] + [merged]
-    return OpProfile(ops, keep)
+    return OpProfile(ops, keep, seconds)
 
 
 OP_FRACTIONS = (0.3, 0.55, 0.8)
@@ -382,6 +385,23 @@ def kept_positions(option: str, ops: Sequence[Any]) -> frozenset[int] | None:
     return frozenset(i for i, op in enumerate(ops) if keeps_output(saved, op))
 
 
+def _at_least_the_recomputed_ops(costs: dict[str, OptionCost], profile: OpProfile) -> None:
+    """Raise an option's backward time so that its extra time over store is at least the forward time of
+    the ops it recomputes (from the op recording). Timed alone, a block's store option can be slower than
+    its recompute option by more than the recompute costs (on CPU, keeping more touches more fresh
+    memory; full-size ResNet blocks measured +0.0 ms for recomputing everything), which the step does not
+    repeat: the DP would take recomputation for free."""
+    store = costs[STORE]
+    for option, cost in costs.items():
+        kept = frozenset() if option == RECOMPUTE else kept_positions(option, profile.ops)
+        if option == STORE or kept is None or not cost.exact:
+            continue
+        floor = sum(t for i, t in enumerate(profile.seconds) if i not in kept)
+        missing = store.fwd_time + store.bwd_time + floor - cost.fwd_time - cost.bwd_time
+        if missing > 0:
+            cost.bwd_time += missing
+
+
 def same_tensors(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
     """Whether two lists of optional tensors are equal bit for bit."""
     return len(a) == len(b) and all(
@@ -409,11 +429,11 @@ def measure_group(
     are no values): the ``--estimate`` cost model.
     """
     options = [STORE, *[o for o in options if o != STORE]]
-    ops: list[Any] = []
+    profile = OpProfile([], [])
     if op_level and flop_rate is None:
         profile = record_units(group, seed)
-        ops = profile.ops
         options += op_options(profile)
+    ops = profile.ops
     costs: dict[str, OptionCost] = {}
     reference: list[torch.Tensor | None] | None = None
     # selective options that keep the same ops as an earlier one (a CNN's convolutions are all its
@@ -458,6 +478,8 @@ def measure_group(
             on_option(option)
     if flop_rate is None:
         _time_interleaved(group, costs, reps, seed)
+        if profile.seconds:
+            _at_least_the_recomputed_ops(costs, profile)
     for option, twin in twins.items():
         if twin in costs:
             costs[option] = replace(costs[twin], option=option)

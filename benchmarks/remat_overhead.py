@@ -1,0 +1,105 @@
+"""Per-call overhead of checkpointing an LSTM stepped over time, and what Python's garbage collector adds.
+
+The zoo LSTM LM over T steps, in one process, three variants with the same segments of k time steps:
+no remat, hand-written `checkpoint` over every k steps (the model's `rnn.run`), and tightfit's segments of
+k steps (`tightfit.remat.execute.apply`, which pauses the collector during the training forward and a
+segment's replay). Each is timed with the collector as the process has it (on) and switched off for the
+whole step, interleaved over rounds; forward and backward medians and step ratios to no remat are printed.
+A 4-wide LSTM is pure per-call overhead; a 256-wide one is the `remat_lstm.py` configuration.
+
+    .venv/bin/python benchmarks/remat_overhead.py --hidden 4 --embed 4 --batch 1     # overhead-bound
+    .venv/bin/python benchmarks/remat_overhead.py                                    # H=256, B=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from remat_lstm import segment_checkpoint  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--embed", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--segment", type=int, default=32, help="time steps per checkpointed segment")
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from tightfit.remat import execute
+    from tightfit.remat.segments import IN_SEGMENT, segment_option
+    from tightfit.zoo.lstm import LSTMConfig, LSTMLanguageModel
+
+    torch.manual_seed(0)
+    cfg = LSTMConfig(vocab_size=64, embed_dim=args.embed, hidden_size=args.hidden, dropout=0.1)
+    plain = LSTMLanguageModel(cfg).train()
+    ids = torch.randint(0, 64, (args.batch, args.steps))
+    batch = {"x": ids, "labels": ids.clone()}
+    hand = copy.deepcopy(plain)
+    segment_checkpoint(hand, args.segment)
+    tight = copy.deepcopy(plain)
+    decisions: dict[str, list[str]] = {}
+    paths = ["rnn.cells.0", "rnn.dropout", "rnn.cells.1", "rnn.dropout"]  # the block calls of one step
+    calls: list[str] = []
+    for start in range(0, args.steps, args.segment):
+        n = 4 * min(args.segment, args.steps - start)
+        calls += [segment_option(n)] + [IN_SEGMENT] * (n - 1)
+    for k, option in enumerate(calls):
+        decisions.setdefault(paths[k % 4], []).append(option)
+    execute.apply(tight, decisions)
+
+    variants = {
+        "no remat": plain,
+        f"checkpoint every {args.segment}": hand,
+        f"tightfit {args.segment}": tight,
+    }
+    times: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for name, model in variants.items():
+            for collector_off in (False, True):
+                gc.collect()
+                if collector_off:
+                    gc.disable()
+                t0 = time.perf_counter()
+                loss = model(**batch)
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                gc.enable()
+                for p in model.parameters():
+                    p.grad = None
+                if r:
+                    times.setdefault((name, collector_off), []).append((t1 - t0, t2 - t1))
+    med = {
+        k: (statistics.median(f for f, _ in v), statistics.median(b for _, b in v)) for k, v in times.items()
+    }
+    print(
+        f"LSTM 2 x {args.hidden}, embed {args.embed}, batch {args.batch}, T={args.steps}, segments of "
+        f"{args.segment} steps; medians of {args.rounds} interleaved rounds, 1 thread"
+    )
+    print(
+        f"{'variant':<24} {'collector':<10} {'forward s':>10} {'backward s':>11} {'step s':>8} {'ratio':>6}"
+    )
+    for off in (False, True):
+        base = sum(med[("no remat", off)])
+        for name in variants:
+            f, b = med[(name, off)]
+            label = "off" if off else "on"
+            print(f"{name:<24} {label:<10} {f:>10.3f} {b:>11.3f} {f + b:>8.3f} {(f + b) / base:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -258,6 +258,105 @@ def time_interleaved(
             log(f"timing round {r + 1}/{rounds} done")
 
 
+def paired_ratios(a: Variant, b: Variant) -> list[float]:
+    """a's step time over b's in each interleaved round (both ran in the same round, minutes apart at
+    most, so the machine's drifting load cancels far better than between two medians)."""
+    return [x / y for x, y in zip(a.times, b.times)]
+
+
+def sign_test(faster: int, rounds: int) -> float:
+    """One-sided p-value of being faster in at least ``faster`` of ``rounds`` paired rounds by chance."""
+    return sum(math.comb(rounds, k) for k in range(faster, rounds + 1)) / 2**rounds
+
+
+def target_check(rows: Sequence[Variant], base: Variant, alpha: float = 0.05) -> list[dict[str, Any]]:
+    """For each peer with correct gradients: the tightfit variant (same compiled-ness) with the highest
+    measured peak at or below the peer's, i.e. the plan for that budget, not the luckiest timing among
+    several, compared round by round. Verdict "win"/"LOSS" when a sign test over the paired rounds says
+    so at ``alpha`` (5 rounds: only 5 of 5 qualifies), else "tie"; prints a table, returns the rows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="target: tightfit time <= peer time at equal or lower measured peak (paired rounds)")
+    columns = (
+        "peer",
+        "peer peak MiB",
+        "peer ratio",
+        "tightfit at <= peak",
+        "its peak MiB",
+        "its ratio",
+        "paired ratio (min-max)",
+        "faster in",
+        "verdict",
+    )
+    for c in columns:
+        t.add_column(c, justify="left" if c in ("peer", "tightfit at <= peak", "verdict") else "right")
+    results = []
+    for p in rows:
+        if p.family.startswith("tightfit") or p.family == "baseline":
+            continue
+        if not p.grads_equal:
+            results.append({"peer": p.name, "verdict": "not compared: the peer's gradients are wrong"})
+            t.add_row(
+                p.name,
+                f"{p.peak / MiB:.1f}",
+                f"{p.median / base.median:.2f}",
+                *["-"] * 5,
+                "[red]peer gradients WRONG[/red]",
+            )
+            continue
+        fam = "tightfit+compile" if p.compiled else "tightfit"
+        cands = [v for v in rows if v.family == fam and v.grads_equal and v.peak <= p.peak]
+        best = max(cands, key=lambda v: (v.peak, -v.median)) if cands else None
+        row: dict[str, Any] = {
+            "peer": p.name,
+            "peer_peak_mib": round(p.peak / MiB, 1),
+            "peer_ratio": round(p.median / base.median, 3),
+            "tightfit": None,
+            "verdict": "LOSS: no tightfit variant at <= this peak",
+        }
+        cells = ["-"] * 6
+        if best is not None:
+            ratios = paired_ratios(best, p)
+            faster = sum(r < 1 for r in ratios)
+            n = len(ratios)
+            if sign_test(faster, n) <= alpha:
+                verdict = "win"
+            elif sign_test(n - faster, n) <= alpha:
+                verdict = "LOSS"
+            else:
+                verdict = "tie (within noise)"
+            row |= {
+                "tightfit": best.name,
+                "tightfit_peak_mib": round(best.peak / MiB, 1),
+                "tightfit_ratio": round(best.median / base.median, 3),
+                "paired_ratio_median": round(statistics.median(ratios), 3),
+                "paired_ratio_min": round(min(ratios), 3),
+                "paired_ratio_max": round(max(ratios), 3),
+                "faster_rounds": faster,
+                "rounds": n,
+                "verdict": verdict,
+            }
+            cells = [
+                best.name,
+                f"{best.peak / MiB:.1f}",
+                f"{best.median / base.median:.2f}",
+                f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+                f"{faster}/{n}",
+                verdict,
+            ]
+        results.append(row)
+        t.add_row(
+            p.name,
+            f"{p.peak / MiB:.1f}",
+            f"{p.median / base.median:.2f}",
+            *cells[:5],
+            cells[5] if best is not None else row["verdict"],
+        )
+    Console(width=170).print(t)
+    return results
+
+
 # ------------------------------------------------------------------------------------------ peers
 def per_block_checkpoint(blocks: Sequence[torch.nn.Module], every: int) -> None:
     """Wrap blocks i % every == 0 in non-reentrant `checkpoint` (instance-level forward patch)."""
@@ -477,6 +576,24 @@ def show(path: str | Path) -> None:
     for key in ("target_check", "headline", "summary"):
         if meta.get(key):
             print(key, json.dumps(meta[key], indent=1))
+    rows = [_variant_of(d) for d in data["rows"]]
+    if any(v.family.startswith("tightfit") for v in rows) and all(v.times for v in rows):
+        target_check(rows, next(v for v in rows if v.family == "baseline"))
+
+
+def _variant_of(d: dict[str, Any]) -> Variant:
+    """A measured variant rebuilt from a results row (enough for ``target_check``)."""
+    return Variant(
+        d["name"],
+        d["family"],
+        lambda: None,
+        [],
+        [],
+        compiled=d["compiled"],
+        peak=d["peak_bytes"],
+        times=list(d.get("times_s") or []),
+        grads_equal=d["grads_equal"],
+    )
 
 
 def write_results(stem: str, rows: Sequence[Variant], base: Variant, meta: dict[str, Any]) -> dict[str, Path]:
@@ -585,6 +702,7 @@ __all__ = [
     "run_step",
     "SequentialRunner",
     "storage_bytes",
+    "target_check",
     "tensors_of",
     "time_interleaved",
     "write_results",

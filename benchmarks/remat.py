@@ -53,6 +53,7 @@ from _harness import (  # noqa: E402
     print_table,
     reference_grads,
     run_step,
+    target_check,
     tensors_of,
     time_interleaved,
     write_results,
@@ -362,63 +363,6 @@ def pick_budgets(min_b: int | None, peer_peaks: list[int], base_peak: int, n_ext
         if not out or b > out[-1] * 1.03:
             out.append(b)
     return out
-
-
-def target_check(rows: list[Variant], base: Variant) -> list[dict[str, Any]]:
-    """For each peer: the fastest tightfit variant (same compiled-ness) with measured peak <= the peer's."""
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="target: tightfit time <= peer time at equal or lower measured peak")
-    for c in (
-        "peer",
-        "peer peak",
-        "peer ratio",
-        "peer grads",
-        "best tightfit at <= peak",
-        "its peak",
-        "its ratio",
-        "verdict",
-    ):
-        t.add_column(c, justify="left" if c in ("peer", "best tightfit at <= peak", "verdict") else "right")
-    results = []
-    for p in rows:
-        if p.family.startswith("tightfit") or p.family == "baseline":
-            continue
-        fam = "tightfit+compile" if p.compiled else "tightfit"
-        cands = [v for v in rows if v.family == fam and v.grads_equal and v.peak <= p.peak]
-        best = min(cands, key=lambda v: v.median) if cands else None
-        pr, br = p.median / base.median, (best.median / base.median if best else None)
-        if best is None:
-            verdict = "LOSS: no tightfit variant at <= this peak"
-        elif br <= pr:
-            verdict = "win" if pr - br > 0.1 else "win (within ±0.1 noise)"
-        else:
-            verdict = "LOSS" if br - pr > 0.1 else "loss (within ±0.1 noise)"
-        results.append(
-            {
-                "peer": p.name,
-                "peer_peak_mib": round(p.peak / MiB, 1),
-                "peer_ratio": round(pr, 3),
-                "peer_grads_equal": p.grads_equal,
-                "tightfit": best.name if best else None,
-                "tightfit_peak_mib": round(best.peak / MiB, 1) if best else None,
-                "tightfit_ratio": round(br, 3) if best else None,
-                "verdict": verdict,
-            }
-        )
-        t.add_row(
-            p.name,
-            f"{p.peak / MiB:.1f}",
-            f"{pr:.2f}",
-            "==" if p.grads_equal else "[red]WRONG[/red]",
-            best.name if best else "-",
-            f"{best.peak / MiB:.1f}" if best else "-",
-            f"{br:.2f}" if best else "-",
-            verdict,
-        )
-    Console(width=160).print(t)
-    return results
 
 
 def run_workload(w: Workload, args: argparse.Namespace) -> None:

@@ -34,6 +34,7 @@ from _harness import (  # noqa: E402
     print_table,
     reference_grads,
     run_step,
+    target_check,
     tensors_of,
     time_interleaved,
     write_results,
@@ -96,13 +97,17 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     min_b = timed_min_budget(w)
     lo = min_b if min_b is not None else min(v.peak for v in rows)
     n = args.budgets
-    budgets = sorted({lo, base.peak, *(int(lo + (base.peak - lo) * (i + 1) / (n + 1)) for i in range(n))})
+    budgets = sorted(
+        {lo, base.peak, *(int(lo + (base.peak - lo) * (i + 1) / (n + 1)) for i in range(n))}
+        | {v.peak for v in rows[1:] if v.peak >= lo}  # each peer's peak: the equal-peak comparisons
+    )
     plan_times = add_tightfit_rows(w, budgets, rows, ref, ref_names, seed)
 
     log(f"timing {len(rows)} variants, {args.rounds} interleaved rounds ...")
     time_interleaved(rows, args.rounds, warmup=1, log=log)
     title = f"{name}: {desc}; {args.rounds} rounds, {torch.get_num_threads()} thread(s), shared machine"
     print_table(rows, base, title)
+    checks = target_check(rows, base)
 
     summary = {"model": name, "desc": desc}
     for fam in ("tightfit", "ckpt-every-k"):
@@ -139,6 +144,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
         "desc": desc,
         "args": vars(args),
         "summary": summary,
+        "target_check": checks,
         "planning_s": plan_times,
         "command": "python " + " ".join(sys.argv),
     }

@@ -49,6 +49,7 @@ from _harness import (  # noqa: E402
     print_table,
     reference_grads,
     run_step,
+    target_check,
     tensors_of,
     time_interleaved,
     write_results,
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     time_interleaved(rows, args.rounds, warmup=1, log=log)
     title = f"lstm: {desc}; {args.rounds} rounds"
     print_table(rows, base, title)
+    checks = target_check(rows, base)
 
     from rich.console import Console
     from rich.table import Table
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         "args": vars(args),
         "floor_bytes": floor,
         "headline": headline,
+        "target_check": checks,
         "planning_s": plan_times,
         "command": "python " + " ".join(sys.argv),
     }

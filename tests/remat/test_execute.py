@@ -3,6 +3,8 @@ state_dict keys, undo, per-call decisions, batch-norm statistics, bad input."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -111,6 +113,12 @@ def test_recompute_leaves_batch_norm_statistics_as_without_remat() -> None:
     ref = clone(model)
     reference = grads_after_step(ref, x)
     execute.apply(model, {"0": [RECOMPUTE], "1": [RECOMPUTE]})
+    twin = copy.deepcopy(model)  # restores its own statistics when recomputing, not the original's
+    untouched = [b.clone() for b in model.buffers()]
+    assert same_grads(reference, grads_after_step(twin, x))
+    for a, b, c in zip(ref.buffers(), twin.buffers(), model.buffers(), strict=True):
+        assert torch.equal(a, b) and not (a.is_floating_point() and torch.equal(b, c))
+    assert all(torch.equal(a, b) for a, b in zip(untouched, model.buffers()))
     assert same_grads(reference, grads_after_step(model, x))
     for a, b in zip(ref.buffers(), model.buffers()):
         assert torch.equal(a, b)
@@ -138,7 +146,6 @@ def test_bad_input_is_rejected_before_patching() -> None:
 
 
 def test_a_deep_copy_of_a_patched_model_runs_its_own_parameters() -> None:
-    import copy
 
     model, x = Net().train(), _x()
     execute.apply(model, {"blocks.0": [RECOMPUTE], "blocks.1": [SAVE_MATMUL, STORE]})
@@ -153,6 +160,5 @@ def test_a_deep_copy_of_a_patched_model_runs_its_own_parameters() -> None:
 
 
 def clone_unpatched(model: nn.Module) -> nn.Module:
-    import copy
 
     return execute.undo(copy.deepcopy(model))

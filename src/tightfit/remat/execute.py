@@ -189,11 +189,17 @@ def _context_fn(option: str) -> Callable[[], Any] | None:
 
 
 # -- running one call under an option --------------------------------------------------------------
-def _stat_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Running statistics a training-mode forward updates in place (batch norm and friends)."""
+def norm_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules with running statistics (batch norm and friends), found once per patched module:
+    scanning the module tree on every call costs as much as a small block's own Python overhead."""
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+
+
+def _stat_buffers(norms: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """Running statistics a training-mode forward of ``norms`` updates in place."""
     out: list[torch.Tensor] = []
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats and m.training:
+    for m in norms:
+        if m.track_running_stats and m.training:
             out.extend(b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None)
     return out
 
@@ -213,10 +219,11 @@ def _frozen_stats(buffers: list[torch.Tensor]) -> Iterator[None]:
                 b.copy_(s)
 
 
-def recomputable(module: torch.nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
-    """``forward`` for a call that may be recomputed: the first call runs it plainly, later ones (the
-    recomputation) restore the running statistics it updates in place."""
-    stats = _stat_buffers(module)
+def recomputable(norms: list[torch.nn.Module], forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` (of a module whose ``norm_layers`` are ``norms``) for a call that may be recomputed:
+    the first call runs it plainly, later ones (the recomputation) restore the running statistics it
+    updates in place."""
+    stats = _stat_buffers(norms)
     calls = [0]
 
     def body(*a: Any, **k: Any) -> Any:
@@ -230,12 +237,18 @@ def recomputable(module: torch.nn.Module, forward: Callable[..., Any]) -> Callab
 
 
 def run_call(
-    module: torch.nn.Module, forward: Callable[..., Any], option: str, args: tuple, kwargs: Mapping[str, Any]
+    module: torch.nn.Module,
+    forward: Callable[..., Any],
+    option: str,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    norms: list[torch.nn.Module],
 ) -> Any:
-    """Run ``forward(*args, **kwargs)`` (the block's original forward) under a remat option."""
+    """Run ``forward(*args, **kwargs)`` (the block's original forward, ``norms`` its ``norm_layers``)
+    under a remat option."""
     if option == STORE or not (torch.is_grad_enabled() and module.training):
         return forward(*args, **kwargs)
-    body = recomputable(module, forward)
+    body = recomputable(norms, forward)
     kept = kept_ops(option)
     if kept is not None:
         if torch.compiler.is_compiling():
@@ -261,8 +274,9 @@ _STATE = "_tightfit_remat_state"  # on each patched module: its _Patched
 class _Patched:
     """Bookkeeping for one patched module: how to call its original forward, and the decision per call.
 
-    Kept in the module's ``__dict__`` and holding no reference to the module itself, so that
-    ``copy.deepcopy`` of a patched model gives a patched copy that runs its own parameters.
+    Kept in the module's ``__dict__``, holding no reference to the module itself (only its norm layers,
+    which ``copy.deepcopy`` copies along with it), so that a deep copy of a patched model is a patched
+    copy that runs its own parameters and updates its own running statistics.
     """
 
     def __init__(
@@ -279,6 +293,7 @@ class _Patched:
             self.func = None
         self.decisions = decisions
         self.default = default
+        self.norms = norm_layers(module)
         self.segments = segments  # shared by every patched module of one model
         # one planned call: the same option for every call (no counting; simpler for torch.compile)
         self.constant = decisions[0] if len(decisions) == 1 else None
@@ -300,13 +315,13 @@ def _forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     if is_segment_option(option):
         return state.segments.call(
             self,
-            recomputable(self, original),
+            recomputable(state.norms, original),
             option,
             args,
             kwargs,
-            fallback=lambda: run_call(self, original, RECOMPUTE, args, kwargs),
+            fallback=lambda: run_call(self, original, RECOMPUTE, args, kwargs, state.norms),
         )
-    return run_call(self, original, option, args, kwargs)
+    return run_call(self, original, option, args, kwargs, state.norms)
 
 
 def _reset_counts(root: torch.nn.Module, _args: Any) -> None:

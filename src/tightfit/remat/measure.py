@@ -54,6 +54,7 @@ from tightfit.remat.execute import (
     keep_ops_option,
     keeps_output,
     kept_ops,
+    norm_layers,
     run_call,
     sac_contexts,
 )
@@ -110,6 +111,7 @@ class _Run:
         self.args = _fresh(group.args, flags, self.leaves)
         self.kwargs = _fresh(group.kwargs, flags, self.leaves)
         self.params = [p for p in group.module.parameters() if p.requires_grad]
+        self.norms = norm_layers(group.module)
 
     def inputs(self) -> list[torch.Tensor]:
         """The leaves behind the arguments that require grad (they receive the input gradients)."""
@@ -121,7 +123,7 @@ class _Run:
 
     def fwd(self) -> Any:
         torch.manual_seed(self.seed)
-        return run_call(self.group.module, self.forward, self.option, self.args, self.kwargs)
+        return run_call(self.group.module, self.forward, self.option, self.args, self.kwargs, self.norms)
 
 
 def _measure_memory(run: _Run) -> tuple[int, int, int, list[torch.Tensor | None]]:

@@ -315,7 +315,7 @@ def target_check(rows: Sequence[Variant], base: Variant, alpha: float = 0.05) ->
             "tightfit": None,
             "verdict": "LOSS: no tightfit variant at <= this peak",
         }
-        cells = ["-"] * 6
+        cells = ["-"] * 5 + [row["verdict"]]
         if best is not None:
             ratios = paired_ratios(best, p)
             faster = sum(r < 1 for r in ratios)
@@ -346,13 +346,7 @@ def target_check(rows: Sequence[Variant], base: Variant, alpha: float = 0.05) ->
                 verdict,
             ]
         results.append(row)
-        t.add_row(
-            p.name,
-            f"{p.peak / MiB:.1f}",
-            f"{p.median / base.median:.2f}",
-            *cells[:5],
-            cells[5] if best is not None else row["verdict"],
-        )
+        t.add_row(p.name, f"{p.peak / MiB:.1f}", f"{p.median / base.median:.2f}", *cells)
     Console(width=170).print(t)
     return results
 

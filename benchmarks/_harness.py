@@ -270,10 +270,11 @@ def sign_test(faster: int, rounds: int) -> float:
 
 
 def target_check(rows: Sequence[Variant], base: Variant, alpha: float = 0.05) -> list[dict[str, Any]]:
-    """For each peer with correct gradients: the tightfit variant (same compiled-ness) with the highest
-    measured peak at or below the peer's, i.e. the plan for that budget, not the luckiest timing among
-    several, compared round by round. Verdict "win"/"LOSS" when a sign test over the paired rounds says
-    so at ``alpha`` (5 rounds: only 5 of 5 qualifies), else "tie"; prints a table, returns the rows."""
+    """For each peer with correct gradients (the others are listed, not compared): the tightfit variant
+    (same compiled-ness) with the highest measured peak at or below the peer's, i.e. the plan for that
+    budget, not the luckiest timing among several, compared round by round. Verdict "win"/"LOSS" when a
+    sign test over the paired rounds says so at ``alpha`` (5 rounds: only 5 of 5 qualifies), else "tie";
+    prints a table, returns the rows."""
     from rich.console import Console
     from rich.table import Table
 

@@ -235,7 +235,7 @@ def tightfit_variant(
         from tightfit.remat import execute
 
         plan = (compiled_planner(w) if compiled else w.planner).plan(budget)
-        execute.apply(m, plan.options)
+        execute.apply(m, plan.options, compile_budget=plan.compile_budget)
         m.__dict__["plan"] = plan
         out = m
         plan_s = float(getattr(plan, "planning_time", time.perf_counter() - t0))

@@ -153,6 +153,7 @@ def test_compiled_planning_measures_and_keeps_the_compiled_step_within_budget() 
     ref = clone(model)
     planner = Planner(model, batch, compile_backend="aot_eager")
     assert any("torch.compile" in n for n in planner.notes)
+    planner.compile_budgets = False  # block plans only (the compiler's budget: the next test)
     budget = (planner.min_budget + planner.baseline_peak) // 2
     plan = planner.plan(budget)
     assert plan.checkpointed and plan.measured_time > 0
@@ -167,6 +168,47 @@ def test_compiled_planning_measures_and_keeps_the_compiled_step_within_budget() 
     peak = step_peak(compiled, batch)  # the compiled graphs, not an eager fallback or a recompile
     assert counter.frame_count == frames
     assert peak == plan.measured_peak <= budget
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not execute.compile_budget_supported(), reason="needs torch >= 2.13")
+def test_compiler_budget_plans_fit_and_never_take_a_budget_with_wrong_gradients() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, batch = build("gpt2-tiny", n_layer=2)  # dropout on
+    eager_grads = grads_after_step(clone(model), batch)
+    planner = Planner(model, batch, compile_backend="aot_eager")
+    steps = planner.COMPILE_BUDGET_STEPS
+
+    def compiled(compile_budget: float) -> tuple[int, bool]:
+        """(peak, gradients equal to eager) of the model compiled under ``compile_budget``."""
+        m = execute.apply(clone(model), {}, compile_budget=compile_budget)
+        torch._dynamo.reset()
+        c = torch.compile(m, backend="aot_eager")
+        equal = same_grads(eager_grads, grads_after_step(c, batch))
+        return step_peak(c, batch), equal
+
+    # PyTorch's knapsack recomputes dropout with other random numbers at low budgets on this model
+    low_peak, low_equal = compiled(0.25)
+    assert not low_equal
+    assert planner._compile_budget_plan(low_peak) is None  # only wrong-gradient partitions fit there
+    assert None in planner._budgeted.values()  # ... which the search measured and refused
+    budget, equal = compiled(0.8)  # a correct partition's peak as the budget
+    assert equal and budget < planner.baseline_peak
+    plan = planner._compile_budget_plan(budget)
+    assert plan is not None and plan.checkpointed == []
+    k = round(plan.compile_budget * steps)
+    assert plan.compile_budget == k / steps >= 0.8 and plan.measured_peak <= budget
+    if k + 1 < steps:  # the next grid point was measured: over budget or wrong gradients
+        above = planner._budgeted[k + 1]
+        assert above is None or above[0] > budget
+    planner.apply(plan)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    c = torch.compile(model, backend=counter)
+    assert same_grads(eager_grads, grads_after_step(c, batch))
+    assert step_peak(c, batch) == plan.measured_peak <= budget and counter.frame_count >= 1
+    assert "compiler budget" in str(plan)
     torch._dynamo.reset()
 
 

@@ -162,3 +162,50 @@ def test_a_deep_copy_of_a_patched_model_runs_its_own_parameters() -> None:
 def clone_unpatched(model: nn.Module) -> nn.Module:
 
     return execute.undo(copy.deepcopy(model))
+
+
+needs_region_budget = pytest.mark.skipif(
+    not execute.compile_budget_supported(), reason="region_activation_memory_budget needs torch >= 2.13"
+)
+
+
+@needs_region_budget
+def test_compile_budget_scopes_the_compilers_budget_to_the_patched_model() -> None:
+    import torch._functorch.config as functorch_config
+
+    from ._models import build, step_peak
+
+    def compiled_peak(model: nn.Module, batch: dict) -> int:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        grads_after_step(compiled, batch)  # compiles
+        return step_peak(compiled, batch)
+
+    model, batch = build("gpt2-tiny", n_layer=2)
+    default = compiled_peak(clone(model), batch)
+    with functorch_config.patch(activation_memory_budget=0.5):
+        global_half = compiled_peak(clone(model), batch)
+    assert global_half < default  # the knob matters on this model
+    patched = clone(model)
+    execute.apply(patched, {}, compile_budget=0.5)
+    assert compiled_peak(patched, batch) == global_half  # the same partition as the process-wide knob
+    assert compiled_peak(clone_unpatched(patched), batch) == default  # an unpatched model is not affected
+    eager_reference = grads_after_step(clone(model), batch)
+    assert same_grads(eager_reference, grads_after_step(patched, batch))  # eager: no effect
+    assert step_peak(patched, batch) == step_peak(model, batch)
+    execute.undo(patched)
+    assert "forward" not in patched.__dict__ and execute.applied_compile_budget(patched) is None
+    torch._dynamo.reset()
+
+
+def test_bad_compile_budget_is_rejected_before_patching() -> None:
+    model = Net()
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match="compile_budget"):
+            execute.apply(model, {"blocks.0": [RECOMPUTE]}, compile_budget=bad)
+    assert execute.applied(model) == {} and "forward" not in model.__dict__
+    if execute.compile_budget_supported():
+        execute.apply(model, {"blocks.0": [RECOMPUTE]}, compile_budget=0.5)
+        assert execute.applied_compile_budget(model) == 0.5 and "forward" in model.__dict__
+        execute.apply(model, {"blocks.0": [RECOMPUTE]})  # applying again replaces the budget too
+        assert execute.applied_compile_budget(model) is None and "forward" not in model.__dict__

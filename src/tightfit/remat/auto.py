@@ -19,7 +19,9 @@ picks the fastest option per block, or segment of blocks (``tightfit.remat.segme
 the measured peak is over the budget the internal budget is lowered by the excess (raised by the slack
 when it is well under) and the DP runs again. The returned
 plan therefore measured <= budget on this batch (same shapes => same peak on CPU; on accelerators the
-allocator may round up).
+allocator may round up). Planned for ``torch.compile`` (``compile_backend``), the block plan competes
+with a plan that only sets the compiler's activation memory budget for the model's forward (the faster
+measured one wins; ``Planner._compile_budget_plan``).
 
 NOTE [ Side effects of planning ]
   Planning runs a few training steps. The RNG state, parameters, buffers, gradients and optimizer state
@@ -104,7 +106,8 @@ class Planner:
     isolation. ``progress(what, done, total)`` is called as it goes (the CLI draws a progress bar).
     """
 
-    GRAD_SEED = 1234  # RNG seed of the steps whose gradients are compared (segment plans)
+    GRAD_SEED = 1234  # RNG seed of the steps whose gradients are compared (segment plans, compiler budgets)
+    COMPILE_BUDGET_STEPS = 40  # compiler budgets are searched on the grid k / 40 (steps of 0.025)
     RETIME_ABOVE_BLOCKS = 256  # more blocks: the no-remat step time is not taken from the recording step
 
     def __init__(
@@ -152,6 +155,9 @@ class Planner:
             )
         self._runner: torch.nn.Module = model  # what the measured steps call (the compiled model, or it)
         self._compiled_times: dict[tuple[str, ...], float] = {}  # compiled step time of verified plans
+        # compiled: also plan the compiler's own knapsack over the whole forward, scoped to this model
+        self.compile_budgets = compile_backend is not None and execute.compile_budget_supported()
+        self._budgeted: dict[int, tuple[int, float] | None] = {}  # grid point -> (peak, s); None: wrong grads
         self.op_level = op_level
         self.segments = segments  # may checkpoint runs of blocks as one region (tightfit.remat.segments)
         self.keep_output = keep_output  # the model output stays alive until the step ends
@@ -230,8 +236,10 @@ class Planner:
         timed: bool = True,
         tracked: bool = True,
         grads: str | None = None,
+        compile_budget: float | None = None,
     ) -> tuple[int, float]:
-        """(peak bytes, step seconds) of one training step with ``options`` applied (None: no remat).
+        """(peak bytes, step seconds) of one training step with ``options`` applied (None: no remat) and
+        the compiler budget ``compile_budget`` (``execute.apply``).
 
         ``grads="capture"`` keeps the step's gradients as the reference, ``grads="check"`` raises
         ``SegmentError`` unless they equal it bit for bit (both seed the RNG alike). The model is
@@ -239,8 +247,8 @@ class Planner:
         """
         snap = _Snapshot(self.model, self.optimizer)
         try:
-            if options:
-                execute.apply(self.model, options)
+            if options or compile_budget is not None:
+                execute.apply(self.model, options or {}, compile_budget=compile_budget)
             if self.compile_backend is not None:
                 self._runner = self._compiled()
             if grads is not None:
@@ -253,7 +261,7 @@ class Planner:
             elif grads == "check" and not same_tensors(
                 self.reference_grads, [p.grad for p in self.model.parameters()]
             ):
-                raise SegmentError("a plan with segments gave other gradients than the model without remat")
+                raise SegmentError("the plan gave other gradients than the model without remat")
             seconds = float("nan")
             if timed and self.flop_rate is not None:
                 seconds = step_cost(self._step, self.flop_rate, self.flop_rate / 50)
@@ -295,7 +303,7 @@ class Planner:
 
     def _measure(self) -> None:
         total = 4
-        grads = "capture" if self.segments else None
+        grads = "capture" if self.segments or self.compile_budgets else None
         if self.flop_rate is None and self.compile_backend is None:
             self._progress("measuring no remat", 0, total)
             self.baseline_peak, _ = self.measure_step(None, timed=False, grads=grads)
@@ -538,8 +546,55 @@ class Planner:
             t0 = time.perf_counter()
             _, chosen.measured_time = self.measure_step(self._options(options), tracked=False)
             verify_time += time.perf_counter() - t0
+        if verify and self.compile_budgets:
+            t0 = time.perf_counter()
+            budgeted = self._compile_budget_plan(budget)
+            verify_time += time.perf_counter() - t0
+            if budgeted is not None and budgeted.measured_time < (chosen.measured_time or float("inf")):
+                budgeted.iterations = rounds
+                chosen = budgeted
         chosen.verify_time = verify_time
         return self._finish(chosen, started)
+
+    def _compile_budget_plan(self, budget: int) -> Plan | None:
+        """The plan that only sets the compiler's budget, at the largest grid point whose compiled step
+        measured <= ``budget`` with gradients equal to the model's without remat, or None.
+
+        Bisection on the grid (the compiler's budget is a fraction of the activation memory its default
+        partition saves: more is faster and peaks higher). A grid point whose gradients differ (the
+        compiler recomputes random ops such as dropout with other random numbers at low budgets) counts as
+        "save more". Every grid point is compiled and measured once per Planner.
+        """
+        lo, hi = 0, self.COMPILE_BUDGET_STEPS  # hi: the default partition (the no-remat step, over budget)
+        best: tuple[int, int, float] | None = None
+        while hi - lo > 1:
+            k = (lo + hi) // 2
+            if k not in self._budgeted:
+                try:
+                    self._budgeted[k] = self.measure_step(
+                        None, grads="check", compile_budget=k / self.COMPILE_BUDGET_STEPS
+                    )
+                except SegmentError:
+                    self._budgeted[k] = None
+            measured = self._budgeted[k]
+            if measured is None or measured[0] <= budget:
+                lo = k
+                if measured is not None:
+                    best = (k, *measured)
+            else:
+                hi = k
+        if best is None:
+            return None
+        k, peak, seconds = best
+        plan = self._make_plan(budget, self.store_plan)
+        plan.compile_budget = k / self.COMPILE_BUDGET_STEPS
+        plan.peak, plan.time = peak, seconds  # measured: the memory model does not cover the compiler
+        plan.measured_peak, plan.measured_time = peak, seconds
+        plan.notes.append(
+            f"the compiler's knapsack at budget {plan.compile_budget:g} measured faster than the best block "
+            "plan; gradients checked equal to the model's without remat"
+        )
+        return plan
 
     def _finish(self, plan: Plan, started: float) -> Plan:
         plan.measure_time = self.measure_time
@@ -548,7 +603,7 @@ class Planner:
 
     def apply(self, plan: Plan) -> torch.nn.Module:
         """Patch the model in place to run ``plan``; sets ``model.plan``; returns the model."""
-        execute.apply(self.model, plan.options)
+        execute.apply(self.model, plan.options, compile_budget=plan.compile_budget)
         self.model.__dict__["plan"] = plan
         return self.model
 
@@ -597,7 +652,11 @@ def rematerialize(
     backend=compile_backend)``. Whole steps are then measured compiled (each plan measured is compiled
     afresh after ``torch._dynamo.reset()``, so planning takes a few compilations and other compiled
     functions recompile on their next call), the budget holds for the compiled step, and op-level
-    options and segments are off. Blocks are still measured one by one in eager mode.
+    options and segments are off. Blocks are still measured one by one in eager mode. With torch >= 2.13
+    the plan may instead set the compiler's own activation memory budget for this model's forward
+    (``torch.autograd.graph.region_activation_memory_budget``, searched on a grid of 0.025, each point
+    compiled and measured, and refused when its gradients differ from the model's without remat: the
+    compiler recomputes dropout with other random numbers at low budgets) when that measures faster.
     """
     planner = Planner(
         model,

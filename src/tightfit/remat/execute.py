@@ -13,7 +13,10 @@ NOTE [ How a plan is applied ]
   checkpoint region over this call and the next n - 1 planned block calls (``tightfit.remat.segments``);
   a forward hook on the root closes a region the forward left open.
   The root's forward hooks also pause Python's garbage collector during a training forward
-  (``tightfit.remat.collector``).
+  (``tightfit.remat.collector``). A plan made for ``torch.compile`` may also carry a compiler budget: the
+  root's forward then runs under ``torch.autograd.graph.region_activation_memory_budget`` while it is
+  traced, so the compiler's own knapsack recomputes cheap ops of this model only (not of every compiled
+  model in the process, as the global ``activation_memory_budget`` would).
 
 NOTE [ Why gradients are bit-identical ]
   Non-reentrant checkpoint stashes and restores the RNG state (CPU and the inputs' accelerators) and the
@@ -267,7 +270,7 @@ def run_call(
 
 
 # -- patching the model ------------------------------------------------------------------------------
-_ATTR = "_tightfit_remat"  # on the root: the patched paths and the root hooks' handles
+_ATTR = "_tightfit_remat"  # on the root: the patched paths, the root hooks' handles, its forward's record
 _STATE = "_tightfit_remat_state"  # on each patched module: its _Patched
 
 
@@ -341,18 +344,45 @@ def _close_segments(root: torch.nn.Module, _args: Any, _output: Any) -> None:
             state.segments.finish()
 
 
+def compile_budget_supported() -> bool:
+    """Whether this torch scopes the compiler's activation memory budget to a region (torch >= 2.13)."""
+    return hasattr(torch.autograd.graph, "region_activation_memory_budget")
+
+
+def _budgeted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The root's forward under a plan's compiler budget: traced under torch.compile inside
+    ``region_activation_memory_budget`` (every op of the graph carries it); plain in eager mode."""
+    budget, previous = self.__dict__[_ATTR][2]
+    original = previous if previous is not None else functools.partial(type(self).forward, self)
+    if not torch.compiler.is_compiling():
+        return original(*args, **kwargs)
+    with torch.autograd.graph.region_activation_memory_budget(budget):
+        return original(*args, **kwargs)
+
+
 def apply(
     model: torch.nn.Module,
     decisions: Mapping[str, list[str]],
     *,
     default: str = STORE,
+    compile_budget: float | None = None,
 ) -> torch.nn.Module:
     """Patch ``model`` in place: ``decisions[path][i]`` is the option for the i-th call of the submodule
     at ``path`` within one forward of ``model`` (calls past the end use ``default``). Returns ``model``.
 
+    ``compile_budget`` (in [0, 1]): under ``torch.compile`` the model's forward is traced inside
+    ``torch.autograd.graph.region_activation_memory_budget(compile_budget)`` (no effect in eager mode).
     Applying again replaces the previous plan. Raises ``KeyError`` naming a path that is not a submodule
-    and ``ValueError`` for an unknown option, before anything is patched.
+    and ``ValueError`` for an unknown option or a bad compiler budget, before anything is patched.
     """
+    if compile_budget is not None:
+        if not compile_budget_supported():
+            raise ValueError(
+                f"compile_budget needs torch.autograd.graph.region_activation_memory_budget (torch >= 2.13); "
+                f"this is torch {torch.__version__}: plan again with this torch"
+            )
+        if isinstance(compile_budget, bool) or not 0.0 <= compile_budget <= 1.0:
+            raise ValueError(f"compile_budget must be a number in [0, 1], got {compile_budget!r}")
     modules = dict(model.named_modules())
     missing = [p for p in decisions if p not in modules]
     if missing:
@@ -387,7 +417,11 @@ def apply(
     if counting:
         handles.append(model.register_forward_pre_hook(_reset_counts))
         handles.append(model.register_forward_hook(_close_segments, always_call=True))
-    model.__dict__[_ATTR] = (patched, handles)
+    root = None
+    if compile_budget is not None:
+        root = (float(compile_budget), model.__dict__.get("forward"))
+        model.forward = types.MethodType(_budgeted_forward, model)
+    model.__dict__[_ATTR] = (patched, handles, root)
     return model
 
 
@@ -396,7 +430,12 @@ def undo(model: torch.nn.Module) -> torch.nn.Module:
     record = model.__dict__.pop(_ATTR, None)
     if record is None:
         return model
-    paths, handles = record
+    paths, handles, root = record
+    if root is not None:
+        if root[1] is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = root[1]
     modules = dict(model.named_modules())
     for path in paths:
         module = modules[path]
@@ -417,3 +456,9 @@ def applied(model: torch.nn.Module) -> dict[str, list[str]]:
         return {}
     modules = dict(model.named_modules())
     return {p: list(modules[p].__dict__[_STATE].decisions) for p in record[0]}
+
+
+def applied_compile_budget(model: torch.nn.Module) -> float | None:
+    """The compiler budget of the plan applied to ``model``, None when it has none."""
+    record = model.__dict__.get(_ATTR)
+    return None if record is None or record[2] is None else record[2][0]

@@ -24,6 +24,10 @@ OPTION_LEGEND = {
     "save-linear": "keeps outputs of matmuls and convolutions (projections); recomputes attention too",
     "recompute": "keeps only the block's inputs; recomputes the whole block",
 }
+COMPILE_BUDGET_LEGEND = (
+    "under torch.compile the model's forward is traced inside torch.autograd.graph."
+    "region_activation_memory_budget: the compiler's knapsack recomputes cheap ops (no effect in eager mode)"
+)
 KEEP_OPS_LEGEND = "keeps the outputs of the N ops saving the most measured recompute time per byte"
 SEGMENT_LEGEND = (
     "one checkpoint over N consecutive blocks: keeps only what enters the first, recomputes all N in the "
@@ -73,6 +77,8 @@ class Plan:
     iterations: int = 0  # solve/verify rounds
     source: str = ""  # how the blocks were found
     notes: list[str] = field(default_factory=list)
+    # for torch.compile: the compiler's activation memory budget over the model's forward (None: not used)
+    compile_budget: float | None = None
 
     # -- views --------------------------------------------------------------------------------------
     @property
@@ -101,7 +107,10 @@ class Plan:
 
     def summary(self) -> str:
         counts = Counter(label for _, _, label in self._units())
-        return ", ".join(f"{n} x {o}" for o, n in sorted(counts.items()))
+        text = ", ".join(f"{n} x {o}" for o, n in sorted(counts.items()))
+        if self.compile_budget is not None:
+            text += f", compiler budget {self.compile_budget:g}"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +166,8 @@ class Plan:
         }
         for label, option in sorted(labels.items()):
             lines.append(f"  {label}: {legend(option)}")
+        if self.compile_budget is not None:
+            lines.append(f"  compiler budget {self.compile_budget:g}: {COMPILE_BUDGET_LEGEND}")
         ratio = ""
         if self.measured_time and self.baseline_time:
             ratio = f" (x{self.measured_time / self.baseline_time:.2f} of no remat)"

@@ -212,6 +212,17 @@ def test_compiler_budget_plans_fit_and_never_take_a_budget_with_wrong_gradients(
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not execute.compile_budget_supported(), reason="needs torch >= 2.13")
+def test_compiler_budgets_are_turned_off_with_a_note_when_the_model_does_not_compile_with_one() -> None:
+    model, batch = build("gpt2-tiny", n_layer=1)  # dropout: Inductor adds a seed op outside the region
+    planner = Planner(model, batch, compile_backend="inductor")
+    assert planner._compile_budget_plan(planner.baseline_peak - 1) is None
+    assert not planner.compile_budgets
+    assert any("compiler budgets off" in n and "inductor" in n for n in planner.notes)
+    assert execute.applied(model) == {} and "forward" not in model.__dict__
+    torch._dynamo.reset()
+
+
 def test_own_model_with_loss_fn() -> None:
     from torch import nn
 

@@ -576,6 +576,16 @@ class Planner:
                     )
                 except SegmentError:
                     self._budgeted[k] = None
+                except torch._dynamo.exc.BackendCompilerFailed as err:
+                    # e.g. Inductor adds a random-seed op to a model with dropout outside the annotated
+                    # region, and the partitioner refuses the partial annotation
+                    self.compile_budgets = False
+                    reason = str(err).strip().splitlines()
+                    self.notes.append(
+                        "compiler budgets off: this model does not compile with one under "
+                        f"{self.compile_backend!r} ({reason[-1] if reason else type(err).__name__})"
+                    )
+                    return None
             measured = self._budgeted[k]
             if measured is None or measured[0] <= budget:
                 lo = k

@@ -667,6 +667,7 @@ def rematerialize(
     (``torch.autograd.graph.region_activation_memory_budget``, searched on a grid of 0.025, each point
     compiled and measured, and refused when its gradients differ from the model's without remat: the
     compiler recomputes dropout with other random numbers at low budgets) when that measures faster.
+    The budget is read when the model's own forward is traced: compile the model, not its submodules.
     """
     planner = Planner(
         model,

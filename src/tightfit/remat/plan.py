@@ -26,7 +26,8 @@ OPTION_LEGEND = {
 }
 COMPILE_BUDGET_LEGEND = (
     "under torch.compile the model's forward is traced inside torch.autograd.graph."
-    "region_activation_memory_budget: the compiler's knapsack recomputes cheap ops (no effect in eager mode)"
+    "region_activation_memory_budget: the compiler's knapsack recomputes cheap ops (no effect in eager mode; "
+    "the keeps above are eager measurements)"
 )
 KEEP_OPS_LEGEND = "keeps the outputs of the N ops saving the most measured recompute time per byte"
 SEGMENT_LEGEND = (

@@ -6,7 +6,8 @@ process per model: tightfit.rematerialize at budgets from its smallest feasible 
 `checkpoint` on every k-th block (the peer), and no remat; exact peaks (ruler), interleaved step times, and
 torch.equal gradient and BatchNorm-buffer checks against the unmodified model. Then: the lowest measured
 peak among correct variants with time ratio <= 1.20, as a reduction of the whole peak and of the part above
-the parameters.
+the parameters. With ``--overhead 1.2`` tightfit is also planned at the least budget its memory model
+predicts within x1.20 (``Planner.budget_for_overhead``), beside the evenly spaced ones.
 
     .venv/bin/python benchmarks/remat_cnn.py                # width 16, 128 px: ~5 min, shared 2-core box
     .venv/bin/python benchmarks/remat_cnn.py --width 64 --size 224 --rounds 5      # the zoo's full widths
@@ -100,6 +101,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     budgets = sorted(
         {lo, base.peak, *(int(lo + (base.peak - lo) * (i + 1) / (n + 1)) for i in range(n))}
         | {v.peak for v in rows[1:] if v.peak >= lo}  # each peer's peak: the equal-peak comparisons
+        | {overhead_budget(w, r) for r in args.overhead}
     )
     plan_times = add_tightfit_rows(w, budgets, rows, ref, ref_names, seed)
 
@@ -157,6 +159,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     return summary
 
 
+def overhead_budget(w: Workload, ratio: float) -> int:
+    """The least budget the planner predicts to step within ``ratio`` x no remat (--overhead)."""
+    budget = w.planner.budget_for_overhead(ratio)
+    log(f"  budget predicted within x{ratio:g}: {budget / MiB:.1f} MiB")
+    return budget
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=["resnet50", "unet"])
@@ -167,6 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--budgets", type=int, default=4, help="evenly spaced tightfit budgets between min and none"
     )
+    ap.add_argument(
+        "--overhead",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also plan at the least budget predicted within each of these step-time ratios (e.g. 1.2; "
+        "needs --reuse-planner)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
@@ -175,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         help="measure each model once (tightfit.remat.auto.Planner) and plan every budget from it",
     )
     args = ap.parse_args(argv)
+    if args.overhead and not args.reuse_planner:
+        ap.error("--overhead asks the shared planner for a budget: add --reuse-planner")
     torch.set_num_threads(args.threads)
     summaries = [run_model(m, args) for m in args.models]
 

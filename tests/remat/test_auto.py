@@ -223,6 +223,26 @@ def test_compiler_budgets_are_turned_off_with_a_note_when_the_model_does_not_com
     torch._dynamo.reset()
 
 
+def test_budget_for_overhead_is_the_least_memory_predicted_within_the_slowdown() -> None:
+    model, batch = build("gpt2-tiny")
+    planner = Planner(model, batch)
+    chain = planner.chain
+    frugal = chain.time(planner.frugal_plan) / planner.baseline_time
+    assert frugal > 1.05, "the test needs recomputation to cost time on this model"
+    for ratio in (1.0 + (frugal - 1) / 3, 1.0 + 2 * (frugal - 1) / 3):
+        budget = planner.budget_for_overhead(ratio)
+        assert planner.min_budget <= budget < planner.baseline_peak
+        solution = chain.solve(budget, segments=planner.segments)
+        assert solution is not None and chain.time(solution) <= ratio * planner.baseline_time
+        below = chain.solve(budget * 0.99, segments=planner.segments)  # 1% less: infeasible or slower
+        assert below is None or chain.time(below) > ratio * planner.baseline_time
+        plan = planner.plan(budget)
+        assert plan.measured_peak <= budget
+    assert planner.budget_for_overhead(frugal + 1) == planner.min_budget
+    with pytest.raises(ValueError, match="ratio"):
+        planner.budget_for_overhead(0.9)
+
+
 def test_own_model_with_loss_fn() -> None:
     from torch import nn
 

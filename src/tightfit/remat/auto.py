@@ -606,6 +606,35 @@ class Planner:
         )
         return plan
 
+    def budget_for_overhead(self, ratio: float) -> int:
+        """The smallest budget whose plan the memory model predicts to step within ``ratio`` times the
+        no-remat step (``ratio=1.2``: at most 20% slower), for "the least memory at this slowdown".
+
+        Prediction only (bisection on the DP's budget, no step run): ``plan`` of the returned budget then
+        measures its peak and time. The predicted times add up blocks timed alone, which on CPU CNNs
+        over-predicts (the plan measures faster). Raises ValueError for a ratio below 1.
+        """
+        if not ratio >= 1.0:
+            raise ValueError(f"ratio is a step-time ratio to the model without remat, >= 1; got {ratio!r}")
+        limit = ratio * self.chain.time(self.store_plan)
+
+        def within(budget: float) -> bool:
+            plan = self.chain.solve(budget, segments=self.segments)
+            return plan is not None and self.chain.time(plan) <= limit
+
+        if self.chain.time(self.frugal_plan) <= limit:  # even the most frugal plan is fast enough
+            return int(self.min_budget)
+        lo, hi = float(self.min_budget), float(self.baseline_peak)
+        for _ in range(40):
+            if hi - lo <= max(1.0, 1e-3 * hi):
+                break
+            mid = (lo + hi) / 2
+            if within(mid):
+                hi = mid
+            else:
+                lo = mid
+        return int(hi)
+
     def _finish(self, plan: Plan, started: float) -> Plan:
         plan.measure_time = self.measure_time
         plan.planning_time = self.measure_time + time.perf_counter() - started

@@ -52,6 +52,19 @@ def test_plan_command_user_errors() -> None:
     args = _args("gpt2-tiny", "--budget", "min", "--estimate", "--compile", "aot_eager")
     with pytest.raises(CliError, match="--compile"):
         args._run(args)
+    for bad in ("x0.5", "xfast"):
+        args = _args("gpt2-tiny", "--budget", bad)
+        with pytest.raises(CliError, match="step-time ratio"):
+            args._run(args)
+
+
+def test_plan_command_budget_as_a_step_time_ratio(capsys) -> None:  # noqa: ANN001
+    args = _args("gpt2-tiny", "--budget", "x3", "--batch", "4", "--seq", "64", "--json")
+    assert args._run(args) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(out[: out.rindex("}") + 1])
+    assert plan["min_budget"] <= plan["budget"] < plan["baseline_peak"]
+    assert plan["measured_peak"] <= plan["budget"]
 
 
 def test_estimate_matches_the_real_planner_on_memory() -> None:

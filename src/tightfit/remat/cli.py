@@ -22,7 +22,8 @@ def configure_plan(p: argparse.ArgumentParser) -> None:
         required=True,
         metavar="SIZE",
         help="peak of live tensors for the whole training step (params, grads, optimizer state, "
-        "activations), e.g. 2GiB, 512MB, 1.5e9; 'min' for the smallest feasible",
+        "activations), e.g. 2GiB, 512MB, 1.5e9; 'min' for the smallest feasible; 'x1.2' for the least "
+        "memory predicted within 1.2 times the step time without remat",
     )
     p.add_argument(
         "--optimizer", choices=OPTIMIZERS, default="none", help="optimizer of the step (default none)"
@@ -88,6 +89,21 @@ class _Bar:
         self.progress.update(self.task, description=what, completed=done, total=total)
 
 
+def _overhead_ratio(budget: str) -> float | None:
+    """The step-time ratio of a ``--budget xR``, None for a size or 'min'."""
+    from tightfit.cli import CliError
+
+    if not budget.lower().startswith("x"):
+        return None
+    try:
+        ratio = float(budget[1:])
+    except ValueError:
+        ratio = float("nan")
+    if not ratio >= 1.0:
+        raise CliError(f"--budget {budget!r}: a step-time ratio is 'x' and a number >= 1, e.g. x1.2")
+    return ratio
+
+
 def run_plan(args: argparse.Namespace) -> int:
     """Run ``tightfit plan``; returns the exit status (user mistakes raise ``tightfit.cli.CliError``)."""
     from tightfit.cli import CliError, factories_from_args, optimizer_factory, parse_budget
@@ -95,7 +111,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
     model_factory, batch_factory = factories_from_args(args)
     make_optimizer = optimizer_factory(args.optimizer)
-    budget = None if args.budget == "min" else parse_budget(args.budget)
+    ratio = _overhead_ratio(args.budget)
+    budget = None if args.budget == "min" or ratio is not None else parse_budget(args.budget)
     if args.estimate and args.plot:
         raise CliError("--plot needs a real run: it cannot be combined with --estimate")
     if args.estimate and args.compile:
@@ -136,6 +153,8 @@ def run_plan(args: argparse.Namespace) -> int:
         bar("solving and verifying", 1, 1)
         try:
             with mode:
+                if ratio is not None:
+                    budget = planner.budget_for_overhead(ratio)
                 plan = planner.plan(planner.min_budget if budget is None else budget)
         except InfeasibleBudget as e:
             raise CliError(str(e)) from None

@@ -561,7 +561,7 @@ class Planner:
         return self._finish(chosen, started)
 
     def _probe_overpredicted(self, budget: int, chosen: Plan, seen: dict[tuple[str, ...], int]) -> Plan:
-        """Where the memory model over-predicted measured plans (CNNs: by up to 8% of the peak), faster
+        """Where the memory model over-predicted measured plans (CNNs: by ~10% of the peak), faster
         plans predicted over the budget may measure under it: measure the DP's plans for the budget plus
         the largest over-prediction seen, and plus half of it, when they are predicted faster than
         ``chosen`` by over 2% of the no-remat step; take the fastest that measures <= ``budget``."""

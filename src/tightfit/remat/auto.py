@@ -395,20 +395,28 @@ class Planner:
         self.min_budget = min(self.baseline_peak, self.frugal_peak)
         self._progress("measured", total, total)
 
-    def _lowest_predicted(self) -> list[str] | None:
-        """The plan of least predicted peak (bisection on the DP's budget), or None."""
-        lo, hi = 0.0, float(self.chain.peak(self.frugal_plan))
+    def _least_solved(
+        self, lo: float, hi: float, accept: Callable[[list[str]], bool] = lambda plan: True
+    ) -> tuple[float, list[str] | None]:
+        """Bisection on the DP's budget over (lo, hi]: the least budget whose solution is accepted, and
+        that solution (None when not even ``hi``'s is)."""
         best = self.chain.solve(hi, segments=self.segments)
+        if best is not None and not accept(best):
+            best = None
         for _ in range(30):
             if hi - lo <= max(1.0, 1e-3 * hi):
                 break
             mid = (lo + hi) / 2
             plan = self.chain.solve(mid, segments=self.segments)
-            if plan is None:
+            if plan is None or not accept(plan):
                 lo = mid
             else:
                 hi, best = mid, plan
-        return best
+        return hi, best
+
+    def _lowest_predicted(self) -> list[str] | None:
+        """The plan of least predicted peak (bisection on the DP's budget), or None."""
+        return self._least_solved(0.0, float(self.chain.peak(self.frugal_plan)))[1]
 
     def _disable_segments(self, err: SegmentError) -> None:
         """The model's code cannot be replayed as a segment: plan without segments from now on."""
@@ -648,23 +656,12 @@ class Planner:
         if not ratio >= 1.0:
             raise ValueError(f"ratio is a step-time ratio to the model without remat, >= 1; got {ratio!r}")
         limit = ratio * self.chain.time(self.store_plan)
-
-        def within(budget: float) -> bool:
-            plan = self.chain.solve(budget, segments=self.segments)
-            return plan is not None and self.chain.time(plan) <= limit
-
         if self.chain.time(self.frugal_plan) <= limit:  # even the most frugal plan is fast enough
             return int(self.min_budget)
-        lo, hi = float(self.min_budget), float(self.baseline_peak)
-        for _ in range(40):
-            if hi - lo <= max(1.0, 1e-3 * hi):
-                break
-            mid = (lo + hi) / 2
-            if within(mid):
-                hi = mid
-            else:
-                lo = mid
-        return int(hi)
+        least, _ = self._least_solved(
+            float(self.min_budget), float(self.baseline_peak), lambda plan: self.chain.time(plan) <= limit
+        )
+        return int(least)
 
     def _finish(self, plan: Plan, started: float) -> Plan:
         plan.measure_time = self.measure_time

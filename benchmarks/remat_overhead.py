@@ -6,9 +6,13 @@ k steps (`tightfit.remat.execute.apply`, which pauses the collector during the t
 segment's replay). Each is timed with the collector as the process has it (on) and switched off for the
 whole step, interleaved over rounds; forward and backward medians and step ratios to no remat are printed.
 A 4-wide LSTM is pure per-call overhead; a 256-wide one is the `remat_lstm.py` configuration.
+On an accelerator each phase is timed to the device's completion, and "fw issued" is when the forward
+returned to Python without waiting: a phase whose issue time is close to its completed time was bound by
+the Python side (launches, hooks, recording), not by the device.
 
     .venv/bin/python benchmarks/remat_overhead.py --hidden 4 --embed 4 --batch 1     # overhead-bound
     .venv/bin/python benchmarks/remat_overhead.py                                    # H=256, B=8
+    python3 benchmarks/remat_overhead.py --device cuda --hidden 4096 --embed 128 --batch 64 --segment 25
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import os
 import statistics
 import sys
 import time
@@ -36,17 +41,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--segment", type=int, default=32, help="time steps per checkpointed segment")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, ...")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.device.startswith("cuda"):  # as remat_lstm.py runs it: gradients reproducible bit for bit
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
+    from tightfit._step import wait_for_device
     from tightfit.remat import execute
     from tightfit.remat.segments import IN_SEGMENT, segment_option
     from tightfit.zoo.lstm import LSTMConfig, LSTMLanguageModel
 
     torch.manual_seed(0)
     cfg = LSTMConfig(vocab_size=64, embed_dim=args.embed, hidden_size=args.hidden, dropout=0.1)
-    plain = LSTMLanguageModel(cfg).train()
-    ids = torch.randint(0, 64, (args.batch, args.steps))
+    plain = LSTMLanguageModel(cfg).to(args.device).train()
+    ids = torch.randint(0, 64, (args.batch, args.steps), device=args.device)
     batch = {"x": ids, "labels": ids.clone()}
     hand = copy.deepcopy(plain)
     segment_checkpoint(hand, args.segment)
@@ -66,39 +76,43 @@ def main(argv: list[str] | None = None) -> None:
         f"checkpoint every {args.segment}": hand,
         f"tightfit {args.segment}": tight,
     }
-    times: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    times: dict[tuple[str, bool], list[tuple[float, float, float]]] = {}
     for r in range(args.rounds + 1):  # round 0 warms up
         for name, model in variants.items():
             for collector_off in (False, True):
                 gc.collect()
                 if collector_off:
                     gc.disable()
+                wait_for_device()
                 t0 = time.perf_counter()
                 loss = model(**batch)
+                issued = time.perf_counter()
+                wait_for_device()
                 t1 = time.perf_counter()
                 loss.backward()
+                wait_for_device()
                 t2 = time.perf_counter()
                 gc.enable()
                 for p in model.parameters():
                     p.grad = None
                 if r:
-                    times.setdefault((name, collector_off), []).append((t1 - t0, t2 - t1))
-    med = {
-        k: (statistics.median(f for f, _ in v), statistics.median(b for _, b in v)) for k, v in times.items()
-    }
+                    times.setdefault((name, collector_off), []).append((issued - t0, t1 - t0, t2 - t1))
+    med = {k: tuple(statistics.median(x[i] for x in v) for i in range(3)) for k, v in times.items()}
     print(
         f"LSTM 2 x {args.hidden}, embed {args.embed}, batch {args.batch}, T={args.steps}, segments of "
-        f"{args.segment} steps; medians of {args.rounds} interleaved rounds, 1 thread"
+        f"{args.segment} steps on {args.device}; medians of {args.rounds} interleaved rounds, 1 thread"
     )
     print(
-        f"{'variant':<24} {'collector':<10} {'forward s':>10} {'backward s':>11} {'step s':>8} {'ratio':>6}"
+        f"{'variant':<24} {'collector':<10} {'fw issued s':>11} {'forward s':>10} {'backward s':>11} "
+        f"{'step s':>8} {'ratio':>6}"
     )
     for off in (False, True):
-        base = sum(med[("no remat", off)])
+        base = sum(med[("no remat", off)][1:])
         for name in variants:
-            f, b = med[(name, off)]
+            i, f, b = med[(name, off)]
             label = "off" if off else "on"
-            print(f"{name:<24} {label:<10} {f:>10.3f} {b:>11.3f} {f + b:>8.3f} {(f + b) / base:>6.2f}")
+            step = f + b
+            print(f"{name:<24} {label:<10} {i:>11.3f} {f:>10.3f} {b:>11.3f} {step:>8.3f} {step / base:>6.2f}")
 
 
 if __name__ == "__main__":

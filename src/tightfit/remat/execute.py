@@ -316,14 +316,11 @@ def _forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     original = functools.partial(state.func, self) if state.func is not None else state.previous
     option = state.next_option()
     if is_segment_option(option):
-        return state.segments.call(
-            self,
-            recomputable(state.norms, original),
-            option,
-            args,
-            kwargs,
-            fallback=lambda: run_call(self, original, RECOMPUTE, args, kwargs, state.norms),
-        )
+        if torch.compiler.is_compiling():  # a trace cannot hold a region spanning calls: this call alone
+            return run_call(self, original, RECOMPUTE, args, kwargs, state.norms)
+        # a segment records one wrapper per call: none needed without running statistics to protect
+        forward = recomputable(state.norms, original) if state.norms else original
+        return state.segments.call(self, forward, option, args, kwargs)
     return run_call(self, original, option, args, kwargs, state.norms)
 
 

@@ -24,12 +24,12 @@ import functools
 import inspect
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
+from torch._C import _pop_torch_function_stack, _push_on_torch_function_stack
 from torch.overrides import TorchFunctionMode, _get_current_function_mode
 from torch.utils import checkpoint as _ckpt
 
@@ -67,41 +67,48 @@ class SegmentError(RuntimeError):
     """A segment's forward did something its recomputation could not reproduce."""
 
 
-@dataclass(frozen=True)
-class _Ref:
-    step: int  # index of the recorded call that produced the tensor
-    leaf: int  # position among that call's tensor outputs
-
-
-@dataclass
 class _Step:
-    run: Callable[..., Any]
-    leaves: list[Any]  # arguments, flattened; produced tensors replaced by _Ref
-    spec: Any  # how to rebuild (args, kwargs) from the leaves (``_flatten``)
-    name: str
+    """One recorded call: ``run`` on the flattened arguments ``leaves``, where the positions named in
+    ``refs`` (position, producing step, its output index) hold tensors an earlier call produced (None in
+    ``leaves``: not held). Plain slots: recording makes one per call, on the forward's hot path."""
+
+    __slots__ = ("run", "leaves", "refs", "spec")
+
+    def __init__(
+        self, run: Callable[..., Any], leaves: list[Any], refs: list[tuple[int, int, int]], spec: Any
+    ) -> None:
+        self.run = run
+        self.leaves = leaves
+        self.refs = refs
+        self.spec = spec
 
 
-def _is_leaf(x: Any) -> bool:
-    return not isinstance(x, (tuple, list, dict))
+_CONTAINERS = (tuple, list, dict)
 
 
 def _flatten(args: tuple, kwargs: Mapping[str, Any]) -> tuple[list[Any], Any]:
     """(leaves, spec) of a call's arguments. Positional arguments that are leaves or tuples of leaves (an
     RNN cell's ``(x, (h, c))``, an indexing tuple) take a fast path; anything else goes through torch's
     pytree. Recording runs once per call in a segment, so this is on the hot path."""
-    if not kwargs and all(
-        type(a) is tuple and all(map(_is_leaf, a)) if type(a) is tuple else _is_leaf(a) for a in args
-    ):
+    if not kwargs:
         leaves: list[Any] = []
-        shape = []
+        shape: list[int] = []
         for a in args:
             if type(a) is tuple:
-                leaves.extend(a)
-                shape.append(len(a))
-            else:
-                leaves.append(a)
-                shape.append(-1)
-        return leaves, tuple(shape)
+                for x in a:
+                    if isinstance(x, _CONTAINERS):
+                        break
+                else:
+                    leaves.extend(a)
+                    shape.append(len(a))
+                    continue
+                break
+            if isinstance(a, _CONTAINERS):
+                break
+            leaves.append(a)
+            shape.append(-1)
+        else:
+            return leaves, tuple(shape)
     return pytree.tree_flatten((tuple(args), dict(kwargs)))
 
 
@@ -117,6 +124,13 @@ def _unflatten(leaves: list[Any], spec: Any) -> tuple[tuple, dict]:
                 i += n
         return tuple(args), {}
     return pytree.tree_unflatten(leaves, spec)
+
+
+def _call_name(what: Any) -> str:
+    """A recorded call's name in an error: the block's module class, or the torch function's name."""
+    if isinstance(what, torch.nn.Module):
+        return type(what).__name__
+    return getattr(what, "__name__", str(what))
 
 
 def _tensors(out: Any) -> list[Tensor]:
@@ -149,7 +163,7 @@ class _GlueRecorder(TorchFunctionMode):
         self.region = region
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        return self.region.record(func, getattr(func, "__name__", str(func)), args, kwargs or {})
+        return self.region.record(func, args, kwargs or {}, func)
 
 
 class Region:
@@ -158,7 +172,7 @@ class Region:
     def __init__(self, blocks: int, first_args: tuple, first_kwargs: Mapping[str, Any]) -> None:
         self.left = blocks
         self.steps: list[_Step] = []
-        self.produced: dict[int, tuple[weakref.ref, int, int]] = {}
+        self.produced: dict[int, tuple[weakref.ref, int, int]] = {}  # id(tensor) -> (ref, step, index)
         self.release: dict[int, list[int]] = {}
         self.mode = _GlueRecorder(self)
         self.recording = False
@@ -167,34 +181,36 @@ class Region:
         next(self.gen)
 
     # -- forward ------------------------------------------------------------------------------------
-    def record(self, run: Callable[..., Any], name: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    def record(self, run: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any], what: Any) -> Any:
         """Run ``run(*args, **kwargs)`` and record it for the replay (calls returning no tensor are not
-        recorded: they save nothing and produce nothing a later call could read)."""
+        recorded: they save nothing and produce nothing a later call could read). ``what`` (the block's
+        module or the torch function) only names the call in an error."""
         leaves, spec = _flatten(args, kwargs)
-        recorded: list[Any] = []
+        produced_by = self.produced
+        refs: list[tuple[int, int, int]] = []
         inputs: list[tuple[Tensor, int]] = []
-        for leaf in leaves:
+        for i, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor):
-                hit = self.produced.get(id(leaf))
+                hit = produced_by.get(id(leaf))
                 if hit is not None and hit[0]() is leaf:
-                    recorded.append(_Ref(hit[1], hit[2]))
-                    continue
-                inputs.append((leaf, leaf._version))
-            recorded.append(leaf)
+                    refs.append((i, hit[1], hit[2]))
+                    leaves[i] = None
+                else:
+                    inputs.append((leaf, leaf._version))
         out = run(*args, **kwargs)
         for t, version in inputs:
             if t._version != version:
                 raise SegmentError(
-                    f"{name} changed a tensor in place that entered a checkpointed segment from outside; "
-                    "recomputing the segment would apply that change twice. Plan without segments "
+                    f"{_call_name(what)} changed a tensor in place that entered a checkpointed segment from "
+                    "outside; recomputing the segment would apply that change twice. Plan without segments "
                     "(rematerialize(..., segments=False)) or make the change out of place."
                 )
         produced = _tensors(out)
         if produced:
             k = len(self.steps)
             for j, t in enumerate(produced):
-                self.produced[id(t)] = (weakref.ref(t), k, j)
-            self.steps.append(_Step(run, recorded, spec, name))
+                produced_by[id(t)] = (weakref.ref(t), k, j)
+            self.steps.append(_Step(run, leaves, refs, spec))
         return out
 
     def block(
@@ -203,14 +219,14 @@ class Region:
         """Run one block call of the region (outside the glue recorder). ``forward`` is called again by
         the replay (so it must leave running statistics alone when recomputing)."""
         self.pause()
-        out = self.record(forward, type(module).__name__, args, kwargs)
+        out = self.record(forward, args, kwargs, module)
         self.left -= 1
         if self.left > 0:
             self.resume()
         return out
 
     def resume(self) -> None:
-        self.mode.__enter__()
+        _push_on_torch_function_stack(self.mode)  # what entering the mode does, without two Python calls
         self.recording = True
 
     def pause(self) -> None:
@@ -221,7 +237,7 @@ class Region:
                 "a torch function mode entered inside a checkpointed segment was not exited before the next "
                 "block: segments cannot span it (plan without segments)"
             )
-        self.mode.__exit__(None, None, None)
+        _pop_torch_function_stack()
         self.recording = False
 
     @property
@@ -233,9 +249,8 @@ class Region:
         self.pause()
         last: dict[int, int] = {}
         for s, step in enumerate(self.steps):
-            for leaf in step.leaves:
-                if isinstance(leaf, _Ref):
-                    last[leaf.step] = s
+            for _, k, _ in step.refs:
+                last[k] = s
         for k, s in last.items():
             self.release.setdefault(s, []).append(k)
         self.produced.clear()
@@ -272,7 +287,11 @@ class Region:
         values: dict[int, list[Tensor]] = {}
         with collector.paused():
             for k, step in enumerate(self.steps):
-                leaves = [values[x.step][x.leaf] if isinstance(x, _Ref) else x for x in step.leaves]
+                leaves = step.leaves
+                if step.refs:
+                    leaves = list(leaves)
+                    for i, s, j in step.refs:
+                        leaves[i] = values[s][j]
                 args, kwargs = _unflatten(leaves, step.spec)
                 out = step.run(*args, **kwargs)
                 values[k] = _tensors(out)
@@ -293,15 +312,12 @@ class Segments:
         option: str,
         args: tuple,
         kwargs: Mapping[str, Any],
-        fallback: Callable[[], Any],
     ) -> Any:
-        """Run a block call whose option is a segment one. ``fallback()`` runs the call checkpointed on
-        its own (used under torch.compile, which cannot trace a region spanning calls)."""
+        """Run a block call whose option is a segment one (not under torch.compile, which cannot trace a
+        region spanning calls)."""
         if not (torch.is_grad_enabled() and module.training):
             return forward(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            return fallback()
-        length = segment_length(option)
+        length = None if option == IN_SEGMENT else segment_length(option)
         if length is not None:
             self.finish()
             self.active = Region(length, args, kwargs)

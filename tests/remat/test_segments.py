@@ -307,3 +307,30 @@ def test_the_collector_is_paused_while_checkpointed_code_runs_and_resumed(plan: 
         assert not gc.isenabled()  # the user's choice is left alone
     finally:
         gc.enable()
+
+
+def test_recorded_arguments_round_trip_on_the_fast_path_and_through_pytree() -> None:
+    """What a segment records of a call's arguments rebuilds the same call: flat and (x, (h, c)) arguments
+    take the fast path, nested containers and keyword arguments go through torch's pytree."""
+    import torch.utils._pytree as pytree
+
+    from tightfit.remat.segments import _flatten, _unflatten
+
+    x, h, c = torch.randn(3), torch.randn(3), torch.randn(3)
+    calls = [
+        ((x,), {}, True),
+        ((x, (h, c)), {}, True),
+        ((x, slice(None), 2), {}, True),
+        ((x, (h, [c])), {}, False),  # a list inside a tuple
+        ((x, [h, c]), {}, False),
+        ((x, {"h": h}), {}, False),
+        ((x,), {"h": h}, False),
+    ]
+    for args, kwargs, fast in calls:
+        leaves, spec = _flatten(args, kwargs)
+        assert isinstance(spec, tuple) == fast, (args, kwargs)
+        expected = pytree.tree_leaves((args, kwargs))
+        assert len(leaves) == len(expected) and all(p is q for p, q in zip(leaves, expected))
+        rebuilt, expected_spec = pytree.tree_flatten(_unflatten(leaves, spec))
+        assert expected_spec == pytree.tree_flatten((args, kwargs))[1]
+        assert all(p is q for p, q in zip(rebuilt, expected))

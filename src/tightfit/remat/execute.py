@@ -318,7 +318,7 @@ def _forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     if is_segment_option(option):
         if torch.compiler.is_compiling():  # a trace cannot hold a region spanning calls: this call alone
             return run_call(self, original, RECOMPUTE, args, kwargs, state.norms)
-        # a segment records one wrapper per call: none needed without running statistics to protect
+        # a segment records one wrapper per call: none needed in a module without norm layers
         forward = recomputable(state.norms, original) if state.norms else original
         return state.segments.call(self, forward, option, args, kwargs)
     return run_call(self, original, option, args, kwargs, state.norms)

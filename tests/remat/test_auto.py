@@ -334,3 +334,43 @@ def test_long_chains_time_the_baseline_without_the_recording_hooks(
     assert planner.baseline_time > 0
     if plain_timed:
         assert planner.baseline_time == min(plain_timed)
+
+
+def test_calibrated_times_predict_the_measured_step_of_the_plan_recomputing_the_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On accelerators (here forced on a CPU) the planner times the frugal plan's step and scales every
+    option's predicted extra time so that the model predicts that step: blocks timed alone, each
+    synchronized, do not add up to a GPU step whose kernels are queued back to back."""
+    model, batch = build("gpt2-tiny")
+    uncalibrated = Planner(clone(model), batch, calibrate_times=False)
+    assert uncalibrated.chain.time_scale == 1.0
+    assert not any("predicted extra times" in n for n in uncalibrated.notes)
+    timed: list[tuple[dict, float]] = []
+    measure_step = Planner.measure_step
+
+    def spy(self: Planner, options=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        peak, seconds = measure_step(self, options, **kwargs)
+        if options and kwargs.get("tracked", True) is False:
+            timed.append((options, seconds))
+        return peak, seconds
+
+    monkeypatch.setattr(Planner, "measure_step", spy)
+    planner = Planner(model, batch, calibrate_times=True)
+    assert len(timed) == 1 and timed[0][0] == planner._options(planner.frugal_plan)
+    seconds = timed[0][1]
+    chain = planner.chain
+    if seconds <= planner.baseline_time:  # recomputing measured free: no calibration, no note
+        assert chain.time_scale == 1.0
+        return
+    unscaled = sum(chain.extra_time(i, o) for i, o in enumerate(planner.frugal_plan)) / chain.time_scale
+    expected = (seconds - planner.baseline_time) / unscaled
+    assert chain.time_scale == pytest.approx(min(max(expected, 0.1), 10.0))
+    if 0.1 < expected < 10.0:
+        assert chain.time(planner.frugal_plan) == pytest.approx(seconds)
+    assert any("predicted extra times" in n for n in planner.notes)
+    # every option's extra time is scaled alike, so the fastest plan for a budget is unchanged
+    budget = (planner.min_budget + planner.baseline_peak) // 2
+    chain.time_scale, before = 1.0, chain.solve(budget)
+    chain.time_scale = 3.0
+    assert chain.solve(budget) == before

@@ -57,6 +57,7 @@ class ChainCosts:
     skip_in: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
     A: float = 0.0
     H: float = 0.0
+    time_scale: float = 1.0  # measured / predicted extra time of a whole step (Planner calibrates on GPUs)
     _segments: dict[tuple[int, int], tuple[int, int, int] | None] = field(default_factory=dict, repr=False)
 
     def options(self, i: int) -> list[str]:
@@ -66,7 +67,7 @@ class ChainCosts:
         if option == IN_SEGMENT or segment_length(option) is not None:
             option = RECOMPUTE  # every block of a segment is recomputed once
         c, s = self.costs[i][option], self.costs[i][STORE]
-        return max(0.0, c.fwd_time + c.bwd_time - s.fwd_time - s.bwd_time)
+        return self.time_scale * max(0.0, c.fwd_time + c.bwd_time - s.fwd_time - s.bwd_time)
 
     def keep(self, i: int, option: str) -> int:
         """Bytes block i keeps for the backward under ``option`` (a segment keeps its entry only)."""

@@ -2,22 +2,10 @@
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from tests.memory.models import mlp
 from tightfit.memory import LiveTracker
-
-
-def _profiler_peak(fn) -> int:
-    """Peak of the running sum of the profiler's [memory] events (bytes above the start)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
+from tightfit.memory.allocator import allocator_peak
 
 
 def test_peak_equals_profiler_on_a_training_step():
@@ -35,7 +23,7 @@ def test_peak_equals_profiler_on_a_training_step():
     with LiveTracker(track=[model, opt, x]) as tracker:
         step()
     opt.zero_grad(set_to_none=True)
-    expected = _profiler_peak(step)
+    expected = allocator_peak(step)
     assert tracker.peak - tracker.baseline == expected
     assert expected > 0
 

@@ -1,30 +1,38 @@
-"""The ruler against the CUDA caching allocator on a tightfit LSTM plan (needs a CUDA device).
+"""The ruler against the allocator on the LSTM language model's remat plans (CPU or CUDA).
 
-The ruler (`tightfit.memory.LiveTracker`, a TorchDispatchMode) counts live tensor storages. On CUDA the
-allocator also counts its allocations, so the two can be compared on the same steps of one plan
-(`remat_lstm.py`'s GPU configuration, planned for `--budget`):
+The ruler (`tightfit.memory.LiveTracker`) is a Python TorchDispatchMode and counts the step it observes.
+`tightfit.memory.allocator_peak` reads the allocator's peak of the plain step (CPU: the profiler's
+allocation events; CUDA: the caching allocator's statistics). For each variant, in one process, three
+peaks of one training step above its start: plain (allocator), under a no-op Python dispatch mode
+(allocator: what observing alone costs) and observed by the ruler. Variants: no remat, hand-written
+`checkpoint` every k time steps (as `remat_lstm.py`), and tightfit plans at budgets a fraction of the way
+from its smallest feasible one to the no-remat peak.
 
-1. op by op in one observed step: the ruler's live bytes against `torch.cuda.memory_allocated()` after every
-   op (both above the step's start);
-2. the allocator's peak of the step with the plan: plain, under a no-op Python TorchDispatchMode, and under
-   the ruler; then the same with the plan's singly checkpointed block calls stored instead.
+    .venv/bin/python benchmarks/ruler_vs_allocator.py          # CPU, remat_lstm.py's size, ~6 min
+    python3 benchmarks/ruler_vs_allocator.py --device cuda --results ruler_vs_allocator_h100   # H100, ~4 min
 
-    python3 benchmarks/ruler_vs_allocator.py --budget 3.93GiB   # H100: ~3 min; results/ruler_vs_allocator.txt
+Results: benchmarks/results/<--results>.txt
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from remat_lstm import segment_checkpoint  # noqa: E402
+
 MiB = 2**20
+# (hidden, embed, batch, k) per device: remat_lstm.py's CPU and GPU configurations
+CONFIGS = {"cpu": (256, 64, 8, 32), "cuda": (4096, 128, 64, 25)}
 
 
 class NoopMode(TorchDispatchMode):
@@ -36,25 +44,27 @@ class NoopMode(TorchDispatchMode):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", default="3.93GiB", help="tightfit budget of the plan compared")
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--embed", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--steps", type=int, default=1000, help="time steps T")
+    ap.add_argument(
+        "--fractions", type=float, nargs="*", default=[0.0, 0.02, 0.1], help="tightfit budgets (see above)"
+    )
     ap.add_argument("--results", default="ruler_vs_allocator", help="file name under benchmarks/results/")
     args = ap.parse_args(argv)
-    if not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        sys.exit("ruler_vs_allocator.py compares against the CUDA caching allocator: it needs a CUDA device")
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    device = torch.device(args.device)
+    if device.type not in CONFIGS or (device.type == "cuda" and not torch.cuda.is_available()):
+        sys.exit(f"--device must be cpu or an available cuda device, got {args.device!r}")
+    torch.set_num_threads(1)
+    if device.type == "cuda":  # as remat_lstm.py runs it: gradients reproducible bit for bit
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    hidden, embed, batch_size, k = CONFIGS[device.type]
 
     from tightfit import zoo
     from tightfit._step import call_model, loss_of
-    from tightfit.memory.live import LiveTracker
+    from tightfit.memory import LiveTracker, allocator_peak
     from tightfit.remat import execute
     from tightfit.remat.auto import Planner
-    from tightfit.remat.execute import RECOMPUTE, STORE
 
     lines: list[str] = []
 
@@ -63,70 +73,67 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(text)
 
     model_f, batch_f = zoo.get("lstm")
-    model = model_f(
-        vocab_size=64, embed_dim=args.embed, hidden_size=args.hidden, num_layers=2, device=args.device
-    ).train()
-    batch = batch_f(batch_size=args.batch, seq_len=args.steps, vocab_size=64, device=args.device)
-    planner = Planner(model, batch, keep_output=False)
-    plan = planner.plan(args.budget)
-    options = [d.option for d in plan.decisions]
-    say(
-        f"zoo lstm 2x LSTMCell({args.embed}->{args.hidden}), B={args.batch}, T={args.steps} on "
-        f"{torch.cuda.get_device_name()}; plan for {args.budget}: {options.count(RECOMPUTE)} calls "
-        f"checkpointed singly, {options.count(STORE)} stored, {len(plan.checkpointed)} checkpointed in all"
-    )
+    torch.manual_seed(0)
+    model = model_f(vocab_size=64, embed_dim=embed, hidden_size=hidden, num_layers=2, device=device).train()
+    batch = batch_f(batch_size=batch_size, seq_len=args.steps, vocab_size=64, device=device)
+    on = torch.cuda.get_device_name() if device.type == "cuda" else "1 CPU thread"
+    say(f"zoo lstm 2x LSTMCell({embed}->{hidden}), vocab 64, B={batch_size}, T={args.steps}, on {on}")
+    say("peak of one training step above its start (MiB): plain (allocator) / under a no-op dispatch mode")
+    say("(allocator) / observed by the ruler; ruler / plain")
 
-    # 1. op by op, in one step observed by the ruler (the planner's own measured step)
-    samples: list[tuple[int, int]] = []
-    sample = LiveTracker._sample
+    def step() -> None:
+        loss_of(call_model(model, batch), None).backward()  # the output is freed, as the planner counts it
 
-    def sampling(self: LiveTracker, op: str) -> None:
-        sample(self, op)
-        samples.append((self.current, torch.cuda.memory_allocated()))
-
-    execute.apply(planner.model, planner._options(options))
-    LiveTracker._sample = sampling  # type: ignore[method-assign]
-    try:
-        planner._tracked_step()
-    finally:
-        LiveTracker._sample = sample  # type: ignore[method-assign]
-    (r0, a0) = samples[0]
-    gaps = [(r - r0) - (a - a0) for r, a in samples]
-    say(
-        f"1. one observed step, {len(samples)} ops: ruler peak {(max(r for r, _ in samples) - r0) / MiB:.2f} "
-        f"MiB, memory_allocated peak at the same ops {(max(a for _, a in samples) - a0) / MiB:.2f} MiB; "
-        f"ruler minus allocator after any op: {min(gaps) / MiB:+.2f} to {max(gaps) / MiB:+.2f} MiB"
-    )
-
-    # 2. the allocator's peak of whole steps
-    def allocator_peak(context: Callable[[], contextlib.AbstractContextManager]) -> float:
-        for p in planner.model.parameters():
+    def zero_grads() -> None:
+        for p in model.parameters():
             p.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        with context():
-            loss = loss_of(call_model(planner.model, batch), None)  # the output is freed (keep_output=False)
-            loss.backward()
-            del loss
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - start) / MiB
 
-    contexts = {
-        "plain": contextlib.nullcontext,
-        "no-op dispatch mode": NoopMode,
-        "ruler": lambda: LiveTracker(track=[planner.model, batch]),
-    }
-    stored = [STORE if o == RECOMPUTE else o for o in options]
-    for name, variant in (("the plan", options), ("singly checkpointed calls stored", stored)):
-        execute.undo(planner.model)
-        execute.apply(planner.model, planner._options(variant))
-        peaks = {ctx: allocator_peak(make) for ctx, make in contexts.items()}
-        say(f"2. {name}: allocator peak above start, " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
-    execute.undo(planner.model)
+    def readings() -> tuple[float, float, float]:
+        zero_grads()
+        plain = allocator_peak(step, device)
+        zero_grads()
+        with_mode = allocator_peak(lambda: _under(NoopMode(), step), device)
+        zero_grads()
+        with LiveTracker(track=[model, batch]) as tracker:
+            step()
+        zero_grads()
+        return plain / MiB, with_mode / MiB, (tracker.peak - tracker.baseline) / MiB
+
+    def row(name: str, apply: Callable[[], None], undo: Callable[[], None]) -> None:
+        apply()
+        try:
+            plain, with_mode, ruler = readings()
+        finally:
+            undo()
+        say(f"{name:<34} {plain:10.2f} {with_mode:10.2f} {ruler:10.2f}   x{ruler / plain:.3f}")
+
+    step()  # first calls of the kernels out of the way
+    row("no remat", lambda: None, lambda: None)
+    row(
+        f"checkpoint every {k} steps",
+        lambda: segment_checkpoint(model, k),
+        lambda: model.rnn.__dict__.pop("forward", None),
+    )
+    t0 = time.perf_counter()
+    planner = Planner(model, batch, keep_output=False)
+    say(f"(tightfit measured the model in {time.perf_counter() - t0:.0f} s)")
+    for fraction in args.fractions:
+        budget = int(planner.min_budget + fraction * (planner.baseline_peak - planner.min_budget))
+        plan = planner.plan(budget)
+        options = [d.option for d in plan.decisions]
+        row(
+            f"tightfit {budget / 2**30:.3f} GiB" if budget > 2**30 else f"tightfit {budget / MiB:.1f} MiB",
+            lambda options=options: execute.apply(model, planner._options(options)),
+            lambda: execute.undo(model),
+        )
     out = Path(__file__).resolve().parent / "results" / f"{args.results}.txt"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
+
+
+def _under(mode: TorchDispatchMode, fn: Callable[[], None]) -> None:
+    with mode:
+        fn()
 
 
 if __name__ == "__main__":

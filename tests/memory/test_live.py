@@ -57,3 +57,22 @@ def test_peak_module_is_the_innermost_running_module():
     with LiveTracker(root=model) as tracker:
         model(torch.randn(64, 16))
     assert tracker.peak_module == "1.1"
+
+
+def test_counts_the_rng_state_checkpoint_stashes_per_region_and_restores_get_rng_state():
+    """``checkpoint`` stashes the CPU RNG state (made outside the dispatcher) for each region it opens."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = nn.Linear(64, 64)
+    x = torch.randn(8, 64, requires_grad=True)
+    original = torch.get_rng_state
+    with LiveTracker(track=[layer, x]) as plain:
+        y = layer(x)
+    with LiveTracker(track=[layer, x]) as ckpt:
+        z = checkpoint(layer, x, use_reentrant=False)
+    del y, z
+    assert torch.get_rng_state is original
+    stash = original().nbytes
+    assert stash > 0
+    # the checkpointed call keeps its output but not the layer's saved input: only the stash is extra
+    assert ckpt.peak - ckpt.baseline == plain.peak - plain.baseline + stash

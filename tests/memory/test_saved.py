@@ -97,7 +97,8 @@ def test_checkpoint_regions_are_counted():
 
 
 def test_saved_tensors_of_a_checkpoint_region_match_live_memory():
-    """What the counter reports for a SAC region is exactly what the forward leaves alive."""
+    """What the counter reports for a SAC region is exactly what the forward leaves alive, but for the CPU
+    RNG state checkpoint stashes per region (not a saved tensor; the live tracker counts it)."""
     from tightfit.memory import LiveTracker
 
     n = 32
@@ -106,4 +107,5 @@ def test_saved_tensors_of_a_checkpoint_region_match_live_memory():
         with SavedTensorCounter(exclude=[model, x]) as c:
             loss = _run(model, x, "sac")
         left_alive = live.current - live.baseline
-    assert c.bytes == left_alive - loss.untyped_storage().nbytes()
+    stashes = len(model) * torch.get_rng_state().nbytes
+    assert c.bytes == left_alive - loss.untyped_storage().nbytes() - stashes

@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tightfit.memory import LiveTracker
 from tightfit.memory.allocator import allocator_peak
 from tightfit.remat import execute
+from tightfit.remat.auto import options_by_module
 from tightfit.remat.blocks import find_blocks
 from tightfit.remat.segments import IN_SEGMENT, segment_option
 
@@ -67,7 +68,7 @@ def test_observing_a_segmented_rnn_step_raises_its_peak_and_the_ruler_counts_the
     while len(plan) + 64 < len(blocks):
         plan += [segment_option(64)] + [IN_SEGMENT] * 63
     plan += ["store"] * (len(blocks) - len(plan))
-    execute.apply(model, _by_module(blocks, plan))
+    execute.apply(model, options_by_module(blocks, plan))
     try:
         plain, with_mode, ruler = readings()
     finally:
@@ -84,12 +85,3 @@ def _zero_grads(model: torch.nn.Module) -> None:
 def _run_under(mode: TorchDispatchMode, fn) -> None:  # noqa: ANN001
     with mode:
         fn()
-
-
-def _by_module(blocks: list, plan: list[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for block, option in zip(blocks, plan):
-        calls = out.setdefault(block.path, [])
-        calls.extend(["store"] * (block.call - len(calls)))
-        calls.append(option)
-    return out

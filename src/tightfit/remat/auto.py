@@ -42,7 +42,7 @@ from tightfit.errors import UserError
 from tightfit.memory import LiveTracker
 from tightfit.memory.profile import ensure_optimizer_state
 from tightfit.remat import execute
-from tightfit.remat.blocks import Blocks, find_blocks
+from tightfit.remat.blocks import Block, Blocks, find_blocks
 from tightfit.remat.chainmodel import ChainCosts
 from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE
 from tightfit.remat.measure import OP_OPTIONS, OptionCost, measure_group, same_tensors, step_cost
@@ -96,6 +96,18 @@ class _Snapshot:
                     b.copy_(saved)
         for p, g in self.grads:
             p.grad = g
+
+
+def options_by_module(blocks: Sequence[Block], plan: Sequence[str]) -> dict[str, list[str]]:
+    """A plan (one option per block call, in order) as ``execute.apply`` takes it: per module path, one
+    option per call, calls before the first planned one stored."""
+    out: dict[str, list[str]] = {}
+    for b, o in zip(blocks, plan):
+        calls = out.setdefault(b.path, [])
+        while len(calls) < b.call:
+            calls.append(STORE)
+        calls.append(o)
+    return out
 
 
 class Planner:
@@ -479,13 +491,7 @@ class Planner:
         return min((o for o in costs if costs[o].exact), key=lambda o: (costs[o].keep, costs[o].bwd_peak))
 
     def _options(self, plan: Sequence[str]) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for b, o in zip(self.blocks.blocks, plan):
-            calls = out.setdefault(b.path, [])
-            while len(calls) < b.call:
-                calls.append(STORE)
-            calls.append(o)
-        return out
+        return options_by_module(self.blocks.blocks, plan)
 
     # -- planning -----------------------------------------------------------------------------------
     def _make_plan(self, budget: int, plan: Sequence[str]) -> Plan:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     from tightfit._step import call_model, loss_of
     from tightfit.memory import LiveTracker, allocator_peak
     from tightfit.remat import execute
-    from tightfit.remat.auto import Planner
+    from tightfit.remat.auto import Planner, options_by_module
 
     lines: list[str] = []
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         options = [d.option for d in plan.decisions]
         row(
             f"tightfit {budget / 2**30:.3f} GiB" if budget > 2**30 else f"tightfit {budget / MiB:.1f} MiB",
-            lambda options=options: execute.apply(model, planner._options(options)),
+            lambda options=options: execute.apply(model, options_by_module(planner.blocks.blocks, options)),
             lambda: execute.undo(model),
         )
     out = Path(__file__).resolve().parent / "results" / f"{args.results}.txt"

@@ -415,12 +415,13 @@ class Planner:
             if lowest is not None and peak < self.frugal_peak:
                 self.frugal_plan, self.frugal_peak = lowest, peak
         self.min_budget = min(self.baseline_peak, self.frugal_peak)
-        calibrate = self.calibrate_times
-        if calibrate is None:
-            calibrate = any(p.device.type != "cpu" for p in self.model.parameters())
+        calibrate = self.calibrate_times if self.calibrate_times is not None else self._on_accelerator()
         if calibrate and self.flop_rate is None and self.compile_backend is None:
             self._calibrate_times()
         self._progress("measured", total, total)
+
+    def _on_accelerator(self) -> bool:
+        return any(p.device.type != "cpu" for p in self.model.parameters())
 
     def _calibrate_times(self) -> None:
         """Scale every option's extra time so that the model predicts the measured time of the frugal plan's
@@ -466,8 +467,7 @@ class Planner:
         """The model's code cannot be replayed as a segment: plan without segments from now on."""
         self.segments = False
         note = f"segments disabled: {err}"
-        on_accelerator = any(p.device.type != "cpu" for p in self.model.parameters())
-        if on_accelerator and not torch.are_deterministic_algorithms_enabled():
+        if self._on_accelerator() and not torch.are_deterministic_algorithms_enabled():
             note += (
                 " (kernels on this device may not be deterministic, so two identical steps can differ: "
                 "torch.use_deterministic_algorithms(True) makes the gradient check meaningful)"

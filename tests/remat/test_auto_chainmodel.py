@@ -67,26 +67,33 @@ def test_fit_reproduces_the_two_measured_peaks() -> None:
     assert chain.H + head_store == 1000 or chain.H + head_frugal == 700
 
 
-def _flat_chain(n: int, skip_in: list) -> ChainCosts:
+def _flat_chain(n: int, reads: list) -> ChainCosts:
     cost = {
         "store": OptionCost("store", 100, 100, 10, 1.0, 2.0),
         "recompute": OptionCost("recompute", 10, 100, 10, 1.0, 3.0),
     }
-    return ChainCosts([dict(cost) for _ in range(n)], [0] * n, base_time=10.0, skip_in=skip_in)
+    return ChainCosts([dict(cost) for _ in range(n)], [0] * n, base_time=10.0, reads=reads)
 
 
-def test_a_segment_keeps_the_skip_tensors_entering_it_unless_read_after_it() -> None:
+def test_a_segment_keeps_what_its_blocks_and_glue_read_from_before_it_unless_read_after_it() -> None:
+    from tightfit.remat.reads import Read
     from tightfit.remat.segments import IN_SEGMENT, segment_option
 
-    # block 3 reads storage 7 (40 bytes) from block 0, last read there; block 4 reads storage 8 (1000
-    # bytes) from block 0, read again by block 5; block 2 reads storage 9 from block 1 (inside the segment)
-    skip_in = [[], [], [(1, 9, 5, 2)], [(0, 7, 40, 3)], [(0, 8, 1000, 5)], [(0, 8, 1000, 5)]]
-    chain = _flat_chain(6, skip_in)
+    # event times: block k at 2k + 1, the glue before block g at 2g (six blocks: 0..12)
+    reads: list[list[Read]] = [[] for _ in range(13)]
+    reads[5] = [Read(3, 9, 5, 5)]  # block 2 reads tensor 9 made by block 1 (inside the segment)
+    reads[7] = [Read(1, 7, 40, 7)]  # block 3 reads tensor 7 from block 0, last read there
+    reads[9] = [Read(1, 8, 1000, 11)]  # block 4 reads tensor 8 from block 0, read again by block 5
+    reads[11] = [Read(1, 8, 1000, 11)]
+    reads[8] = [Read(0, 6, 300, 8), Read(2, 5, 20, 8)]  # glue before block 4: tensors from glue and block 0
+    reads[3] = [Read(2, 5, 20, 8)]  # ... but block 1, the segment's first, reads tensor 5: in its keep
+    chain = _flat_chain(6, reads)
     plan = ["store", segment_option(4), IN_SEGMENT, IN_SEGMENT, IN_SEGMENT, "store"]
     head, _ = chain.terms(plan)
-    assert head == 100 + (10 + 40) + 100  # storage 8 lives on for block 5 anyway; 9 is made inside
-    no_skips = _flat_chain(6, [])
-    assert no_skips.terms(plan)[0] == head - 40
+    assert head == 100 + (10 + 40 + 300) + 100  # 8 lives on for block 5 anyway; 9 is made inside
+    assert _flat_chain(6, []).terms(plan)[0] == head - 340
+    shorter = ["store", segment_option(2), IN_SEGMENT, "store", "store", "store"]
+    assert chain.terms(shorter)[0] == _flat_chain(6, []).terms(shorter)[0]  # reads none of them
 
 
 def test_learn_raises_the_binding_constant_to_the_measured_peak_and_never_lowers() -> None:

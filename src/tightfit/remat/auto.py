@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from tightfit._step import LossFn, call_model, loss_of, training_step, wait_for_device
 from tightfit.errors import UserError
@@ -47,6 +48,7 @@ from tightfit.remat.chainmodel import ChainCosts
 from tightfit.remat.execute import OPTIONS, RECOMPUTE, STORE
 from tightfit.remat.measure import OP_OPTIONS, OptionCost, measure_group, same_tensors, step_cost
 from tightfit.remat.plan import Decision, Plan
+from tightfit.remat.reads import record_reads
 from tightfit.remat.segments import SegmentError, is_segment_option
 from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
 from tightfit.sizes import format_size, parse_size
@@ -118,6 +120,8 @@ class Planner:
     isolation. ``progress(what, done, total)`` is called as it goes (the CLI draws a progress bar).
     ``calibrate_times`` also times the step of the plan that recomputes the most and scales every predicted
     extra time to it (default: on accelerators, where blocks timed alone do not add up to the step).
+    ``keep_tolerance``: of the plans predicted within this fraction of the fastest step time, ``plan``
+    takes the one keeping least after the forward (``ChainCosts.keep_tolerance``).
     """
 
     GRAD_SEED = 1234  # RNG seed of the steps whose gradients are compared (segment plans, compiler budgets)
@@ -140,11 +144,16 @@ class Planner:
         keep_output: bool = True,
         compile_backend: str | Callable[..., Any] | None = None,
         calibrate_times: bool | None = None,
+        keep_tolerance: float = 0.01,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not model.training:
             raise ValueError("rematerialize plans a training step: call model.train() first")
+        if not 0.0 <= keep_tolerance < 1.0:
+            raise ValueError(
+                f"keep_tolerance must be in [0, 1) (a fraction of the step time), got {keep_tolerance}"
+            )
         bad = [o for o in options if o not in OPTIONS]
         if bad:
             raise ValueError(f"unknown remat options {bad}; valid options: {', '.join(OPTIONS)}")
@@ -182,6 +191,7 @@ class Planner:
         self.flop_rate = flop_rate  # set: times from FLOP counts (tightfit.remat.estimate), else clocks
         # scale predicted extra times to a measured all-recomputed step (None: on accelerators only)
         self.calibrate_times = calibrate_times
+        self.keep_tolerance = keep_tolerance
         if not keep_output:
             self.notes.append("peaks count a step that frees the model output once the loss is computed")
         self._progress = progress or (lambda what, done, total: None)
@@ -380,20 +390,12 @@ class Planner:
                 seen.add(id(module))
                 acc += sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
         later.reverse()
-        position = {k: n for n, k in enumerate(kept)}
-        skip_in: list[list[tuple[int, int, int, int]]] = [[] for _ in blocks]
-        last_reader = self.blocks.last_reader
-        for (i, j), tensors in self.blocks.skip_tensors.items():
-            if i in position and j in position:
-                skip_in[position[j]].extend(
-                    (position[i], key, nbytes, position.get(last_reader[key], len(blocks)))
-                    for key, nbytes in tensors.items()
-                )
         self.chain = ChainCosts(
             [self.group_costs[b.group] for b in blocks],  # type: ignore[misc]
             later,
             self.baseline_time,
-            skip_in=skip_in,
+            reads=record_reads(self.model, self.batch, blocks) if self.segments else [],
+            keep_tolerance=self.keep_tolerance,
         )
         self.store_plan = [STORE] * len(blocks)
         self.frugal_plan = [self._frugal(i) for i in range(len(blocks))]
@@ -475,10 +477,12 @@ class Planner:
         self.notes.append(note)
 
     def _verify(self, plan: Sequence[str]) -> int:
-        """The measured peak of ``plan``; with segments, its gradients are also checked (SegmentError).
+        """The measured peak of ``plan``; with segments, its gradients are also checked (SegmentError; not
+        under fake tensors).
         Compiled, its step time is measured too (``_compiled_times``), as compiling it again would cost
         more than the timed step."""
-        check = "check" if any(is_segment_option(o) for o in plan) else None
+        fake = any(is_fake(p) for p in self.model.parameters())  # estimated: no values to compare
+        check = "check" if any(is_segment_option(o) for o in plan) and not fake else None
         compiled = self.compile_backend is not None
         peak, seconds = self.measure_step(self._options(plan), timed=compiled, grads=check)
         if compiled:

@@ -16,7 +16,8 @@ Non-chains: ``Blocks.skips`` lists (i, j) where block j reads block i's output w
 connections, a stacked RNN's per-layer state), ``Blocks.skip_tensors`` their storages and bytes. Per-block
 decisions stay correct there (each block is checkpointed on its own), and the skip tensors, alive from
 block i to block j whatever the plan, are part of the measured constant of the memory model; a segment
-that holds one longer (its reader is inside, its producer before it) counts it in its entry.
+that holds one longer (its reader is inside, its producer before it) counts it in its entry
+(``tightfit.remat.reads`` records those reads, glue code's included).
 Work outside the blocks (embeddings, the loss, glue code in the parent's forward) is not planned: its
 memory is a measured constant.
 
@@ -84,7 +85,6 @@ class Blocks:
     skip_tensors: dict[tuple[int, int], dict[int, int]] = field(
         default_factory=dict
     )  # (i, j), i < j-1: the storages block j reads from block i's output, with their bytes
-    last_reader: dict[int, int] = field(default_factory=dict)  # storage -> the last block reading it
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -350,13 +350,11 @@ def find_blocks(
     record = [calls[i] for i in positions]
     producer: dict[int, int] = {}  # storage -> the last block that output it
     skip_tensors: dict[tuple[int, int], dict[int, int]] = {}
-    last_reader: dict[int, int] = {}
     for j, call in enumerate(record):
         for key, nbytes in call.inputs.items():
-            last_reader[key] = j
             i = producer.get(key, j)
             if i < j - 1:
                 skip_tensors.setdefault((i, j), {})[key] = nbytes
         for key in call.outputs:
             producer[key] = j
-    return Blocks(blocks, groups, source, skip_tensors, last_reader)
+    return Blocks(blocks, groups, source, skip_tensors)

@@ -16,10 +16,11 @@ NOTE [ The memory model ]
 
 NOTE [ Segments ]
   A segment i..j checkpointed as ONE region (``tightfit.remat.segments``) keeps only its entry: K grows
-  by keep_i of the whole-block recompute option, instead of one keep per block, plus the skip tensors
-  that blocks i+1..j read from blocks before i and no block after j reads (a stacked RNN's other layers'
-  state): the region holds them as its inputs until its backward, where they would have been freed
-  after their last reader's forward. Its forward runs every
+  by keep_i of the whole-block recompute option, instead of one keep per block, plus the tensors made
+  before block i that blocks i+1..j or the glue code between them read and nothing after block j reads
+  (a stacked RNN's other layers' state; the per-step outputs an LSTM's glue stacks before its head): the
+  region holds them as its inputs until its backward, where they would have been freed after their last
+  reader's forward (``tightfit.remat.reads`` records who reads what). Its forward runs every
   block without saving (peak A + K + max fwd_peak); its backward recomputes blocks i..j storing
   everything, so the backward of block m in it peaks at
       A + K_i + entry_i + sum_{i<=l<=m} store keep_l + G_m + store bwd_peak_m.
@@ -29,11 +30,16 @@ NOTE [ The solver ]
   Constraints only depend on the prefix sum K_i, so a dynamic program over blocks with K discretised in
   ``slots`` units (rounded up, so a plan the DP accepts satisfies the model) finds the plan of least
   predicted time exactly: O(L * (options + segment lengths) * slots), where only the reachable slots
-  that satisfy the constraints (a prefix) are visited.
+  that satisfy the constraints (a prefix) are visited. Its last row holds, per amount kept after the
+  forward (K_L), the fastest plan keeping that much; with ``keep_tolerance`` the solver returns, of the
+  plans within that fraction of the fastest step time, the one keeping least (on a long RNN, where many
+  plans tie in time, the fastest one stores every block the budget allows; the one keeping least leaves
+  that memory free after the forward and lowers every backward term).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +48,7 @@ import numpy as np
 
 from tightfit.remat.execute import RECOMPUTE, STORE
 from tightfit.remat.measure import OptionCost
+from tightfit.remat.reads import Read
 from tightfit.remat.segments import IN_SEGMENT, segment_length, segment_option
 
 
@@ -52,13 +59,17 @@ class ChainCosts:
     costs: list[dict[str, OptionCost]]
     later_grads: list[int]  # G_i
     base_time: float  # measured step time without remat
-    # per block j: (i, storage, bytes, last reader) of each tensor it reads from an earlier, non-adjacent
-    # block i; the last reader is the last block that reads that storage
-    skip_in: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
+    # per event time (block k at 2k + 1, the glue before block g at 2g): what it reads of tensors made
+    # earlier in the forward (``tightfit.remat.reads``); empty: segments hold their first block's inputs only
+    reads: list[list[Read]] = field(default_factory=list)
     A: float = 0.0
     H: float = 0.0
     time_scale: float = 1.0  # measured / predicted extra time of a whole step (Planner calibrates on GPUs)
+    # solve returns, of the plans predicted within this fraction of the fastest one's step time, the one
+    # keeping least after the forward (NOTE [ The solver ])
+    keep_tolerance: float = 0.0
     _segments: dict[tuple[int, int], tuple[int, int, int] | None] = field(default_factory=dict, repr=False)
+    _entering_bytes: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     def options(self, i: int) -> list[str]:
         return [o for o, c in self.costs[i].items() if c.exact]
@@ -105,16 +116,34 @@ class ChainCosts:
         return entry, fwd, entry + bwd
 
     def _entering(self, start: int, stop: int) -> int:
-        """Bytes of the tensors that blocks start+1..stop-1 read from blocks before ``start`` and no block
-        from ``stop`` on reads (block start's own inputs are in its keep), each storage once."""
-        if not self.skip_in:
+        """Bytes of the tensors made before block ``start`` that blocks start+1..stop-1 or the glue between
+        blocks start..stop-1 read, and nothing from the glue after block stop-1 on reads (block start's own
+        inputs are in its keep), each tensor once: the segment holds them until its backward."""
+        if not self.reads:
             return 0
-        seen: dict[int, int] = {}
-        for j in range(start + 1, stop):
-            for i, key, nbytes, last in self.skip_in[j]:
-                if i < start and last < stop:
-                    seen[key] = nbytes
-        return sum(seen.values())
+        sums = self._entering_bytes.get(start)
+        if sums is None or stop - start >= len(sums):
+            until = max(stop, min(len(self.costs), start + max(self.segment_lengths(), default=2)))
+            sums = self._entering_bytes[start] = self._entering_walk(start, until)
+        return sums[stop - start]
+
+    def _entering_walk(self, start: int, until: int) -> list[int]:
+        """``_entering(start, stop)`` for stop = start..until, at index stop - start, in one pass."""
+        first = 2 * start + 1
+        own = {r.tensor for r in self.reads[first]}
+        seen: set[int] = set()
+        pending: list[tuple[int, int, int]] = []  # (last read, tensor, bytes), a heap on the last read
+        total, sums = 0, [0]
+        for stop in range(start + 1, until + 1):
+            for time in range(max(first + 1, 2 * stop - 2), 2 * stop):  # glue before block stop-1, the block
+                for r in self.reads[time]:
+                    if r.made < first and r.tensor not in own and r.tensor not in seen:
+                        seen.add(r.tensor)
+                        heapq.heappush(pending, (r.last, r.tensor, r.nbytes))
+            while pending and pending[0][0] < 2 * stop:
+                total += heapq.heappop(pending)[2]
+            sums.append(total)
+        return sums
 
     # -- the model ----------------------------------------------------------------------------------
     def terms(self, plan: Sequence[str]) -> tuple[int, int]:
@@ -233,9 +262,11 @@ class ChainCosts:
         if last is None:
             return None
         final = np.where(self.H + ks <= budget, last, np.inf)
-        k = int(np.argmin(final))
-        if not np.isfinite(final[k]):
+        fastest = float(np.min(final))
+        if not np.isfinite(fastest):
             return None
+        # the DP's last row is the fastest plan per kept amount: the least kept within the tolerance
+        k = int(np.flatnonzero(final <= fastest + self.keep_tolerance * (self.base_time + fastest))[0])
         plan: list[str] = []
         j = n
         while j > 0:

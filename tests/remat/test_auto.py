@@ -59,6 +59,15 @@ def test_public_api_and_infeasible_budget() -> None:
     assert '"decisions"' in out.plan.to_json()
 
 
+def test_bad_planner_arguments_are_refused_before_measuring() -> None:
+    model, batch = build("gpt2-tiny")
+    with pytest.raises(ValueError, match=r"keep_tolerance must be in \[0, 1\).*got 1.5"):
+        Planner(model, batch, keep_tolerance=1.5)
+    with pytest.raises(ValueError, match="unknown remat options.*valid options"):
+        Planner(model, batch, options=["store", "everything"])
+    assert execute.applied(model) == {}
+
+
 def test_keep_output_false_counts_a_step_that_frees_the_output() -> None:
     model, batch = build("gpt2-tiny")
     reference = grads_after_step(clone(model), batch)

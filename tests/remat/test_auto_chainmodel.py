@@ -67,6 +67,33 @@ def test_fit_reproduces_the_two_measured_peaks() -> None:
     assert chain.H + head_store == 1000 or chain.H + head_frugal == 700
 
 
+def test_keep_tolerance_takes_the_least_kept_plan_within_it_of_the_fastest() -> None:
+    rng = random.Random(2)
+    moved = 0
+    for _ in range(25):
+        n = rng.randint(3, 6)
+        chain = _random_chain(rng, n)
+        plans = list(itertools.product(OPTS, repeat=n))
+        lo, hi = min(chain.peak(p) for p in plans), max(chain.peak(p) for p in plans)
+        budget = (lo + hi) // 2
+        fastest = chain.solve(budget)
+        if fastest is None:
+            continue
+        chain.keep_tolerance = 0.05
+        got = chain.solve(budget)
+        chain.keep_tolerance = 0.0
+        assert got is not None and chain.peak(got) <= budget
+        limit = chain.time(fastest) + 0.05 * chain.time(fastest)  # step time, base included
+        assert chain.time(got) <= limit + 1e-9
+        kept = chain.terms(got)[0]
+        unit = max(1.0, (budget - min(chain.A, chain.H)) / 4000)
+        # no plan the DP could have returned (fits with the rounding margin) within the limit keeps less
+        rivals = [p for p in plans if chain.peak(p) <= budget - n * unit and chain.time(p) <= limit]
+        assert all(chain.terms(p)[0] >= kept - n * unit for p in rivals)
+        moved += kept < chain.terms(fastest)[0]
+    assert moved >= 5  # the tie-break changed the plan in a good share of the chains
+
+
 def _flat_chain(n: int, reads: list) -> ChainCosts:
     cost = {
         "store": OptionCost("store", 100, 100, 10, 1.0, 2.0),

@@ -102,7 +102,8 @@ def record_reads(model: torch.nn.Module, batch: Any, blocks: Sequence[Block]) ->
     not kept); ``blocks`` are the planned block calls, in order."""
     position = {(b.path, b.call): k for k, b in enumerate(blocks)}
     paths = {id(m): p for p, m in model.named_modules()}
-    planned = {id(m): m for p, m in model.named_modules() if any(p == b.path for b in blocks)}
+    block_paths = {b.path for b in blocks}
+    planned = {id(m): m for p, m in model.named_modules() if p in block_paths}
     recorder = _Recorder(2 * len(blocks) + 1)
     clock = [0, 0]
     counts: dict[int, int] = {}

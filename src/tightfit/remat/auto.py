@@ -731,6 +731,7 @@ def rematerialize(
     segments: bool = True,
     keep_output: bool = True,
     compile_backend: str | Callable[..., Any] | None = None,
+    keep_tolerance: float = 0.01,
 ) -> torch.nn.Module:
     """Make ``model`` train within ``budget`` by recomputing activations; returns the model to train.
 
@@ -757,6 +758,9 @@ def rematerialize(
     False for a loop that keeps only the loss (``loss = model(**batch).loss``, Hugging Face's Trainer):
     the output is then freed before the backward, which leaves that much more of the budget to activations.
 
+    ``keep_tolerance``: of the plans predicted within this fraction of the fastest step time, the one keeping
+    least after the forward is taken (0: the fastest).
+
     ``compile_backend`` (e.g. ``"inductor"``, ``"aot_eager"``): you will train ``torch.compile(model,
     backend=compile_backend)``. Whole steps are then measured compiled (each plan measured is compiled
     afresh after ``torch._dynamo.reset()``, so planning takes a few compilations and other compiled
@@ -779,5 +783,6 @@ def rematerialize(
         segments=segments,
         keep_output=keep_output,
         compile_backend=compile_backend,
+        keep_tolerance=keep_tolerance,
     )
     return planner.apply(planner.plan(budget, verify=verify))

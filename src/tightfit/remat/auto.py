@@ -116,8 +116,9 @@ class Planner:
     """Measure a model once, then plan for any number of budgets (``plan``) and apply plans (``apply``).
 
     Measuring runs: whole training steps without remat (one with the ruler, one timed that also records
-    the blocks) and with every block recomputed, and every option of every group of identical blocks in
-    isolation. ``progress(what, done, total)`` is called as it goes (the CLI draws a progress bar).
+    the blocks) and with every block recomputed, a forward without autograd recording what blocks and glue
+    code read (with segments: ``tightfit.remat.reads``), and every option of every group of identical
+    blocks in isolation. ``progress(what, done, total)`` is called as it goes (the CLI draws a progress bar).
     ``calibrate_times`` also times the step of the plan that recomputes the most and scales every predicted
     extra time to it (default: on accelerators, where blocks timed alone do not add up to the step).
     ``keep_tolerance``: of the plans predicted within this fraction of the fastest step time, ``plan``

@@ -429,7 +429,7 @@ class Planner:
     def _calibrate_times(self) -> None:
         """Scale every option's extra time so that the model predicts the measured time of the frugal plan's
         step. Blocks are timed alone, each synchronized; on a GPU the step's kernels are queued back to back
-        (an H100 LSTM: 6.4 s predicted for a 3.7 s step), on a CPU they add up (LSTM: 3-14% under)."""
+        (an H100 LSTM: 6.4 s predicted for a 3.7 s step), on a CPU they add up."""
         predicted = self.chain.time(self.frugal_plan) - self.baseline_time
         if predicted <= 0:
             return

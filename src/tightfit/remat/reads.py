@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from tightfit._step import call_model
-from tightfit.remat.blocks import Block
+from tightfit.remat.blocks import Block, _storages
 
 
 @dataclass(frozen=True)
@@ -39,14 +38,6 @@ class Read:
     tensor: int  # its identity in this recording
     nbytes: int  # bytes of its storage
     last: int  # event time of its last read
-
-
-def _storage(t: torch.Tensor) -> tuple[int, int] | None:
-    try:
-        st = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, some subclasses)
-        return None
-    return st._cdata, st.nbytes()
 
 
 class _Recorder:
@@ -60,23 +51,21 @@ class _Recorder:
         self.reads: list[dict[int, None]] = [{} for _ in range(events)]  # event time -> tensors read
 
     def read(self, time: int, tensors: Any) -> set[int]:
-        keys = set()
-        for t in pytree.tree_leaves(tensors):
-            if isinstance(t, torch.Tensor) and (s := _storage(t)) is not None:
-                keys.add(s[0])
-                tensor = self.maker.get(s[0])
-                if tensor is not None:
-                    self.reads[time][tensor] = None
-                    self.last[tensor] = time
+        keys = set(_storages(tensors))
+        for key in keys:
+            tensor = self.maker.get(key)
+            if tensor is not None:
+                self.reads[time][tensor] = None
+                self.last[tensor] = time
         return keys
 
     def make(self, time: int, tensors: Any, inputs: set[int]) -> None:
-        for t in pytree.tree_leaves(tensors):
-            if not isinstance(t, torch.Tensor) or (s := _storage(t)) is None or s[0] in inputs:
+        for key, nbytes in _storages(tensors).items():
+            if key in inputs:
                 continue
-            self.maker[s[0]] = len(self.made)
+            self.maker[key] = len(self.made)
             self.made.append(time)
-            self.nbytes.append(s[1])
+            self.nbytes.append(nbytes)
             self.last.append(time)
 
 

@@ -9,6 +9,8 @@ import pytest
 
 import tightfit
 from tightfit import cli
+from tightfit.cli import demo, profile
+from tightfit.cli._args import parse_budget
 
 SMALL = ["--batch", "2", "--seq", "8"]
 
@@ -121,7 +123,7 @@ def test_model_file_failures_say_which_part(capsys, tmp_path):
 
 
 def test_refuses_to_profile_a_model_larger_than_ram(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "available_ram", lambda: 1000)
+    monkeypatch.setattr(profile, "available_ram", lambda: 1000)
     code, _, err = run(capsys, "profile", "gpt2-tiny", *SMALL)
     assert code == 2 and "more than the 1000 B of RAM available; add --estimate" in err
     code, out, err = run(capsys, "profile", "gpt2-tiny", *SMALL, "--estimate", "--json")
@@ -144,9 +146,29 @@ def test_plan_is_wired_and_its_budget_errors_are_one_line(capsys):
 
 
 def test_parse_budget_names_accepted_forms():
-    assert cli.parse_budget("2GiB") == 2 * 2**30
+    assert parse_budget("2GiB") == 2 * 2**30
     with pytest.raises(cli.CliError, match="--budget: invalid size '2 gigs'.*GiB"):
-        cli.parse_budget("2 gigs")
+        parse_budget("2 gigs")
+
+
+def test_every_command_measures_the_same_step_by_default():
+    parser = cli.build_parser()
+    profiled = parser.parse_args(["profile", "gpt2-tiny"])
+    planned = parser.parse_args(["plan", "gpt2-tiny", "--budget", "min"])
+    assert profiled.optimizer == planned.optimizer == "adamw"
+
+
+def test_help_imports_neither_torch_nor_the_library():
+    code = (
+        "import sys\n"
+        "from tightfit.cli import main\n"
+        "assert main(['--help']) == 0 and main(['plan', '--help']) == 0\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith(\n"
+        "    ('tightfit.memory', 'tightfit.remat', 'tightfit.zoo')))\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_models_lists_names_and_no_command_prints_help(capsys):
@@ -159,7 +181,7 @@ def test_models_lists_names_and_no_command_prints_help(capsys):
 def test_demo_sections_on_a_tiny_model(capsys):
     code, out, err = run(capsys, "demo", "--model", "gpt2-tiny", *SMALL, "--large", "llama-1b-tiny")
     assert code == 0, err
-    titles = [s.title for s in cli.DEMO_SECTIONS]
+    titles = [s.title for s in demo.DEMO_SECTIONS]
     assert all(t in out for t in titles)
     assert "The step peaks at" in out and "Activations saved for the backward pass take" in out
     assert "transformer.h.*" in out  # per-block consumers are folded across blocks

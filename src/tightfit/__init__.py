@@ -6,26 +6,25 @@ The public names are imported lazily, so ``import tightfit`` stays cheap and opt
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from tightfit._lazy import lazy_getattr
 from tightfit._version import __version__
 
-# name -> module that defines it (grouped by role, as in __all__ below)
-_LAZY: dict[str, str] = {
+# name -> submodule that defines it (grouped by role, as in __all__ below)
+_NAMES: dict[str, str] = {
     # the ruler
-    "profile": "tightfit.memory.profile",
-    "estimate": "tightfit.memory.profile",
-    "MemoryReport": "tightfit.memory.report",
-    "parse_size": "tightfit.sizes",
-    "format_size": "tightfit.sizes",
+    "profile": "memory.profile",
+    "estimate": "memory.profile",
+    "MemoryReport": "memory.report",
+    "parse_size": "sizes",
+    "format_size": "sizes",
     # techniques: configuration and the one in-place verb
-    "convert_": "tightfit.convert",
-    "ConversionReport": "tightfit.convert",
-    "FewBit": "tightfit.fewbit.config",
-    "Sketch": "tightfit.sketch.config",
-    # rematerialization
-    "rematerialize": "tightfit.remat.auto",
+    "convert_": "convert",
+    "ConversionReport": "convert",
+    "FewBit": "fewbit.config",
+    "Sketch": "sketch.config",
+    # rematerialization: through the remat package, which names its own defining modules
+    "rematerialize": "remat",
+    "RematConfig": "remat",
 }
 _SUBMODULES = ("memory", "fewbit", "sketch", "remat", "zoo", "nn", "functional", "convert", "sizes")
 
@@ -43,6 +42,7 @@ __all__ = [
     "FewBit",
     "Sketch",
     "rematerialize",
+    "RematConfig",
     # namespaces
     "memory",
     "fewbit",
@@ -54,16 +54,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        module = importlib.import_module(f"tightfit.{name}")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'tightfit' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _NAMES, submodules=_SUBMODULES)
 
 
 def __dir__() -> list[str]:

@@ -11,7 +11,7 @@ from torch import nn
 
 from tightfit.fewbit.calibrate import Calibration, calibrate
 from tightfit.fewbit.fit import NormalWeight, fit, table_error
-from tightfit.fewbit.tables import get_table
+from tightfit.fewbit.lookup import get_table
 
 
 def _model():

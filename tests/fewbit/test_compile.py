@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import tightfit
 from tightfit.fewbit.gated import swiglu
-from tightfit.fewbit.tables import get_table
+from tightfit.fewbit.lookup import get_table
 
 
 class Block(torch.nn.Module):

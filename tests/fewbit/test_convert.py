@@ -7,18 +7,17 @@ from torch import nn
 import tightfit
 from tightfit import zoo
 from tightfit.fewbit import modules as M
+from tightfit.fewbit.activations import spec_for_module
 from tightfit.fewbit.config import FewBit
 from tightfit.fewbit.gated import FewBitGatedMLP
 
 
 def convert(model, config, filter_fn=None):
-    """tightfit.convert_, the public verb, without printing."""
-    return tightfit.convert_(model, config, filter_fn, verbose=False)
+    """tightfit.convert_, the public verb (silent by default)."""
+    return tightfit.convert_(model, config, filter_fn)
 
 
 def _activation_modules(model):
-    from tightfit.fewbit.activations import spec_for_module
-
     return [p for p, m in model.named_modules() if spec_for_module(m) is not None]
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tightfit.fewbit import gated
-from tightfit.fewbit.tables import get_table
+from tightfit.fewbit.lookup import get_table
 from tightfit.memory import SavedTensorCounter
 
 

@@ -8,7 +8,7 @@ import torch
 from tightfit.fewbit import ops
 from tightfit.fewbit.activations import ACTIVATIONS
 from tightfit.fewbit.functional import activation
-from tightfit.fewbit.tables import get_table
+from tightfit.fewbit.lookup import get_table
 from tightfit.memory import SavedTensorCounter
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -11,7 +11,8 @@ import torch
 
 from tightfit.fewbit.activations import ACTIVATIONS
 from tightfit.fewbit.fit import table_error
-from tightfit.fewbit.tables import SHIPPED_BITS, Table, exact_table, get_table, load_shipped
+from tightfit.fewbit.lookup import get_table
+from tightfit.fewbit.tables import SHIPPED_BITS, Table, exact_table, load_shipped
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "src" / "tightfit" / "fewbit" / "data" / "tables.json"

@@ -7,9 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tightfit.memory import LiveTracker
 from tightfit.memory.allocator import allocator_peak
 from tightfit.remat import execute
-from tightfit.remat.auto import options_by_module
 from tightfit.remat.blocks import find_blocks
-from tightfit.remat.segments import IN_SEGMENT, segment_option
+from tightfit.remat.chain import options_by_module
 
 
 def test_cpu_peak_of_known_allocations_is_exact() -> None:
@@ -64,9 +63,9 @@ def test_observing_a_segmented_rnn_step_raises_its_peak_and_the_ruler_counts_the
     plain, with_mode, ruler = readings()
     assert plain == with_mode == ruler
     blocks = find_blocks(model, batch, None).blocks
-    plan = ["store", "store"]
+    plan = ["store", "store"]  # options by their JSON keys, as a saved plan holds them
     while len(plan) + 64 < len(blocks):
-        plan += [segment_option(64)] + [IN_SEGMENT] * 63
+        plan += ["segment:64"] + ["in-segment"] * 63
     plan += ["store"] * (len(blocks) - len(plan))
     execute.apply(model, options_by_module(blocks, plan))
     try:

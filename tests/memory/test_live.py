@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from tests.memory.models import mlp
 from tightfit.memory import LiveTracker
 from tightfit.memory.allocator import allocator_peak
+from tightfit.testing import mlp
 
 
 def test_peak_equals_profiler_on_a_training_step():

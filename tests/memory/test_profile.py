@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import tightfit
-from tests.memory.models import Block
 from tightfit.memory import MemoryReport
+from tightfit.testing import Block
 
 
 class TinyLM(nn.Module):

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from tests.memory.models import Block, mlp
 from tightfit.memory import SavedTensorCounter
+from tightfit.testing import Block, mlp
 
 
 def test_mlp_saved_bytes_match_hand_derivation():

@@ -10,11 +10,8 @@ import torch
 
 import tightfit.zoo as zoo
 from tightfit.cli import CliError, build_parser
-from tightfit.remat import execute
-from tightfit.remat.auto import Planner
-from tightfit.remat.estimate import estimate_planner
-
-from ._models import step_peak
+from tightfit.remat import Planner, estimate_planner, execute
+from tightfit.testing import step_peak
 
 
 def _args(*argv: str) -> object:
@@ -84,3 +81,12 @@ def test_estimate_matches_the_real_planner_on_memory() -> None:
     assert plan.time > fake.baseline_time  # FLOP-based: recomputation costs FLOPs
     execute.apply(model, plan.options)  # the estimated plan runs on the real model within ~1%
     assert step_peak(model, batch) <= budget * 1.01
+
+
+def test_plan_command_estimate_names_its_flop_rate(capsys) -> None:  # noqa: ANN001
+    args = _args("gpt2-tiny", "--budget", "min", "--estimate", "--flop-rate", "2e11", "--json")
+    assert args._run(args) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(out[: out.rindex("}") + 1])
+    assert plan["measured_peak"] <= plan["budget"] == plan["min_budget"]
+    assert any("--estimate" in n and "2e+11 FLOP/s" in n for n in plan["notes"]), plan["notes"]

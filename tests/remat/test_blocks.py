@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from tightfit.remat.blocks import find_blocks
-
-from ._models import build
+from tightfit.testing import build
 
 
 @pytest.mark.parametrize(

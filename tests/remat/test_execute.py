@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from tightfit.remat import execute
-from tightfit.remat.execute import OPTIONS, RECOMPUTE, SAVE_LINEAR, SAVE_MATMUL, STORE
-
-from ._models import clone, grads_after_step, same_grads
+from tightfit.remat.options import RECOMPUTE, SAVE_LINEAR, SAVE_MATMUL, STORE, parse_option
+from tightfit.testing import clone, grads_after_step, same_grads
 
 
 class Block(nn.Module):
@@ -48,7 +47,7 @@ def _x() -> torch.Tensor:
     return torch.randn(2, 10, 24)
 
 
-@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("option", [STORE, SAVE_MATMUL, SAVE_LINEAR, RECOMPUTE], ids=str)
 def test_every_option_gives_identical_gradients_with_dropout(option: str) -> None:
     model, x = Net().train(), _x()
     reference = grads_after_step(clone(model), x)
@@ -142,7 +141,16 @@ def test_bad_input_is_rejected_before_patching() -> None:
         execute.apply(model, {"blocks.0": [RECOMPUTE], "nope": [RECOMPUTE]})
     with pytest.raises(ValueError, match="unknown remat option"):
         execute.apply(model, {"blocks.0": ["fast"]})
+    with pytest.raises(TypeError, match="Option or its key"):
+        execute.apply(model, {"blocks.0": [3]})
     assert execute.applied(model) == {} and "forward" not in model.blocks[0].__dict__
+
+
+def test_json_keys_and_option_types_apply_alike() -> None:
+    model = Net()
+    execute.apply(model, {"blocks.0": ["recompute"], "blocks.1": ["save-matmul", "store"]})
+    assert execute.applied(model) == {"blocks.0": [RECOMPUTE], "blocks.1": [SAVE_MATMUL, STORE]}
+    assert execute.applied(model)["blocks.1"][0] == parse_option("save-matmul")
 
 
 def test_a_deep_copy_of_a_patched_model_runs_its_own_parameters() -> None:
@@ -173,7 +181,7 @@ needs_region_budget = pytest.mark.skipif(
 def test_compile_budget_scopes_the_compilers_budget_to_the_patched_model() -> None:
     import torch._functorch.config as functorch_config
 
-    from ._models import build, step_peak
+    from tightfit.testing import build, step_peak
 
     def compiled_peak(model: nn.Module, batch: dict) -> int:
         torch._dynamo.reset()

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from tightfit.remat.blocks import find_blocks
-from tightfit.remat.execute import RECOMPUTE, SAVE_LINEAR, SAVE_MATMUL, STORE
 from tightfit.remat.measure import kept_positions, measure_group, record_units
+from tightfit.remat.options import RECOMPUTE, SAVE_LINEAR, SAVE_MATMUL, STORE
 
 
 class Chain(nn.Module):
@@ -97,7 +97,8 @@ def test_options_keeping_the_same_ops_are_measured_once() -> None:
 def test_an_option_costs_at_least_the_ops_it_recomputes() -> None:
     """Timed alone, recomputing can look free (store slower for other reasons); the extra time is raised
     to the recorded forward time of the ops the option recomputes, and left alone when above it."""
-    from tightfit.remat.measure import OpProfile, OptionCost, _at_least_the_recomputed_ops
+    from tightfit.remat.measure import OpProfile, _at_least_the_recomputed_ops
+    from tightfit.remat.solvers.chain_costs import OptionCost
 
     aten = torch.ops.aten
     profile = OpProfile([aten.mm.default, aten.relu.default], [], [0.5, 0.25])

@@ -9,10 +9,11 @@ import torch
 from tightfit.memory import SavedTensorCounter
 from tightfit.remat import execute
 from tightfit.remat.blocks import find_blocks
-from tightfit.remat.execute import RECOMPUTE, STORE, keep_ops_option, kept_ops, option_label
+from tightfit.remat.execute import keep_ops_option
 from tightfit.remat.measure import measure_group, op_options, record_units
+from tightfit.remat.options import RECOMPUTE, STORE, KeepOps, Option, parse_option
+from tightfit.testing import build, clone, grads_after_step, same_grads
 
-from ._models import build, clone, grads_after_step, same_grads
 from .test_execute import Net, _x
 
 
@@ -38,10 +39,10 @@ def test_units_group_dropout_noise_and_cover_every_kept_op_once() -> None:
 def test_keep_ops_options_give_identical_gradients_and_keep_between_recompute_and_store() -> None:
     model, x, _, profile = _units_of_block()
     options = op_options(profile)
-    assert options and all(kept_ops(o) for o in options)
+    assert options and all(isinstance(o, KeepOps) for o in options)
     reference = grads_after_step(clone(model), x)
 
-    def saved(option: str) -> int:
+    def saved(option: Option) -> int:
         m = clone(model)
         execute.apply(m, {f"blocks.{i}": [option] for i in range(3)})
         with SavedTensorCounter(exclude=[m, x]) as c:
@@ -63,7 +64,7 @@ def test_generated_options_are_measured_exact_on_zoo_blocks(name: str) -> None:
     model, batch = build(name)
     group = find_blocks(model, batch).groups[0]
     costs = measure_group(group, reps=1)
-    generated = [o for o in costs if kept_ops(o) is not None]
+    generated = [o for o in costs if isinstance(o, KeepOps)]
     assert generated, f"no op-level options for {group.path}"
     for o in generated:
         assert costs[o].exact, o
@@ -73,13 +74,12 @@ def test_generated_options_are_measured_exact_on_zoo_blocks(name: str) -> None:
 def test_option_names_round_trip_and_bad_ones_are_rejected() -> None:
     ops = ["aten.mm.default", "aten.gelu.default"] * 4
     option = keep_ops_option([7, 3, 3], ops)
-    kept = kept_ops(option)
-    assert option.startswith("keep-ops:3,7@8:") and kept is not None
-    assert kept.indices == frozenset({3, 7}) and kept.count == 8
-    assert option_label(option) == "keep 2 ops" and option_label(STORE) == STORE
+    assert option.key.startswith("keep-ops:3,7@8:") and parse_option(option.key) == option
+    assert option.indices == frozenset({3, 7}) and option.count == 8
+    assert option.label == "keep 2 ops" and STORE.label == "store"
     for bad in ("keep-ops:1,x@8:ab", "keep-ops:1,2"):
         with pytest.raises(ValueError, match="malformed option"):
-            kept_ops(bad)
+            parse_option(bad)
     model = Net()
     with pytest.raises(ValueError, match="unknown remat option"):
         execute.apply(model, {"blocks.0": ["keep-some"]})
@@ -95,7 +95,7 @@ def test_keep_ops_under_torch_compile_keep_gradients_identical(which: int) -> No
     ref = clone(model)
     group = find_blocks(model, batch).groups[0]
     option = op_options(record_units(group))[which]
-    assert kept_ops(option) is not None
+    assert isinstance(option, KeepOps)
     execute.apply(model, {p: [option] for p in ("transformer.h.0", "transformer.h.1")})
     compiled = torch.compile(model, backend="aot_eager")
     assert same_grads(grads_after_step(ref, batch), grads_after_step(compiled, batch))

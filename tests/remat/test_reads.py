@@ -7,13 +7,12 @@ from __future__ import annotations
 import torch
 
 from tightfit import zoo
-from tightfit.remat.auto import Planner
+from tightfit.remat import Planner, RematConfig
 from tightfit.remat.blocks import find_blocks
-from tightfit.remat.chainmodel import ChainCosts
+from tightfit.remat.options import IN_SEGMENT, RECOMPUTE, STORE, Segment
 from tightfit.remat.reads import record_reads
-from tightfit.remat.segments import IN_SEGMENT, segment_option
-
-from ._models import build
+from tightfit.remat.solvers.chain_costs import ChainCosts
+from tightfit.testing import build
 
 
 def test_the_glue_before_the_head_reads_every_step_output_last() -> None:
@@ -64,14 +63,14 @@ def test_the_planner_predicts_a_segment_over_the_head_at_or_above_its_measured_p
     model_factory, batch_factory = zoo.get("lstm")
     model = model_factory(vocab_size=64, embed_dim=32, hidden_size=256, num_layers=2).train()
     batch = batch_factory(batch_size=8, seq_len=200, vocab_size=64)
-    planner = Planner(model, batch, keep_output=False, op_level=False)
+    planner = Planner(model, batch, config=RematConfig(keep_output=False, op_level=False))
     n = len(planner.blocks.blocks)
     tail = 41  # ten time steps and the head
-    plan = ["store", "store"]
+    plan = [STORE, STORE]
     while len(plan) + 40 <= n - tail:
-        plan += [segment_option(40)] + [IN_SEGMENT] * 39
-    plan += ["recompute"] * (n - tail - len(plan)) + [segment_option(tail)] + [IN_SEGMENT] * (tail - 1)
-    measured = planner._verify(plan)
+        plan += [Segment(40)] + [IN_SEGMENT] * 39
+    plan += [RECOMPUTE] * (n - tail - len(plan)) + [Segment(tail)] + [IN_SEGMENT] * (tail - 1)
+    measured = planner.measured.verifier.peak(plan, planner.measured.model)
     held = planner.chain._entering(n - tail, n)
     assert held >= 190 * 4 * 8 * 256  # the outputs of the 190 steps before the segment
     assert planner.chain.peak(plan) >= measured

@@ -4,22 +4,15 @@ stays alive, bad glue code is refused, the DP over segments is optimal, and the 
 
 from __future__ import annotations
 
-import itertools
-import random
-
 import pytest
 import torch
 from torch import nn
 
 from tightfit.memory import LiveTracker
-from tightfit.remat import execute
-from tightfit.remat.auto import Planner
-from tightfit.remat.chainmodel import ChainCosts
-from tightfit.remat.execute import RECOMPUTE, STORE
-from tightfit.remat.measure import OptionCost
-from tightfit.remat.segments import IN_SEGMENT, SegmentError, segment_length, segment_option
-
-from ._models import build, clone, grads_after_step, same_grads
+from tightfit.remat import Planner, RematConfig, execute
+from tightfit.remat.options import IN_SEGMENT, RECOMPUTE, STORE, Option, Segment, parse_option
+from tightfit.remat.segments import SegmentError
+from tightfit.testing import build, clone, grads_after_step, same_grads
 
 
 class Cell(nn.Module):
@@ -64,11 +57,11 @@ def _xs(t: int = 12) -> torch.Tensor:
     return torch.randn(4, t, 32)
 
 
-def _segments(calls: int, length: int) -> list[str]:
+def _segments(calls: int, length: int) -> list[Option]:
     out = []
     for start in range(0, calls, length):
         n = min(length, calls - start)
-        out += [RECOMPUTE] if n == 1 else [segment_option(n)] + [IN_SEGMENT] * (n - 1)
+        out += [RECOMPUTE] if n == 1 else [Segment(n)] + [IN_SEGMENT] * (n - 1)
     return out
 
 
@@ -136,88 +129,25 @@ def test_eval_no_grad_and_compile_fallback() -> None:
 
 def test_bad_segment_options() -> None:
     with pytest.raises(ValueError, match="at least 2"):
-        segment_option(1)
+        Segment(1)
     with pytest.raises(ValueError, match="malformed"):
-        segment_length("segment:x")
+        parse_option("segment:x")
     with pytest.raises(ValueError, match="malformed"):
         execute.apply(Loop(), {"cell": ["segment:1"]})
-    assert segment_length(STORE) is None
-    assert execute.option_label(segment_option(4)) == "segment of 4"
-
-
-# -- the DP with segments against brute force -----------------------------------------------------
-OPTS = ("store", "recompute")
-
-
-def _random_chain(rng: random.Random, n: int) -> ChainCosts:
-    costs = []
-    for _ in range(n):
-        keep = rng.randint(50, 100)
-        t = rng.uniform(1, 2)
-        costs.append(
-            {
-                "store": OptionCost("store", keep, keep + rng.randint(0, 20), rng.randint(5, 30), t, 2 * t),
-                "recompute": OptionCost(
-                    "recompute", rng.randint(5, 30), keep, rng.randint(60, 120), t, 3 * t
-                ),
-            }
-        )
-    chain = ChainCosts(costs, sorted((rng.randint(0, 40) for _ in range(n)), reverse=True), base_time=10.0)
-    chain.A, chain.H = rng.uniform(0, 50), rng.uniform(0, 80)
-    return chain
-
-
-def _all_plans(n: int) -> list[list[str]]:
-    """Every plan: each block a single option, or blocks grouped into segments."""
-    if n == 0:
-        return [[]]
-    out = [[o, *rest] for o in OPTS for rest in _all_plans(n - 1)]
-    for length in range(2, n + 1):
-        out += [
-            [segment_option(length)] + [IN_SEGMENT] * (length - 1) + rest for rest in _all_plans(n - length)
-        ]
-    return out
-
-
-def test_dp_with_segments_is_feasible_and_optimal_up_to_discretisation() -> None:
-    rng = random.Random(3)
-    used_segments = False
-    for _ in range(20):
-        n = rng.randint(2, 6)
-        chain = _random_chain(rng, n)
-        plans = _all_plans(n)
-        lo, hi = min(map(chain.peak, plans)), max(map(chain.peak, plans))
-        for budget in (lo, (lo + hi) // 2, (3 * lo + hi) // 4, hi):
-            slots = 4000
-            got = chain.solve(budget, slots=slots)
-            unit = max(1.0, (budget - min(chain.A, chain.H)) / slots)
-            safe = [p for p in plans if chain.peak(p) <= budget - n * unit]
-            if got is None:
-                assert not safe
-                continue
-            assert chain.peak(got) <= budget and len(got) == n
-            if safe:
-                assert chain.time(got) <= min(chain.time(p) for p in safe) + 1e-6
-            used_segments |= any(segment_length(o) for o in got)
-    assert used_segments
-
-
-def test_without_segments_the_dp_keeps_per_block_options() -> None:
-    chain = _random_chain(random.Random(4), 5)
-    lo = min(chain.peak(list(p)) for p in itertools.product(OPTS, repeat=5))
-    got = chain.solve(lo, segments=False)
-    assert got is not None and set(got) <= set(OPTS)
+    with pytest.raises(ValueError, match="cannot be the default"):
+        execute.apply(Loop(), {"cell": [STORE]}, default=Segment(2))
+    assert parse_option("segment:4") == Segment(4) and Segment(4).label == "segment of 4"
 
 
 # -- the planner -----------------------------------------------------------------------------------
 def test_planner_uses_segments_to_go_below_per_block_checkpointing() -> None:
     model, batch = build("lstm-tiny", hidden_size=48, embed_dim=48)
     reference = grads_after_step(clone(model), batch)
-    per_block = Planner(clone(model), batch, segments=False, op_level=False)
-    planner = Planner(model, batch, op_level=False)
+    per_block = Planner(clone(model), batch, config=RematConfig(segments=False, op_level=False))
+    planner = Planner(model, batch, config=RematConfig(op_level=False))
     assert planner.min_budget < per_block.min_budget
     plan = planner.plan(planner.min_budget)
-    assert any(segment_length(d.option) for d in plan.decisions)
+    assert any(isinstance(d.option, Segment) for d in plan.decisions)
     assert "segment of" in str(plan)
     planner.apply(plan)
     assert same_grads(reference, grads_after_step(model, batch))

@@ -28,6 +28,7 @@ from tightfit.remat.solvers import (
     solve_dag_ilp,
     stage_decisions,
     store_all_ops,
+    store_all_peak,
 )
 from tightfit.remat.solvers.brute import brute_chain, brute_chain_min_memory, chain_persistent_schedules
 
@@ -91,7 +92,7 @@ def _check(chain: Chain, s: Schedule, budget: float) -> None:
 
 
 def _budgets(chain: Chain, mm: float) -> list[int]:
-    top = int(math.ceil(chain.store_all_peak())) + 1
+    top = int(math.ceil(store_all_peak(chain))) + 1
     return sorted({int(mm) - 1, int(mm), *np.linspace(mm, top, 5).astype(int).tolist(), top})
 
 
@@ -122,7 +123,7 @@ def test_chain_dp_matches_brute_force_seven_stages() -> None:
     schedules = [(simulate(c, ops), ops) for ops in chain_persistent_schedules(c)]
     mm = min(p for (p, _), _ in schedules)
     assert chain_min_memory(c)[0] == mm
-    for b in (int(mm) + 2, int((mm + c.store_all_peak()) / 2)):
+    for b in (int(mm) + 2, int((mm + store_all_peak(c)) / 2)):
         ref = min(t for (p, t), _ in schedules if p <= b)
         s = solve_chain(c, b, slots=b)
         _check(c, s, b)
@@ -142,7 +143,7 @@ def test_chain_dp_fractional_budget_never_beats_optimum(chain: Chain, frac: floa
                   [TapeOption(o.fwd_time, o.bwd_time, o.tape_size * scale, o.fwd_overhead * scale,
                               o.bwd_overhead * scale) for o in opts] for opts in chain.options])
     mm = chain_min_memory(c)[0]
-    b = mm + frac * (c.store_all_peak() - mm) + 1e-9
+    b = mm + frac * (store_all_peak(c) - mm) + 1e-9
     ref = brute_chain(c, b)
     s = solve_chain(c, b, slots=slots)
     _check(c, s, b)
@@ -168,7 +169,7 @@ def test_more_memory_never_slower_and_store_all_at_full_budget() -> None:
     rng = np.random.default_rng(4)
     L = 20
     c = Chain(rng.uniform(1, 3, L), rng.uniform(2, 5, L), rng.uniform(1, 9, L), rng.uniform(1, 20, L))
-    full = c.store_all_peak()
+    full = store_all_peak(c)
     times = [solve_chain(c, full * f, slots=300).time for f in (0.3, 0.5, 0.75, 1.0)]
     assert all(a >= b - 1e-9 for a, b in zip(times, times[1:]))
     assert times[-1] == pytest.approx(sum(c.fwd_time) + sum(c.bwd_time))
@@ -214,7 +215,7 @@ def test_ilp_never_slower_than_chain_dp_on_chains(chain: Chain, frac: float) -> 
     """
     c = Chain(chain.fwd_time, chain.bwd_time, [x + 1 for x in chain.input_size], [0.0] * chain.length)
     mm = chain_min_memory(c)[0]
-    b = int(mm + frac * (c.store_all_peak() - mm))
+    b = int(mm + frac * (store_all_peak(c) - mm))
     s = solve_chain(c, b, slots=b)
     ilp = solve_dag_ilp(Dag.from_chain(c), b, time_limit=30)
     assert ilp.optimal

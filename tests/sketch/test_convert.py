@@ -13,7 +13,6 @@ from torch import nn
 import tightfit
 from tightfit.memory import LiveTracker, SavedTensorCounter
 from tightfit.sketch.config import Sketch
-from tightfit.sketch.convert import sketch_
 from tightfit.sketch.modules import RandomizedConv1D, RandomizedLinear
 
 
@@ -43,21 +42,21 @@ def test_convert_keeps_parameters_state_dict_and_forward() -> None:
     before = copy.deepcopy(model)
     params = {name: p for name, p in model.named_parameters()}
     keys = list(model.state_dict())
-    report = tightfit.convert_(model, Sketch(ratio=0.25, sketch="rows"), verbose=False)
+    report = tightfit.convert_(model, Sketch(ratio=0.25, sketch="rows"))
     assert len(report) == 14 and all(isinstance(model[i].q, RandomizedLinear) for i in range(2))
     assert list(model.state_dict()) == keys
     assert all(p is params[name] for name, p in model.named_parameters())  # shared, not copied
     x = torch.randn(2, 8, 16)
     assert torch.equal(model(x), before(x))
     assert "predicted saving" in str(report)
-    again = tightfit.convert_(model, Sketch(ratio=0.25), verbose=False)
+    again = tightfit.convert_(model, Sketch(ratio=0.25))
     assert len(again) == 0 and all("already" in why for _, why in again.skipped)
 
 
 def test_filter_fn_limits_conversion() -> None:
     model = Block()
     only_mlp = lambda m, path: path in ("fc", "proj")  # noqa: E731
-    tightfit.convert_(model, Sketch(ratio=0.5), filter_fn=only_mlp, verbose=False)
+    tightfit.convert_(model, Sketch(ratio=0.5), filter_fn=only_mlp)
     assert isinstance(model.fc, RandomizedLinear) and isinstance(model.proj, RandomizedLinear)
     assert type(model.q) is nn.Linear
 
@@ -82,7 +81,7 @@ def test_shared_input_saves_what_it_claims() -> None:
     x = torch.randn(4, 32, 16)
     saved_before = _saved(model, x)
     peak_before = _peak(model, x)
-    report = sketch_(model, Sketch(ratio=0.25, sketch="gaussian"), example=x, loss_fn=_loss)
+    report = tightfit.convert_(model, Sketch(ratio=0.25, sketch="gaussian"), example=x, loss_fn=_loss)
     assert ("0.g", "its input is also saved for backward by another op: a sketch would free nothing") in (
         report.skipped
     )
@@ -104,8 +103,8 @@ def test_shared_input_saves_what_it_claims() -> None:
 def test_separate_sketches_for_shared_input_cost_more() -> None:
     x = torch.randn(4, 32, 16)
     shared, separate = nn.Sequential(Block()), nn.Sequential(Block())
-    sketch_(shared, Sketch(ratio=0.25), example=x, loss_fn=_loss)
-    sketch_(separate, Sketch(ratio=0.25, shared="separate"), example=x, loss_fn=_loss)
+    tightfit.convert_(shared, Sketch(ratio=0.25), example=x, loss_fn=_loss)
+    tightfit.convert_(separate, Sketch(ratio=0.25, shared="separate"), example=x, loss_fn=_loss)
     # two extra sketches of the 128 x 16 LayerNorm output (32 rows each, fp32) plus their seeds
     assert _saved(separate, x) - _saved(shared, x) == 2 * (32 * 16 * 4 + 8)
 
@@ -114,7 +113,7 @@ def test_validates_before_mutating() -> None:
     model = Block()
     x = torch.randn(2, 8, 16)  # N = 16 tokens
     with pytest.raises(ValueError, match="k=100 is larger than the number of tokens N=16"):
-        sketch_(model, Sketch(k=100), example=x, loss_fn=_loss)
+        tightfit.convert_(model, Sketch(k=100), example=x, loss_fn=_loss)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
     with pytest.raises(TypeError, match="valid configs"):
         tightfit.convert_(model, {"ratio": 0.5})
@@ -134,7 +133,7 @@ def test_gpt2_conv1d_converted_with_its_layout() -> None:
     model = MLP()
     ref = copy.deepcopy(model)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    report = tightfit.convert_(model, Sketch(ratio=0.5), verbose=False)
+    report = tightfit.convert_(model, Sketch(ratio=0.5))
     assert len(report) == 2 and isinstance(model.c_fc, RandomizedConv1D)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in keys.items()}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in keys.items())

@@ -1,9 +1,10 @@
 """Few-bit activation gradients (Novikov et al. 2022): a pointwise nonlinearity keeps a b-bit code per element
 instead of its input, and its backward multiplies by an optimal piecewise-constant fit of the derivative.
 
-Layers: `fit` / `get_table` (optimal tables by dynamic programming, shipped for bits 1-8), `codec` (exact
-b-bit packing), `ops` / `gated` (autograd ops, fused SwiGLU/GEGLU), `modules` / `functional` (drop-ins, also
-as `tightfit.nn` and `tightfit.functional`), `FewBit` + `tightfit.convert_` (whole models), `calibrate`.
+Layers: `tables` (the `Table` data, exact and shipped tables for bits 1-8), `fit` (optimal tables by
+dynamic programming), `lookup.get_table` (which table an op gets), `codec` (exact b-bit packing), `ops` /
+`gated` (autograd ops, fused SwiGLU/GEGLU), `modules` / `functional` (drop-ins, also as `tightfit.nn` and
+`tightfit.functional`), `FewBit` + `tightfit.convert_` (whole models), `calibrate`.
 """
 
 from tightfit._lazy import lazy_getattr
@@ -15,7 +16,7 @@ from tightfit.fewbit.fit import fit
 
 _NAMES = {
     # tables
-    "get_table": "tables",
+    "get_table": "lookup",
     "Table": "tables",
     "Calibration": "calibrate",
     "ACTIVATIONS": "activations",
@@ -26,7 +27,6 @@ _NAMES = {
     "swiglu": "gated",
     "geglu": "gated",
     "FewBitGatedMLP": "gated",
-    "convert_fewbit": "convert",
 }
 __all__ = ["fit", "calibrate", *_NAMES]
 __getattr__ = lazy_getattr(__name__, _NAMES)

@@ -1,14 +1,17 @@
 """Native CPU kernels for the few-bit codec, built lazily with the system C compiler and loaded with ctypes.
 
-Why plain C + ctypes rather than a torch C++ extension: it builds in about a second (no torch headers),
-needs no build step at install, and the kernels only touch raw buffers. When no compiler is found or the
-build fails, `available()` is False and `tightfit.fewbit.codec` falls back to its pure-torch path.
+Why plain C + ctypes rather than a torch C++ extension: one C file without torch headers compiles
+quickly, needs no build step at install, and the kernels only touch raw buffers. When no compiler is
+found or the build fails, `available()` is False and `tightfit.fewbit.codec` falls back to its pure-torch
+path.
 
 Two fused kernels (the layout and code semantics are those of `tightfit.fewbit.codec`):
 
 - ``encode``: one pass over x: a branchless binary search over the borders (fp32 with AVX-512: 16 lanes,
   probes from an in-register table; a count for tables with fewer borders than bits), pack 8 codes into
-  b bytes, write ceil(n*b/8) bytes. Specialising it per code width halved its time at b = 4 and 8.
+  b bytes, write ceil(n*b/8) bytes. One copy is compiled per code width, so the search and the
+  packing unroll for a constant width (the codec table of benchmarks/fewbit/ops.py times the kernels
+  against the pure-torch codec).
 - ``decode_mul``: one pass: read b bytes per 8 codes, gather the level, multiply by the gradient in the
   gradient's dtype (fp16/bf16 products are formed exactly in fp32 and rounded once, as torch does).
 
@@ -541,7 +544,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """True when the kernels are built (building them on first call, ~1 s) and loadable."""
+    """True when the kernels are built (compiled on the first call, then cached on disk) and loadable."""
     return _load() is not None
 
 

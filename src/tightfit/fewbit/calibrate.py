@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from .._step import call_model, loss_of
-from .activations import ActivationSpec, spec_for_module
+from .activations import ActivationSpec, spec_for_module, spec_for_name
 from .fit import HistogramWeight, fit
-from .tables import Table
+from .tables import Table, exact_table
 
 __all__ = ["Calibration", "Histogram", "calibrate"]
 
@@ -145,8 +145,6 @@ class Calibration:
         spec, params = self.specs[path] if path in self.specs else (None, None)
         self._get(path)
         if spec.kind != "smooth":
-            from .tables import exact_table
-
             return exact_table(spec.name, **params)
         return fit(spec, bits, weight=self.weight(path, by), params=params, **kw)
 
@@ -165,8 +163,6 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
-        from .activations import spec_for_name
-
         hist, specs = {}, {}
         for p, m in d["modules"].items():
             spec = spec_for_name(m["fn"])

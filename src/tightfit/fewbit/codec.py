@@ -27,6 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
+from tightfit.fewbit import _native  # importing builds nothing: the kernels compile on first use
+from tightfit.fewbit._bits import check_bits
+
 __all__ = [
     "packed_nbytes",
     "pack_reference",
@@ -48,19 +51,13 @@ BACKENDS = ("auto", "native", "torch")
 _backend = os.environ.get("TIGHTFIT_FEWBIT_BACKEND", "auto")
 
 
-def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
-
-
 def packed_nbytes(n: int, bits: int) -> int:
     """Bytes taken by n codes of `bits` bits each: ceil(n*bits/8)."""
-    _check_bits(bits)
+    bits = check_bits(bits)
     return (n * bits + 7) // 8
 
 
 def _check_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    _check_bits(bits)
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must be a uint8 tensor, got {codes.dtype}")
     return codes.reshape(-1)
@@ -73,6 +70,7 @@ def _check_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes (< 2**bits, any shape) into ceil(n*bits/8) bytes via an explicit bit matrix."""
+    bits = check_bits(bits)
     flat = _check_codes(codes, bits).to(torch.int64)
     n = flat.numel()
     shifts = torch.arange(bits, device=flat.device)
@@ -85,7 +83,7 @@ def pack_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_reference(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack_reference`: n uint8 codes from the packed bytes."""
-    _check_bits(bits)
+    bits = check_bits(bits)
     stream = (packed.reshape(-1).to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1
     stream = stream.reshape(-1)[: n * bits].reshape(n, bits)
     weights = 1 << torch.arange(bits, device=packed.device)
@@ -111,6 +109,7 @@ def _gcd(a: int, b: int) -> int:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes into ceil(n*bits/8) bytes (vectorised torch; same layout as `pack_reference`)."""
+    bits = check_bits(bits)
     flat = _check_codes(codes, bits)
     n = flat.numel()
     g, nb = _group(bits)
@@ -125,7 +124,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """n uint8 codes from bytes packed by `pack` (vectorised torch)."""
-    _check_bits(bits)
+    bits = check_bits(bits)
     flat = packed.reshape(-1)
     if flat.numel() != packed_nbytes(n, bits):
         raise ValueError(f"{flat.numel()} packed bytes cannot hold exactly {n} codes of {bits} bits")
@@ -232,8 +231,6 @@ def _decode_mul_torch(
 def get_backend() -> str:
     """The backend `encode`/`decode_mul` use: 'native' (C kernels, built lazily) or 'torch'."""
     if _backend == "auto":
-        from tightfit.fewbit import _native
-
         return "native" if _native.available() else "torch"
     return _backend
 
@@ -244,25 +241,23 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown fewbit backend {name!r}; valid: {', '.join(BACKENDS)}")
     if name == "native":
-        from tightfit.fewbit import _native
-
         if not _native.available():
             raise RuntimeError(f"the native fewbit kernels are unavailable: {_native.build_error()}")
     _backend = name
 
 
 def _native_ok(t: torch.Tensor) -> bool:
-    from tightfit.fewbit import _native
-
     return t.device.type == "cpu" and t.dtype in _native.DTYPES and get_backend() == "native"
 
 
-def _check_table(borders: torch.Tensor, bits: int, nan_code: int) -> None:
-    _check_bits(bits)
+def _check_table(borders: torch.Tensor, bits: int, nan_code: int) -> int:
+    """``bits`` as an int, after checking that the borders and ``nan_code`` fit a ``bits``-bit code."""
+    bits = check_bits(bits)
     if borders.numel() >= 1 << bits:
         raise ValueError(f"{borders.numel()} borders need more than {bits} bits")
     if not 0 <= nan_code <= borders.numel():
         raise ValueError(f"nan_code must be a code in [0, {borders.numel()}], got {nan_code}")
+    return bits
 
 
 def encode(
@@ -274,11 +269,9 @@ def encode(
 ) -> torch.Tensor:
     """Packed codes of x (any shape/dtype/strides) in ceil(x.numel()*bits/8) bytes; see the module doc.
     NaN inputs get ``nan_code`` (a table's ``nan_code``: the piece whose level torch gives at NaN)."""
-    _check_table(borders, bits, nan_code)
+    bits = _check_table(borders, bits, nan_code)
     cmp = compare_borders(borders, x.dtype, right)
     if _native_ok(x):
-        from tightfit.fewbit import _native
-
         return _native.encode(x, cmp, bits, nan_code)
     return _encode_torch(x, cmp, bits, nan_code)
 
@@ -295,11 +288,9 @@ def silu_encode(
     """
     if not (_native_ok(x) and x.dtype == torch.float32 and x.is_contiguous()):
         return None
-    from tightfit.fewbit import _native
-
     if not _native.silu_fused_available():
         return None
-    _check_table(borders, bits, nan_code)
+    bits = _check_table(borders, bits, nan_code)
     return _native.silu_encode(x, compare_borders(borders, x.dtype, right), bits, nan_code)
 
 
@@ -313,9 +304,7 @@ def decode_mul(
     """grad * levels[code] (levels rounded to grad's dtype), contiguous, grad's shape. With `scale` (same
     shape and dtype): ``levels[code] * (grad * scale)``, exactly as those two torch products round, in
     one pass (a gated unit's backward) instead of a temporary for ``grad * scale``."""
-    _check_bits(bits)
+    bits = check_bits(bits)
     if _native_ok(grad):
-        from tightfit.fewbit import _native
-
         return _native.decode_mul(packed, levels, grad, bits, scale)
     return _decode_mul_torch(packed, levels, grad, bits, scale)

@@ -6,13 +6,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tightfit.fewbit._bits import check_bits
+from tightfit.fewbit.activations import spec_for_name
+
 __all__ = ["FewBit", "DEFAULT_BITS"]
 
-# 2 bits (4 levels): the saved input of an activation shrinks 16x against fp32 (8x against bf16), and the
-# fitted GELU/SiLU tables keep the gradient close (GELU: weighted L2 error ~8e-3 under N(0,1)). Measured
-# (benchmarks/fewbit_convergence.py, reduced runs): MiniLM on BBC News 96.6% vs 96.9% baseline (one test
-# document), a Fashion-MNIST CNN 79.6% vs 79.7%. 1 bit is a coarse step function; 3-4 bits cost more
-# memory for a small further gain in gradient error.
+# Why 2 bits (4 levels): the saved input of an activation shrinks 16x against fp32 (8x against bf16), and
+# the fitted GELU/SiLU tables already follow the derivative closely (weighted L2 error about 8e-3 under
+# N(0,1); data/tables.json holds every table's error). 1 bit is a coarse step function; 3-4 bits cost
+# more memory for a smaller further gain. Training accuracy against the exact baseline is measured by
+# benchmarks/fewbit/convergence.py, with results in docs/benchmarks/fewbit.md.
 DEFAULT_BITS = 2
 
 
@@ -39,15 +42,12 @@ class FewBit:
     on_unsupported: str = "skip"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 8:
-            raise ValueError(f"FewBit.bits must be an integer in 1..8, got {self.bits!r}")
+        object.__setattr__(self, "bits", check_bits(self.bits, "FewBit.bits"))
         if self.on_unsupported not in ("skip", "error"):
             raise ValueError(f"FewBit.on_unsupported must be 'skip' or 'error', got {self.on_unsupported!r}")
         if self.include is not None:
             object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        from tightfit.fewbit.activations import spec_for_name
-
         for name in (*(self.include or ()), *self.exclude):
             spec_for_name(name)  # raises a clear ValueError listing valid names
 

@@ -30,7 +30,7 @@ from tightfit.fewbit.config import FewBit
 from tightfit.fewbit.gated import FewBitGatedMLP
 from tightfit.fewbit.tables import Table
 
-__all__ = ["convert_fewbit", "is_gated_mlp"]
+__all__ = ["is_gated_mlp"]
 
 _GATED_PATTERN = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
 _NOT_POINTWISE = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU, nn.MultiheadAttention)
@@ -103,8 +103,8 @@ def _wanted(config: FewBit, spec_name: str) -> str | None:
 
 
 @register_converter(FewBit)
-def convert_fewbit(model: nn.Module, config: FewBit, filter_fn: FilterFn | None = None) -> ConversionReport:
-    """Plan, validate, then apply the few-bit conversion of `model`; return what was done."""
+def _convert_fewbit(model: nn.Module, config: FewBit, filter_fn: FilterFn | None = None) -> ConversionReport:
+    """The `tightfit.convert_` handler for `FewBit`: plan, validate, then apply; return what was done."""
     report = ConversionReport(technique=f"FewBit(bits={config.bits})")
     all_paths: dict[int, list[str]] = {}
     for path, mod in model.named_modules(remove_duplicate=False):

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._bits import check_bits
+from .activations import ActivationSpec, spec_for_name
 from .tables import Table, tie_flags
 
 __all__ = [
@@ -41,7 +43,6 @@ __all__ = [
     "table_error",
 ]
 
-MAX_BITS = 8
 _GL_NODES = 8  # Gauss-Legendre nodes per integration sub-interval (exact for polynomials of degree 15)
 _PRE_GRID = 8193  # uniform pre-grid used to shape the candidate grid and to detect symmetry / jumps
 _SYM_TOL = 1e-9
@@ -573,12 +574,6 @@ def _problem(dfn, w: Weight, grid: np.ndarray, breaks: np.ndarray) -> _Problem:
 # Public entry point.
 
 
-def _check_bits(bits: Any) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= MAX_BITS:
-        raise ValueError(f"bits must be an int in 1..{MAX_BITS}, got {bits!r}")
-    return int(bits)
-
-
 def fit(
     fn: Any,
     bits: int,
@@ -609,9 +604,8 @@ def fit(
     - DP: D_k[j] = min_{i<j} D_{k-1}[i] + cost(i, j) for k = 1..K, K = 2^bits, vectorised over (i, j):
       O(K·n²) time, O(n²) memory (n = grid; 2048 -> 32 MiB). Exact over the grid (no monotonicity is
       assumed); segments costing more than a known K-partition (the symmetric one, or the optimum on
-      every 4th grid point) are skipped, which changes nothing but the time. Measured on one thread
-      of a loaded shared CPU (``scripts/make_fewbit_tables.py --timing``): <= 0.26 s for bits <= 4,
-      <= 1.2 s for bits = 8 (GELU, SiLU, Tanh).
+      every 4th grid point) are skipped, which changes the running time, not the result
+      (``scripts/make_fewbit_tables.py --timing`` times the fit of GELU, SiLU and Tanh at bits 1..8).
     - Symmetry: when w is symmetric and f' is even or odd about a constant (f'(-x) = c - f'(x): GELU,
       SiLU, sigmoid-like), the grid is mirrored and a half-line DP with K/2 pieces gives the best
       symmetric table (border at 0). ``symmetric=None`` returns it when it is no worse than the
@@ -623,9 +617,7 @@ def fit(
       borders). Ties: one ``right`` flag for all borders (``torch.bucketize``'s), False unless every
       border on a jump of f' has torch's f'(border) on the upper side.
     """
-    from .activations import ActivationSpec, spec_for_name
-
-    K = 1 << _check_bits(bits)
+    K = 1 << check_bits(bits)
     explicit = None
     if isinstance(grid, (np.ndarray, torch.Tensor, list, tuple)):
         explicit = np.unique(np.asarray(grid, dtype=np.float64).ravel())

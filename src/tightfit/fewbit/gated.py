@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 from tightfit.fewbit import codec
+from tightfit.fewbit.activations import spec_for_name
 from tightfit.fewbit.config import DEFAULT_BITS
+from tightfit.fewbit.lookup import get_table
 from tightfit.fewbit.ops import (
     _lookup,
     backward_gather,
@@ -35,7 +37,7 @@ from tightfit.fewbit.ops import (
     register_forward,
     table_tensors,
 )
-from tightfit.fewbit.tables import Table, get_table
+from tightfit.fewbit.tables import Table
 
 __all__ = ["swiglu", "geglu", "gated", "gated_saved_bytes", "FewBitGatedMLP"]
 
@@ -108,8 +110,6 @@ class _GatedFunction(torch.autograd.Function):
 
 def gated(a: Tensor, b: Tensor, name: str, bits: int = DEFAULT_BITS, table: Table | None = None) -> Tensor:
     """``f(a) * b`` for registry activation `name`, saving b, f(a) and a `bits`-bit code of a."""
-    from tightfit.fewbit.activations import spec_for_name
-
     if a.shape != b.shape:
         raise ValueError(
             f"gated units need a and b of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -173,8 +173,6 @@ class FewBitGatedMLP(torch.nn.Module):
         self, original: torch.nn.Module, name: str, bits: int = DEFAULT_BITS, table: Table | None = None
     ):
         super().__init__()
-        from tightfit.fewbit.activations import spec_for_name
-
         spec = spec_for_name(name)
         self.gate_proj = original.gate_proj
         self.up_proj = original.up_proj

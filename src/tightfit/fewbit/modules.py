@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from tightfit.fewbit.activations import spec_for_name
 from tightfit.fewbit.config import DEFAULT_BITS
+from tightfit.fewbit.lookup import get_table
 from tightfit.fewbit.ops import apply_tensors, forward_key, register_forward, table_tensors
-from tightfit.fewbit.tables import Table, get_table
+from tightfit.fewbit.tables import Table
 
 __all__ = [
     "FewBitActivation",

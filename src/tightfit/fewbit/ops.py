@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from tightfit.fewbit import codec
+from tightfit.fewbit.activations import spec_for_name
+from tightfit.fewbit.lookup import get_table
 
 __all__ = [
     "fewbit_apply",
@@ -246,9 +248,6 @@ def named_table_constants(
 def _named_table_constants(
     name: str, bits: int, params: tuple[tuple[str, Any], ...], dtype: torch.dtype
 ) -> tuple[str, tuple[float, ...], tuple[float, ...], int, tuple[bool, ...], int]:
-    from tightfit.fewbit.activations import spec_for_name
-    from tightfit.fewbit.tables import get_table
-
     spec = spec_for_name(name)
     p = spec.params(**dict(params))
     key = register_forward(forward_key(spec.name, p), functools.partial(spec.fn, **p))

@@ -23,10 +23,10 @@ hardtanh: a bfloat16 x = 0.10009765625 is above threshold 0.1 = float32(0.1)) or
 softshrink: lambd is first rounded to x's dtype, so |x| = bfloat16(0.3) is inside the band). For float32
 and float64 inputs both are simply ``borders.to(x.dtype)``. ``Table.encode`` is the reference.
 
-``get_table(name, bits, **params)``: exact tables for piecewise-linear functions at any parameters
-(1 bit for one kink, 2 bits for bands, whatever ``bits`` asks for: ``table.bits`` is the code width
-actually needed); the shipped tables (``data/tables.json``, made by ``scripts/make_fewbit_tables.py``)
-for default parameters and the N(0,1) weight; otherwise a fit, cached (LRU).
+This module holds the data: the `Table` type, ``exact_table`` for piecewise-linear functions (1 bit for
+one kink, 2 bits for bands: ``table.bits`` is the code width actually needed) and the shipped tables
+(``data/tables.json``, made by ``scripts/make_fewbit_tables.py``, loaded by ``load_shipped``). Which
+table an op gets (shipped, exact or fitted) is decided by `tightfit.fewbit.lookup.get_table`.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Table", "compare_dtype", "exact_table", "get_table", "load_shipped", "tie_flags", "SHIPPED_BITS"]
+from tightfit.fewbit._bits import VALID_BITS
+from tightfit.fewbit.activations import spec_for_name
 
-SHIPPED_BITS = tuple(range(1, 9))
+__all__ = ["Table", "compare_dtype", "exact_table", "load_shipped", "tie_flags", "SHIPPED_BITS"]
+
+SHIPPED_BITS = VALID_BITS  # the data file holds a fitted table for every valid code width
 DATA_FILE = "tables.json"
 
 
@@ -190,8 +193,6 @@ def tie_flags(fn: Callable[[Tensor], Tensor], borders: Any, levels: Any) -> tupl
 
 def exact_table(name: str, **params: Any) -> Table:
     """The exact table of a piecewise-linear registry function ("step" or "band" kind)."""
-    from .activations import spec_for_name
-
     spec = spec_for_name(name)
     if spec.kind == "smooth":
         raise ValueError(f"{spec.name} is not piecewise linear: use get_table/fit for a fitted table")
@@ -232,46 +233,6 @@ def load_shipped() -> dict[tuple[str, int], Table]:
         return {}
     data = json.loads(text)
     return {(d["name"], int(d["bits"])): Table.from_dict(d) for d in data["tables"]}
-
-
-@functools.lru_cache(maxsize=256)
-def _fitted(name: str, bits: int, params_key: tuple[tuple[str, Any], ...]) -> Table:
-    from .fit import fit
-
-    t = fit(name, bits, "normal", params=dict(params_key))
-    return _with(t, params=dict(params_key))
-
-
-def _with(t: Table, **changes: Any) -> Table:
-    d = {f: getattr(t, f) for f in t.__dataclass_fields__}
-    d.update(changes)
-    return Table(**d)
-
-
-def get_table(name: str, bits: int, *, weight: Any = "normal", **params: Any) -> Table:
-    """The derivative table of registry function ``name`` (or an ACT2FN name) for ``bits`` bits.
-
-    Piecewise-linear functions: the exact table for these params (its ``bits`` may be below the request).
-    Smooth functions under the N(0,1) weight: the shipped table for default params, else a fit cached
-    per (name, bits, params). Other weights (e.g. ``Calibration.weight(path)``): a fresh fit, not cached.
-    """
-    from .activations import ACTIVATIONS, spec_for_name
-    from .fit import _check_bits, fit
-
-    bits = _check_bits(bits)
-    spec = spec_for_name(name)
-    p = spec.params(**params)
-    if spec.kind != "smooth":
-        return exact_table(spec.name, **p)
-    src = ACTIVATIONS[spec.table_name]
-    if isinstance(weight, str) and weight == "normal":
-        if p == dict(src.defaults):
-            shipped = load_shipped().get((src.name, bits))
-            if shipped is not None:
-                return shipped
-        return _fitted(src.name, bits, tuple(sorted(p.items())))
-    t = fit(src.name, bits, weight, params=p)
-    return _with(t, params=p)
 
 
 def table_summary(tables: Sequence[Table]) -> str:

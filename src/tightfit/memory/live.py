@@ -19,7 +19,6 @@ NOTE [ What the tracker counts ]
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tightfit._tree import StorageKey, storage_key, tensors_of
 from tightfit.memory.modules import ModuleScope
 
 
@@ -48,36 +48,6 @@ class ModulePeaks:
     backward: int = 0
 
 
-def _tensors(obj: Any) -> Iterable[torch.Tensor]:
-    """Every tensor in (nested) modules, optimizers, mappings, sequences or tensors."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, torch.nn.Module):
-        yield from obj.parameters()
-        yield from obj.buffers()
-        yield from (p.grad for p in obj.parameters() if p.grad is not None)
-    elif isinstance(obj, torch.optim.Optimizer):
-        for state in obj.state.values():
-            yield from _tensors(state)
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple, set)):
-        for value in obj:
-            yield from _tensors(value)
-
-
-def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
-    """Identity of a tensor's storage, or None for tensors without one (sparse, some subclasses)."""
-    if t.layout != torch.strided:
-        return None
-    try:
-        st = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return (st._cdata, id(type(st)))
-
-
 class LiveTracker(TorchDispatchMode):
     """Track live tensor bytes: ``with LiveTracker(track=[model, batch, opt]) as t: step()``; ``t.peak``.
 
@@ -94,7 +64,7 @@ class LiveTracker(TorchDispatchMode):
         timeline: bool = False,
     ) -> None:
         super().__init__()
-        self._live: dict[tuple[int, int], int] = {}
+        self._live: dict[StorageKey, int] = {}
         self.current = 0
         self.peak = 0
         self.peak_op: str | None = None
@@ -106,7 +76,7 @@ class LiveTracker(TorchDispatchMode):
         self.module_peaks: dict[str, ModulePeaks] = {}
         self.phase_peaks: dict[str, int] = {}
         self._scope = ModuleScope(root) if root is not None else None
-        self._tracked_before = list(_tensors(track)) if track is not None else []
+        self._tracked_before = list(tensors_of(track)) if track is not None else []
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -116,7 +86,7 @@ class LiveTracker(TorchDispatchMode):
     # -- registration -------------------------------------------------------------------------------
     def track(self, objs: Any) -> None:
         """Count tensors that already exist (parameters, optimizer state, inputs) from now on."""
-        for t in _tensors(objs):
+        for t in tensors_of(objs):
             self._register(t)
         self._sample("<track>")
 
@@ -135,7 +105,7 @@ class LiveTracker(TorchDispatchMode):
             self._live[key] = nbytes
             self.current += nbytes - known
 
-    def _free(self, key: tuple[int, int]) -> None:
+    def _free(self, key: StorageKey) -> None:
         nbytes = self._live.pop(key, None)
         if nbytes is not None:
             self.current -= nbytes
@@ -195,8 +165,3 @@ class LiveTracker(TorchDispatchMode):
         super().__exit__(*exc)
         if self._scope is not None:
             self._scope.__exit__(*exc)
-
-    def is_live(self, t: torch.Tensor) -> bool:
-        """Whether the tracker counts `t`'s storage right now."""
-        key = storage_key(t)
-        return key is not None and key in self._live

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from tightfit._step import LossFn, call_model, loss_of, training_step, wait_for_device
+from tightfit._tree import storage_key, tensors_of
 from tightfit.errors import InvalidInput, NothingToTrain
 from tightfit.memory.flops import FlopCounter
-from tightfit.memory.live import LiveTracker, _tensors, storage_key
+from tightfit.memory.live import LiveTracker
 from tightfit.memory.report import MemoryReport, ModuleMemory
 from tightfit.memory.saved import SavedTensorCounter
 
@@ -30,7 +31,7 @@ from tightfit.memory.saved import SavedTensorCounter
 def unique_bytes(objs: Any) -> int:
     """Bytes of the distinct storages behind the tensors in `objs` (modules, optimizers, containers)."""
     seen: dict[Any, int] = {}
-    for t in _tensors(objs):
+    for t in tensors_of(objs):
         key = storage_key(t)
         if key is not None:
             seen[key] = t.untyped_storage().nbytes()
@@ -42,7 +43,7 @@ def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def _device_of(model: torch.nn.Module, batch: Any) -> torch.device:
-    for t in list(model.parameters()) + list(_tensors(batch)):
+    for t in list(model.parameters()) + list(tensors_of(batch)):
         return t.device
     return torch.device("cpu")
 

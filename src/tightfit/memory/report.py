@@ -1,5 +1,6 @@
-"""`MemoryReport`: the numbers of one measured (or estimated) training step. Printing lives in
-`tightfit.report`; this module only holds data and serialises it."""
+"""`MemoryReport`: the numbers of one measured (or estimated) training step and their JSON form.
+
+``print(report)`` shows them as tables; the rendering lives in `tightfit.memory._display`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tightfit.memory._display import render_memory_report
 from tightfit.memory.live import TimelinePoint
 
 
@@ -71,6 +73,4 @@ class MemoryReport:
         return cls(**data)
 
     def __str__(self) -> str:
-        from tightfit.report import render_memory_report
-
         return render_memory_report(self)

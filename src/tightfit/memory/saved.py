@@ -27,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tightfit.memory.live import _tensors, storage_key
+from tightfit._tree import StorageKey, storage_key, tensors_of
 from tightfit.memory.modules import ModuleScope
 
 try:  # private classes: if a future torch renames them, only rule 3b is lost (and tested for).
@@ -53,7 +53,7 @@ class _CreationRecorder(TorchDispatchMode):
     def __init__(self, scope: ModuleScope) -> None:
         super().__init__()
         self.scope = scope
-        self.creator: dict[tuple[int, int], str] = {}
+        self.creator: dict[StorageKey, str] = {}
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -85,13 +85,13 @@ class SavedTensorCounter(torch.autograd.graph.saved_tensors_hooks):
     """
 
     def __init__(self, exclude: Any = (), *, root: torch.nn.Module | None = None) -> None:
-        self._excluded = {k for k in (storage_key(t) for t in _tensors(exclude)) if k is not None}
+        self._excluded = {k for k in (storage_key(t) for t in tensors_of(exclude)) if k is not None}
         if root is None:
             root = next((m for m in tree_leaves(exclude) if isinstance(m, torch.nn.Module)), None)
             if root is None and isinstance(exclude, torch.nn.Module):
                 root = exclude
         self._scope = ModuleScope(root)
-        self._saved: dict[tuple[int, int], tuple[int, str]] = {}
+        self._saved: dict[StorageKey, tuple[int, str]] = {}
         self._caches_before: set[int] = set()
         self._recorder = _CreationRecorder(self._scope)
         super().__init__(self._pack, lambda t: t)

@@ -1,8 +1,13 @@
 """Rematerialization: recompute instead of store, on an optimal schedule under a memory budget.
 
-`solvers` is the pure-algorithms layer (chain DP, Revolve, BPTT, Checkmate ILP, lower-set DP, simulator);
-`rematerialize` applies it to unmodified models through torch.utils.checkpoint and selective-checkpoint
-policies, and returns a `Plan` with predicted and measured peak and time.
+`rematerialize` (and `Planner`, configured by a frozen `RematConfig`) measures an unmodified model's
+blocks, plans with the chain DP `solvers.ChainCosts` (per-block options, typed in `options`, plus
+one-level segments), applies the plan through torch.utils.checkpoint and selective-checkpoint policies,
+and returns a `Plan` with predicted and measured peak and time.
+
+The other algorithms in `solvers` (Rotor's chain DP, Revolve, Gruslys et al.'s BPTT, the Checkmate ILP,
+Kusumoto et al.'s lower-set DP, and a simulator that checks any schedule) are reference algorithms,
+tested against brute force and against each other; they do not drive `rematerialize`.
 """
 
 from tightfit._lazy import lazy_getattr
@@ -13,7 +18,9 @@ _NAMES = {
     "InfeasibleBudget": "auto",
     "Plan": "plan",
     "Planner": "auto",
+    "RematConfig": "config",
     "estimate_plan": "estimate",
+    "estimate_planner": "estimate",
     "apply": "execute",
     "undo": "execute",
 }

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from tightfit._step import LossFn, call_model
+from tightfit._tree import StorageKey, leaves, storage_key
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential)
 
@@ -49,8 +50,9 @@ class Call:
     end: int = -1
     parent: int = -1  # position of the enclosing call in the record, -1 for top level
     signature: tuple = field(default=(), repr=False)
-    inputs: dict[int, int] = field(default_factory=dict, repr=False)  # storages of tensor arguments: bytes
-    outputs: dict[int, int] = field(default_factory=dict, repr=False)  # storages of tensor outputs: bytes
+    # storages of tensor arguments and of tensor outputs: bytes
+    inputs: dict[StorageKey, int] = field(default_factory=dict, repr=False)
+    outputs: dict[StorageKey, int] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -82,7 +84,7 @@ class Blocks:
     blocks: list[Block]
     groups: list[Group]
     source: str  # which rule found them, for the plan printout
-    skip_tensors: dict[tuple[int, int], dict[int, int]] = field(
+    skip_tensors: dict[tuple[int, int], dict[StorageKey, int]] = field(
         default_factory=dict
     )  # (i, j), i < j-1: the storages block j reads from block i's output, with their bytes
 
@@ -167,7 +169,7 @@ def record_calls(
                 tick[0],
                 parent=stack[-1] if stack else -1,
                 signature=signature,
-                inputs=_storages((args, kwargs)),
+                inputs=storage_bytes((args, kwargs)),
             )
         )
         stack.append(len(calls) - 1)
@@ -178,7 +180,7 @@ def record_calls(
                     "cache twice; train with use_cache=False (in the batch or the model config)"
                 )
         if signature not in first_args:
-            flags = tuple(t.requires_grad for t in _leaves((args, kwargs)))
+            flags = tuple(t.requires_grad for t in leaves((args, kwargs)))
             first_args[signature] = (_detach(args), _detach(dict(kwargs)), flags)
 
     def post(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -188,7 +190,7 @@ def record_calls(
         if stack:
             call = calls[stack.pop()]
             call.end = tick[0]
-            call.outputs = _storages(output)
+            call.outputs = storage_bytes(output)
 
     handles = []
     for _, m in model.named_modules():
@@ -207,27 +209,14 @@ def record_calls(
     return calls, first_args
 
 
-def _storages(x: Any) -> dict[int, int]:
-    """Identities of the storages behind the tensors in ``x`` (to see which block feeds which), with their
-    bytes."""
+def storage_bytes(x: Any) -> dict[StorageKey, int]:
+    """The storages behind the tensors in ``x`` (to see which block feeds which), with their bytes."""
     out = {}
-    for t in _leaves(x):
-        try:
-            st = t.untyped_storage()
-            out[st._cdata] = st.nbytes()
-        except (RuntimeError, NotImplementedError):
-            pass
+    for t in leaves(x):
+        key = storage_key(t)
+        if key is not None:
+            out[key] = t.untyped_storage().nbytes()
     return out
-
-
-def _leaves(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _leaves(v)]
-    if isinstance(x, Mapping):
-        return [t for v in x.values() for t in _leaves(v)]
-    return []
 
 
 def _depth(path: str) -> int:
@@ -348,8 +337,8 @@ def find_blocks(
         name = c.path if counts[c.path] == 1 else f"{c.path}[{c.index}]"
         blocks.append(Block(c.path, c.index, g, name))
     record = [calls[i] for i in positions]
-    producer: dict[int, int] = {}  # storage -> the last block that output it
-    skip_tensors: dict[tuple[int, int], dict[int, int]] = {}
+    producer: dict[StorageKey, int] = {}  # storage -> the last block that output it
+    skip_tensors: dict[tuple[int, int], dict[StorageKey, int]] = {}
     for j, call in enumerate(record):
         for key, nbytes in call.inputs.items():
             i = producer.get(key, j)

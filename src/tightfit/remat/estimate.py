@@ -19,14 +19,15 @@ real model, with two changes:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from tightfit._step import LossFn
 from tightfit.remat.auto import Planner, Progress
-from tightfit.remat.execute import OPTIONS
+from tightfit.remat.config import RematConfig
 from tightfit.remat.plan import Plan
 
 DEFAULT_FLOP_RATE = 1e12  # FLOP/s: a nominal 1 TFLOP/s; only ratios between plans are meaningful
@@ -37,35 +38,23 @@ def estimate_planner(
     batch_factory: Callable[[], Any],
     loss_fn: LossFn | None = None,
     optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
+    config: RematConfig | None = None,
     *,
-    flop_rate: float = DEFAULT_FLOP_RATE,
-    options: Sequence[str] = OPTIONS,
     progress: Progress | None = None,
-    segments: bool = True,
-    keep_output: bool = True,
 ) -> tuple[Planner, Any]:
-    """A ``Planner`` measured under FakeTensorMode, and the fake mode (plans must be made inside it);
-    ``segments`` and ``keep_output`` as for ``rematerialize``."""
+    """A ``Planner`` measured under FakeTensorMode, and the fake mode (plans must be made inside it).
+    ``config`` as for ``rematerialize``; its ``flop_rate`` defaults to ``DEFAULT_FLOP_RATE``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    if flop_rate <= 0:
-        raise ValueError(f"flop_rate must be a positive number of FLOP/s, got {flop_rate}")
+    config = RematConfig() if config is None else config
+    if config.flop_rate is None:
+        config = dataclasses.replace(config, flop_rate=DEFAULT_FLOP_RATE)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         model = model_factory().train()
         batch = batch_factory()
         optimizer = optimizer_factory(model.parameters()) if optimizer_factory is not None else None
-        planner = Planner(
-            model,
-            batch,
-            loss_fn,
-            optimizer,
-            options=options,
-            progress=progress,
-            flop_rate=flop_rate,
-            segments=segments,
-            keep_output=keep_output,
-        )
+        planner = Planner(model, batch, loss_fn, optimizer, config, progress=progress)
     return planner, mode
 
 
@@ -75,9 +64,8 @@ def estimate_plan(
     budget: int | float | str,
     loss_fn: LossFn | None = None,
     optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
+    config: RematConfig | None = None,
     *,
-    flop_rate: float = DEFAULT_FLOP_RATE,
-    options: Sequence[str] = OPTIONS,
     progress: Progress | None = None,
 ) -> Plan:
     """The plan ``rematerialize`` would choose, computed under fake tensors (see the module docstring).
@@ -87,14 +75,9 @@ def estimate_plan(
     Raises ``InfeasibleBudget`` like ``rematerialize``.
     """
     planner, mode = estimate_planner(
-        model_factory,
-        batch_factory,
-        loss_fn,
-        optimizer_factory,
-        flop_rate=flop_rate,
-        options=options,
-        progress=progress,
+        model_factory, batch_factory, loss_fn, optimizer_factory, config, progress=progress
     )
+    flop_rate = planner.config.flop_rate
     with mode:
         plan = planner.plan(budget)
     plan.notes.append(

@@ -42,15 +42,24 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from tightfit.remat import collector
-from tightfit.remat.segments import IN_SEGMENT, Segments, is_segment_option, segment_length
+from tightfit.remat.options import (
+    RECOMPUTE,
+    SAVE_LINEAR_KEY,
+    SAVE_MATMUL,
+    SAVE_MATMUL_KEY,
+    STORE,
+    InSegment,
+    KeepOps,
+    Option,
+    Recompute,
+    SavePolicy,
+    Segment,
+    Store,
+    parse_option,
+)
+from tightfit.remat.segments import Segments
 
 aten = torch.ops.aten
-
-# -- the in-block options ------------------------------------------------------------------------------
-STORE = "store"  # plain autograd: every tensor the backward needs is kept
-RECOMPUTE = "recompute"  # checkpoint the whole block: keep its inputs, recompute everything
-SAVE_MATMUL = "save-matmul"  # SAC: keep matmul/conv/attention outputs, recompute pointwise/norm/softmax
-SAVE_LINEAR = "save-linear"  # SAC: keep projections (mm/addmm/conv) only, recompute attention too
 
 
 def _ops(*names: str) -> frozenset[Any]:
@@ -74,27 +83,11 @@ _ATTENTION_OPS = _ops(
     "_efficient_attention_forward",
     "_flash_attention_forward",
 )
-# option -> op overload packets whose outputs are kept; everything else in the block is recomputed
+# save policy name -> op overload packets whose outputs are kept; everything else in the block is recomputed
 SAC_SAVED_OPS: dict[str, frozenset[Any]] = {
-    SAVE_MATMUL: _LINEAR_OPS | _ATTENTION_OPS,
-    SAVE_LINEAR: _LINEAR_OPS,
+    SAVE_MATMUL_KEY: _LINEAR_OPS | _ATTENTION_OPS,
+    SAVE_LINEAR_KEY: _LINEAR_OPS,
 }
-OPTIONS: tuple[str, ...] = (STORE, SAVE_MATMUL, SAVE_LINEAR, RECOMPUTE)
-# op-level options made by measuring a block (``tightfit.remat.measure.op_options``):
-# "keep-ops:3,7@142:<digest>" keeps the outputs of the block's ops number 3 and 7 (in the order the
-# selective-checkpoint policy sees them) and recomputes the rest; 142 ops and the digest of their names
-# are what the block ran when it was measured, and a call that runs other ops (another autocast state,
-# a changed model) raises.
-KEEP_OPS = "keep-ops"
-
-
-@dataclass(frozen=True)
-class KeptOps:
-    """A parsed ``keep-ops`` option."""
-
-    indices: frozenset[int]
-    count: int  # ops in the measured sequence
-    digest: str  # of their names (``op_digest``)
 
 
 def op_digest(ops: Iterable[Any]) -> str:
@@ -102,33 +95,10 @@ def op_digest(ops: Iterable[Any]) -> str:
     return hashlib.sha1("\n".join(str(op) for op in ops).encode()).hexdigest()[:12]
 
 
-def keep_ops_option(indices: Iterable[int], ops: Sequence[Any]) -> str:
-    """The option keeping the outputs of the ops at ``indices`` of a block whose op sequence is ``ops``."""
-    return f"{KEEP_OPS}:" + ",".join(str(i) for i in sorted(set(indices))) + f"@{len(ops)}:{op_digest(ops)}"
-
-
-def kept_ops(option: str) -> KeptOps | None:
-    """The parsed ``keep-ops`` option, None for the named options; ValueError when malformed."""
-    if not option.startswith(KEEP_OPS + ":"):
-        return None
-    try:
-        indices, sequence = option[len(KEEP_OPS) + 1 :].split("@")
-        count, digest = sequence.split(":")
-        return KeptOps(frozenset(int(i) for i in indices.split(",") if i), int(count), digest)
-    except ValueError:
-        raise ValueError(
-            f"malformed option {option!r}: expected 'keep-ops:<op indices>@<op count>:<digest>'"
-        ) from None
-
-
-def option_label(option: str) -> str:
-    """A short name for printing (``keep-ops:...`` options become "keep N ops", ``segment:<n>`` ones
-    "segment of n")."""
-    kept = kept_ops(option)
-    if kept is not None:
-        return f"keep {len(kept.indices)} ops"
-    length = segment_length(option)
-    return option if length is None else f"segment of {length}"
+def keep_ops_option(indices: Iterable[int], ops: Sequence[Any]) -> KeepOps:
+    """The option keeping the outputs of the ops at ``indices`` of a block whose op sequence is ``ops``
+    (measured by ``tightfit.remat.measure.op_options``; a call running other ops raises)."""
+    return KeepOps(frozenset(indices), len(ops), op_digest(ops))
 
 
 def keeps_output(saved: frozenset[Any], op: Any) -> bool:
@@ -157,7 +127,7 @@ class _IndexedPolicy:
     """The policy of one ``keep-ops`` call: keeps the outputs of the ops at the kept positions, and
     records the ops it sees so that ``check`` can tell whether the block ran the measured sequence."""
 
-    def __init__(self, kept: KeptOps) -> None:
+    def __init__(self, kept: KeepOps) -> None:
         self.kept = kept
         self.ops: list[Any] = []
 
@@ -178,17 +148,9 @@ class _IndexedPolicy:
             )
 
 
-def _context_fn(option: str) -> Callable[[], Any] | None:
-    """The selective-checkpoint contexts of a named option (None: plain checkpoint)."""
-    if option == RECOMPUTE:
-        return None
-    saved = SAC_SAVED_OPS.get(option)
-    if saved is None:
-        raise ValueError(
-            f"unknown remat option {option!r}; valid: {', '.join(OPTIONS)}, '{KEEP_OPS}:...' (measured), "
-            "'segment:<n>' or 'in-segment'"
-        )
-    return functools.partial(create_selective_checkpoint_contexts, _policy(saved))
+def _context_fn(option: SavePolicy) -> Callable[[], Any]:
+    """The selective-checkpoint contexts of a named save policy."""
+    return functools.partial(create_selective_checkpoint_contexts, _policy(SAC_SAVED_OPS[option.name]))
 
 
 # -- running one call under an option --------------------------------------------------------------
@@ -242,31 +204,32 @@ def recomputable(norms: list[torch.nn.Module], forward: Callable[..., Any]) -> C
 def run_call(
     module: torch.nn.Module,
     forward: Callable[..., Any],
-    option: str,
+    option: Store | SavePolicy | KeepOps | Recompute,
     args: tuple,
     kwargs: Mapping[str, Any],
     norms: list[torch.nn.Module],
 ) -> Any:
     """Run ``forward(*args, **kwargs)`` (the block's original forward, ``norms`` its ``norm_layers``)
-    under a remat option."""
-    if option == STORE or not (torch.is_grad_enabled() and module.training):
+    under a single-call remat option."""
+    if isinstance(option, Store) or not (torch.is_grad_enabled() and module.training):
         return forward(*args, **kwargs)
     body = recomputable(norms, forward)
-    kept = kept_ops(option)
-    if kept is not None:
-        if torch.compiler.is_compiling():
-            # a compiled trace sees other ops than eager (functionalized, decomposed): the measured op
-            # positions do not apply there; keep matmuls, convolutions and attention instead
-            option = SAVE_MATMUL
-        else:
-            policy = _IndexedPolicy(kept)
+    if isinstance(option, KeepOps) and torch.compiler.is_compiling():
+        # a compiled trace sees other ops than eager (functionalized, decomposed): the measured op
+        # positions do not apply there; keep matmuls, convolutions and attention instead
+        option = SAVE_MATMUL
+    match option:
+        case KeepOps():
+            policy = _IndexedPolicy(option)
             contexts = functools.partial(sac_contexts, policy)
             out = checkpoint(body, *args, use_reentrant=False, context_fn=contexts, **kwargs)
             policy.check(module)
             return out
-    context_fn = _context_fn(option)
-    extra = {} if context_fn is None else {"context_fn": context_fn}
-    return checkpoint(body, *args, use_reentrant=False, **extra, **kwargs)
+        case SavePolicy():
+            return checkpoint(body, *args, use_reentrant=False, context_fn=_context_fn(option), **kwargs)
+        case Recompute():
+            return checkpoint(body, *args, use_reentrant=False, **kwargs)
+    raise TypeError(f"run_call runs single-call options, got {option!r}")
 
 
 # -- patching the model ------------------------------------------------------------------------------
@@ -283,7 +246,7 @@ class _Patched:
     """
 
     def __init__(
-        self, module: torch.nn.Module, decisions: list[str], default: str, segments: Segments
+        self, module: torch.nn.Module, decisions: list[Option], default: Option, segments: Segments
     ) -> None:
         previous = module.__dict__.get("forward")
         self.had_instance_forward = previous is not None
@@ -302,7 +265,7 @@ class _Patched:
         self.constant = decisions[0] if len(decisions) == 1 else None
         self.calls = 0
 
-    def next_option(self) -> str:
+    def next_option(self) -> Option:
         if self.constant is not None:
             return self.constant
         index = self.calls
@@ -315,7 +278,7 @@ def _forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     state: _Patched = self.__dict__[_STATE]
     original = functools.partial(state.func, self) if state.func is not None else state.previous
     option = state.next_option()
-    if is_segment_option(option):
+    if isinstance(option, (Segment, InSegment)):
         if torch.compiler.is_compiling():  # a trace cannot hold a region spanning calls: this call alone
             return run_call(self, original, RECOMPUTE, args, kwargs, state.norms)
         # a segment records one wrapper per call: none needed in a module without norm layers
@@ -349,7 +312,8 @@ def compile_budget_supported() -> bool:
 def _budgeted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The root's forward under a plan's compiler budget: traced under torch.compile inside
     ``region_activation_memory_budget`` (every op of the graph carries it); plain in eager mode."""
-    budget, previous = self.__dict__[_ATTR][2]
+    record: _Applied = self.__dict__[_ATTR]
+    budget, previous = record.compile_budget, record.previous_forward
     original = previous if previous is not None else functools.partial(type(self).forward, self)
     if not torch.compiler.is_compiling():
         return original(*args, **kwargs)
@@ -357,15 +321,27 @@ def _budgeted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return original(*args, **kwargs)
 
 
+@dataclass
+class _Applied:
+    """What ``apply`` did to the root: the patched paths, the root hooks, and the compiler budget with the
+    root's previous instance ``forward`` (None: the class's)."""
+
+    paths: list[str]
+    handles: list[Any]
+    compile_budget: float | None
+    previous_forward: Callable[..., Any] | None
+
+
 def apply(
     model: torch.nn.Module,
-    decisions: Mapping[str, list[str]],
+    decisions: Mapping[str, Sequence[Option | str]],
     *,
-    default: str = STORE,
+    default: Option | str = STORE,
     compile_budget: float | None = None,
 ) -> torch.nn.Module:
     """Patch ``model`` in place: ``decisions[path][i]`` is the option for the i-th call of the submodule
-    at ``path`` within one forward of ``model`` (calls past the end use ``default``). Returns ``model``.
+    at ``path`` within one forward of ``model`` (calls past the end use ``default``). Options are
+    ``tightfit.remat.options`` types or their JSON keys. Returns ``model``.
 
     ``compile_budget`` (in [0, 1]): under ``torch.compile`` the model's forward is traced inside
     ``torch.autograd.graph.region_activation_memory_budget(compile_budget)`` (no effect in eager mode).
@@ -384,29 +360,23 @@ def apply(
     missing = [p for p in decisions if p not in modules]
     if missing:
         raise KeyError(f"not submodules of the model: {missing}; valid paths look like {list(modules)[1:4]}")
-    for option in {o for opts in decisions.values() for o in opts} | {default}:
-        if (
-            option != STORE
-            and option != IN_SEGMENT
-            and kept_ops(option) is None
-            and segment_length(option) is None
-        ):
-            _context_fn(option)  # validates the name (kept_ops and segment_length validate their forms)
-    if is_segment_option(default):
-        raise ValueError(f"a segment option cannot be the default for calls past the plan, got {default!r}")
+    parsed = {path: [parse_option(o) for o in options] for path, options in decisions.items()}
+    default = parse_option(default)
+    if isinstance(default, (Segment, InSegment)):
+        raise ValueError(f"a segment option cannot be the default for calls past the plan, got {default}")
     undo(model)
     patched: list[str] = []
     counting = False
     segments = Segments()
-    for path, options in decisions.items():
-        if all(o == STORE for o in options) and default == STORE:
+    for path, options in parsed.items():
+        if all(isinstance(o, Store) for o in options) and isinstance(default, Store):
             continue
         module = modules[path]
         state = _Patched(module, list(options), default, segments)
         module.__dict__[_STATE] = state
         module.forward = types.MethodType(_forward, module)
         patched.append(path)
-        counting = counting or state.constant is None or is_segment_option(state.constant)
+        counting = counting or state.constant is None or isinstance(state.constant, (Segment, InSegment))
     handles = []
     if patched:
         handles.append(model.register_forward_pre_hook(collector.pause_for_forward))
@@ -414,48 +384,48 @@ def apply(
     if counting:
         handles.append(model.register_forward_pre_hook(_reset_counts))
         handles.append(model.register_forward_hook(_close_segments, always_call=True))
-    root = None
+    record = _Applied(patched, handles, None, None)
     if compile_budget is not None:
-        root = (float(compile_budget), model.__dict__.get("forward"))
+        record.compile_budget, record.previous_forward = float(compile_budget), model.__dict__.get("forward")
+    model.__dict__[_ATTR] = record
+    if compile_budget is not None:
         model.forward = types.MethodType(_budgeted_forward, model)
-    model.__dict__[_ATTR] = (patched, handles, root)
     return model
 
 
 def undo(model: torch.nn.Module) -> torch.nn.Module:
     """Remove a plan applied by :func:`apply` (a no-op on an unpatched model). Returns ``model``."""
-    record = model.__dict__.pop(_ATTR, None)
+    record: _Applied | None = model.__dict__.pop(_ATTR, None)
     if record is None:
         return model
-    paths, handles, root = record
-    if root is not None:
-        if root[1] is None:
+    if record.compile_budget is not None:
+        if record.previous_forward is None:
             model.__dict__.pop("forward", None)
         else:
-            model.forward = root[1]
+            model.forward = record.previous_forward
     modules = dict(model.named_modules())
-    for path in paths:
+    for path in record.paths:
         module = modules[path]
         state = module.__dict__.pop(_STATE)
         if state.had_instance_forward:
             module.forward = state.previous
         else:
             module.__dict__.pop("forward", None)
-    for handle in handles:
+    for handle in record.handles:
         handle.remove()
     return model
 
 
-def applied(model: torch.nn.Module) -> dict[str, list[str]]:
+def applied(model: torch.nn.Module) -> dict[str, list[Option]]:
     """The decisions currently applied to ``model`` (path -> option per call), {} when none."""
-    record = model.__dict__.get(_ATTR)
+    record: _Applied | None = model.__dict__.get(_ATTR)
     if record is None:
         return {}
     modules = dict(model.named_modules())
-    return {p: list(modules[p].__dict__[_STATE].decisions) for p in record[0]}
+    return {p: list(modules[p].__dict__[_STATE].decisions) for p in record.paths}
 
 
 def applied_compile_budget(model: torch.nn.Module) -> float | None:
     """The compiler budget of the plan applied to ``model``, None when it has none."""
-    record = model.__dict__.get(_ATTR)
-    return None if record is None or record[2] is None else record[2][0]
+    record: _Applied | None = model.__dict__.get(_ATTR)
+    return None if record is None else record.compile_budget

@@ -35,7 +35,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,37 +43,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
 from tightfit._step import wait_for_device
+from tightfit._tree import leaves, same_tensors, storage_id
 from tightfit.memory import LiveTracker
 from tightfit.memory.flops import FlopCounter
-from tightfit.remat.blocks import Group, _leaves
+from tightfit.remat.blocks import Group
 from tightfit.remat.execute import (
-    OPTIONS,
-    RECOMPUTE,
     SAC_SAVED_OPS,
-    STORE,
     keep_ops_option,
     keeps_output,
-    kept_ops,
     norm_layers,
     run_call,
     sac_contexts,
 )
-
-
-@dataclass
-class OptionCost:
-    """Measured costs of one block under one option (bytes and seconds)."""
-
-    option: str
-    keep: int
-    fwd_peak: int
-    bwd_peak: int
-    fwd_time: float
-    bwd_time: float
-    exact: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from tightfit.remat.options import DEFAULT_OPTIONS, STORE, KeepOps, Option, Recompute, SavePolicy, Store
+from tightfit.remat.solvers.chain_costs import OptionCost
 
 
 def _fresh(args: Any, flags: list[bool], leaves: list[torch.Tensor]) -> Any:
@@ -97,13 +80,13 @@ def _fresh(args: Any, flags: list[bool], leaves: list[torch.Tensor]) -> Any:
 
 
 def _differentiable(out: Any) -> list[torch.Tensor]:
-    return [t for t in _leaves(out if not hasattr(out, "to_tuple") else out.to_tuple()) if t.requires_grad]
+    return [t for t in leaves(out if not hasattr(out, "to_tuple") else out.to_tuple()) if t.requires_grad]
 
 
 class _Run:
     """One forward + backward of a group's block under an option, with fresh inputs."""
 
-    def __init__(self, group: Group, option: str, seed: int) -> None:
+    def __init__(self, group: Group, option: Option, seed: int) -> None:
         self.group, self.option, self.seed = group, option, seed
         self.forward = group.module.forward
         flags = list(group.flags)
@@ -185,7 +168,7 @@ class _OutputBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        self.total += sum(t.nbytes for t in _leaves(out) if isinstance(t, torch.Tensor))
+        self.total += sum(t.nbytes for t in leaves(out) if isinstance(t, torch.Tensor))
         return out
 
 
@@ -210,14 +193,14 @@ def _count_time(run: _Run, flop_rate: float, byte_rate: float) -> tuple[float, f
     return fwd, bwd
 
 
-def _time_interleaved(group: Group, costs: dict[str, OptionCost], reps: int, seed: int) -> None:
+def _time_interleaved(group: Group, costs: dict[Option, OptionCost], reps: int, seed: int) -> None:
     """Median forward/backward times of every runnable option, timed round-robin so that load changes on
     a shared machine hit all options alike (the memory runs just before were the warm-up). Blocks slower
     than 50 ms get at most two rounds, slower than 0.5 s one (a full-size U-Net level: measuring is most
     of its planning time, and its relative noise is small)."""
     timed = [o for o, c in costs.items() if c.exact]
     runs = {o: _Run(group, o, seed) for o in timed}
-    samples: dict[str, list[tuple[float, float]]] = {o: [_measure_time(runs[o], 1)] for o in timed}
+    samples: dict[Option, list[tuple[float, float]]] = {o: [_measure_time(runs[o], 1)] for o in timed}
     once = statistics.median(sum(samples[o][0]) for o in timed) if timed else 0.0
     rounds = reps if once < 0.05 else min(reps, 2) if once < 0.5 else 1
     for _ in range(rounds - 1):
@@ -240,10 +223,10 @@ class OpUnit:
 
 
 def _storages(out: Any) -> list[torch.UntypedStorage]:
-    return [t.untyped_storage() for t in _leaves(out) if isinstance(t, torch.Tensor) and t.numel()]
+    return [t.untyped_storage() for t in leaves(out) if isinstance(t, torch.Tensor) and t.numel()]
 
 
-_OpRecord = tuple[Any, float, list[torch.UntypedStorage], list[int]]  # op, seconds, outputs, input ptrs
+_OpRecord = tuple[Any, float, list[torch.UntypedStorage], list[tuple[int, int]]]  # op, s, outputs, input ids
 
 
 def _record_ops(group: Group, seed: int) -> list[_OpRecord] | None:
@@ -263,7 +246,7 @@ def _record_ops(group: Group, seed: int) -> list[_OpRecord] | None:
         if not hasattr(ctx, "op_output"):
             supported[0] = False
             return CheckpointPolicy.PREFER_RECOMPUTE
-        inputs = [st.data_ptr() for st in _storages((args, kwargs))]
+        inputs = [storage_id(st) for st in _storages((args, kwargs))]
         ops.append((op, now - last[0], _storages(ctx.op_output), inputs))
         last[0] = time.perf_counter()
         return CheckpointPolicy.PREFER_RECOMPUTE
@@ -280,17 +263,18 @@ def _record_ops(group: Group, seed: int) -> list[_OpRecord] | None:
 
 def _units(ops: list[_OpRecord]) -> list[OpUnit]:
     """Group ops by output storage (union-find over storages an op outputs together); no times yet."""
-    parent: dict[int, int] = {}
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
 
-    def find(k: int) -> int:
+    def find(k: tuple[int, int]) -> tuple[int, int]:
         while parent.setdefault(k, k) != k:
             k = parent[k]
         return k
 
-    fresh: dict[int, int] = {}  # storage -> bytes, for storages first seen as a new op output
-    external: set[int] = set()  # first seen as an output that aliases an input (block input, parameter)
+    fresh: dict[tuple[int, int], int] = {}  # storage -> bytes, for storages first seen as a new op output
+    # first seen as an output that aliases an input (block input, parameter)
+    external: set[tuple[int, int]] = set()
     for _op, _dt, outs, inputs in ops:
-        keys = [st.data_ptr() for st in outs]
+        keys = [storage_id(st) for st in outs]
         for st, k in zip(outs, keys):
             if k not in parent:
                 if k in inputs:
@@ -300,10 +284,10 @@ def _units(ops: list[_OpRecord]) -> list[OpUnit]:
             find(k)
         for k in keys[1:]:
             parent[find(k)] = find(keys[0])
-    units: dict[int, OpUnit] = {}
+    units: dict[tuple[int, int], OpUnit] = {}
     for i, (op, _dt, outs, _inputs) in enumerate(ops):
         if outs:
-            unit = units.setdefault(find(outs[0].data_ptr()), OpUnit())
+            unit = units.setdefault(find(storage_id(outs[0])), OpUnit())
             unit.ops.append(i)
             unit.random = unit.random or torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
     for k in set(fresh) | external:
@@ -354,13 +338,13 @@ OP_FRACTIONS = (0.3, 0.55, 0.8)
 OP_OPTIONS = len(OP_FRACTIONS)  # at most this many op-level options per block
 
 
-def op_options(profile: OpProfile, fractions: Sequence[float] = OP_FRACTIONS) -> list[str]:
+def op_options(profile: OpProfile, fractions: Sequence[float] = OP_FRACTIONS) -> list[KeepOps]:
     """``keep-ops`` options: the shortest prefixes of the units ranked by seconds per byte that save each
     fraction of the block's recompute time (NOTE [ Op-level options ])."""
     units = [u for u in profile.units if u.bytes > 0]
     ranked = sorted(units, key=lambda u: u.seconds / u.bytes, reverse=True)
     total = sum(u.seconds for u in ranked)
-    options: list[str] = []
+    options: list[KeepOps] = []
     if total <= 0:
         return options
     for f in fractions:
@@ -375,19 +359,19 @@ def op_options(profile: OpProfile, fractions: Sequence[float] = OP_FRACTIONS) ->
     return options
 
 
-def kept_positions(option: str, ops: Sequence[Any]) -> frozenset[int] | None:
+def kept_positions(option: Option, ops: Sequence[Any]) -> frozenset[int] | None:
     """Positions in the block's op sequence ``ops`` whose outputs a selective-checkpoint option keeps;
     None for store, recompute and segments (not selective)."""
-    kept = kept_ops(option)
-    if kept is not None:
-        return kept.indices
-    saved = SAC_SAVED_OPS.get(option)
-    if saved is None:
-        return None
-    return frozenset(i for i, op in enumerate(ops) if keeps_output(saved, op))
+    match option:
+        case KeepOps():
+            return option.indices
+        case SavePolicy():
+            saved = SAC_SAVED_OPS[option.name]
+            return frozenset(i for i, op in enumerate(ops) if keeps_output(saved, op))
+    return None
 
 
-def _at_least_the_recomputed_ops(costs: dict[str, OptionCost], profile: OpProfile) -> None:
+def _at_least_the_recomputed_ops(costs: dict[Option, OptionCost], profile: OpProfile) -> None:
     """Raise an option's backward time so that its extra time over store is at least the forward time of
     the ops it recomputes (from the op recording). Timed alone, a block's store option can be slower than
     its recompute option by more than the recompute costs (on CPU, keeping more touches more fresh
@@ -395,8 +379,8 @@ def _at_least_the_recomputed_ops(costs: dict[str, OptionCost], profile: OpProfil
     repeat: the DP would take recomputation for free."""
     store = costs[STORE]
     for option, cost in costs.items():
-        kept = frozenset() if option == RECOMPUTE else kept_positions(option, profile.ops)
-        if option == STORE or kept is None or not cost.exact:
+        kept = frozenset() if isinstance(option, Recompute) else kept_positions(option, profile.ops)
+        if isinstance(option, Store) or kept is None or not cost.exact:
             continue
         floor = sum(t for i, t in enumerate(profile.seconds) if i not in kept)
         missing = store.fwd_time + store.bwd_time + floor - cost.fwd_time - cost.bwd_time
@@ -404,25 +388,17 @@ def _at_least_the_recomputed_ops(costs: dict[str, OptionCost], profile: OpProfil
             cost.bwd_time += missing
 
 
-def same_tensors(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> bool:
-    """Whether two lists of optional tensors are equal bit for bit."""
-    return len(a) == len(b) and all(
-        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
-        for x, y in zip(a, b)
-    )
-
-
 def measure_group(
     group: Group,
-    options: Sequence[str] = OPTIONS,
+    options: Sequence[Option] = DEFAULT_OPTIONS,
     *,
     reps: int = 3,
     seed: int = 1234,
-    on_option: Callable[[str], None] | None = None,
+    on_option: Callable[[Option], None] | None = None,
     flop_rate: float | None = None,
     byte_rate: float | None = None,
     op_level: bool = True,
-) -> dict[str, OptionCost]:
+) -> dict[Option, OptionCost]:
     """Costs of ``group``'s block under each option (see the module docstring), plus the op-level
     ``keep-ops`` options of ``op_options`` when ``op_level`` (measured clocks only).
 
@@ -430,18 +406,18 @@ def measure_group(
     times come from counts instead of clocks, and gradients are not compared (under FakeTensorMode there
     are no values): the ``--estimate`` cost model.
     """
-    options = [STORE, *[o for o in options if o != STORE]]
+    options = [STORE, *[o for o in options if not isinstance(o, Store)]]
     profile = OpProfile([], [])
     if op_level and flop_rate is None:
         profile = record_units(group, seed)
         options += op_options(profile)
     ops = profile.ops
-    costs: dict[str, OptionCost] = {}
+    costs: dict[Option, OptionCost] = {}
     reference: list[torch.Tensor | None] | None = None
     # selective options that keep the same ops as an earlier one (a CNN's convolutions are all its
     # matmuls and all its projections) run the same code: measured once, the costs copied
-    first_keeping: dict[frozenset[int], str] = {}
-    twins: dict[str, str] = {}
+    first_keeping: dict[frozenset[int], Option] = {}
+    twins: dict[Option, Option] = {}
     for option in options:
         positions = kept_positions(option, ops) if ops else None
         twin = first_keeping.get(positions) if positions is not None else None
@@ -456,7 +432,7 @@ def measure_group(
         try:
             keep, fwd_peak, bwd_peak, grads = _measure_memory(run)
         except Exception as err:  # an option this block cannot run under (in-place input updates, ...)
-            if option == STORE:
+            if isinstance(option, Store):
                 raise RuntimeError(f"block {group.path} fails when run on its own: {err}") from err
             costs[option] = OptionCost(option, 0, 0, 0, 0.0, 0.0, exact=False)
             continue
@@ -466,7 +442,7 @@ def measure_group(
         else:
             exact = same_tensors(reference, grads)
         del grads
-        if option not in (STORE, RECOMPUTE) and keep >= costs[STORE].keep:
+        if not isinstance(option, (Store, Recompute)) and keep >= costs[STORE].keep:
             if on_option is not None:  # keeps as much as storing and recomputes: never better, not timed
                 on_option(option)
             continue

@@ -12,37 +12,25 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tightfit.remat.execute import kept_ops, option_label
-from tightfit.remat.segments import IN_SEGMENT, segment_length
+from tightfit.remat.config import RematConfig
+from tightfit.remat.options import InSegment, KeepOps, Option, Segment, parse_option, segment_length
 from tightfit.sizes import format_size
 
-# what each option keeps for the backward (printed under the plan table)
-OPTION_LEGEND = {
-    "store": "keeps everything autograd saves (no recompute)",
-    "save-matmul": "keeps outputs of matmuls, convolutions and attention; recomputes pointwise ops, norms, "
-    "softmax, dropout",
-    "save-linear": "keeps outputs of matmuls and convolutions (projections); recomputes attention too",
-    "recompute": "keeps only the block's inputs; recomputes the whole block",
-}
 COMPILE_BUDGET_LEGEND = (
     "under torch.compile the model's forward is traced inside torch.autograd.graph."
     "region_activation_memory_budget: the compiler's knapsack recomputes cheap ops (no effect in eager mode; "
     "the keeps above are eager measurements)"
 )
-KEEP_OPS_LEGEND = "keeps the outputs of the N ops saving the most measured recompute time per byte"
-SEGMENT_LEGEND = (
-    "one checkpoint over N consecutive blocks: keeps only what enters the first, recomputes all N in the "
-    "backward"
-)
 
 
-def legend(option: str) -> str:
-    """What ``option`` keeps for the backward, in words."""
-    if kept_ops(option) is not None:
-        return KEEP_OPS_LEGEND
-    if segment_length(option) is not None:
-        return SEGMENT_LEGEND
-    return OPTION_LEGEND.get(option, "")
+def _legend_label(option: Option) -> str:
+    """How the legend under a plan table names an option (one line per kind of measured option)."""
+    match option:
+        case KeepOps():
+            return "keep N ops"
+        case Segment():
+            return "segment of N"
+    return option.label
 
 
 @dataclass
@@ -53,7 +41,7 @@ class Decision:
     path: str
     call: int
     group: int
-    option: str
+    option: Option
     keep: int  # bytes the block keeps for its backward under this option (measured, isolated)
     extra_time: float  # seconds of recompute this option adds over storing everything
 
@@ -80,12 +68,16 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     # for torch.compile: the compiler's activation memory budget over the model's forward (None: not used)
     compile_budget: float | None = None
+    config: RematConfig | None = None  # how it was planned (None: a plan saved before configs were recorded)
+    # the search that chose it: per measured candidate, the DP budget it was solved for, its predicted and
+    # measured peak (bytes); what planning learned for this plan, kept here rather than in the Planner
+    trials: list[dict[str, Any]] = field(default_factory=list)
 
     # -- views --------------------------------------------------------------------------------------
     @property
-    def options(self) -> dict[str, list[str]]:
+    def options(self) -> dict[str, list[Option]]:
         """path -> option of each call, the form ``tightfit.remat.execute.apply`` takes."""
-        out: dict[str, list[str]] = {}
+        out: dict[str, list[Option]] = {}
         for d in sorted(self.decisions, key=lambda d: (d.path, d.call)):
             out.setdefault(d.path, []).append(d.option)
         return out
@@ -93,7 +85,7 @@ class Plan:
     @property
     def checkpointed(self) -> list[str]:
         """Names of blocks that recompute something (every block of a segment)."""
-        return [d.name for d in self.decisions if d.option != "store"]
+        return [d.name for d in self.decisions if d.option.checkpointed]
 
     def _units(self) -> list[tuple[int, int, str]]:
         """(first, last decision index, label): single blocks, and segments as one unit each."""
@@ -101,8 +93,8 @@ class Plan:
         i = 0
         ds = self.decisions
         while i < len(ds):
-            n = segment_length(ds[i].option) or 1
-            units.append((i, min(i + n, len(ds)) - 1, option_label(ds[i].option)))
+            n = segment_length(ds[i].option)
+            units.append((i, min(i + n, len(ds)) - 1, ds[i].option.label))
             i += n
         return units
 
@@ -114,10 +106,28 @@ class Plan:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-ready fields; options as their keys, the config as its fields."""
+        out = asdict(self)
+        out["decisions"] = [{**asdict(d), "option": d.option.key} for d in self.decisions]
+        out["config"] = None if self.config is None else self.config.to_dict()
+        return out
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """The plan ``to_dict`` wrote (also plans saved before ``config`` and ``trials`` were recorded)."""
+        data = dict(data)
+        decisions = [Decision(**{**d, "option": parse_option(d["option"])}) for d in data.pop("decisions")]
+        config = data.pop("config", None)
+        return cls(
+            decisions=decisions, config=None if config is None else RematConfig.from_dict(config), **data
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
 
     # -- printing -----------------------------------------------------------------------------------
     def _rows(self) -> list[tuple[str, str, str, str]]:
@@ -160,13 +170,11 @@ class Plan:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
             if n == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
-        options = {d.option for d in self.decisions} - {IN_SEGMENT}
         labels = {
-            ("keep N ops" if kept_ops(o) is not None else "segment of N" if segment_length(o) else o): o
-            for o in options
+            _legend_label(d.option): d.option for d in self.decisions if not isinstance(d.option, InSegment)
         }
         for label, option in sorted(labels.items()):
-            lines.append(f"  {label}: {legend(option)}")
+            lines.append(f"  {label}: {option.description}")
         if self.compile_budget is not None:
             lines.append(f"  compiler budget {self.compile_budget:g}: {COMPILE_BUDGET_LEGEND}")
         ratio = ""

@@ -20,38 +20,29 @@ NOTE [ Event times ]
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from tightfit._step import call_model
-from tightfit.remat.blocks import Block, _storages
-
-
-@dataclass(frozen=True)
-class Read:
-    """A read of a tensor made earlier in the forward: when it was made and when it is read last."""
-
-    made: int  # event time of the call that made it (NOTE [ Event times ])
-    tensor: int  # its identity in this recording
-    nbytes: int  # bytes of its storage
-    last: int  # event time of its last read
+from tightfit._tree import StorageKey
+from tightfit.remat.blocks import Block, storage_bytes
+from tightfit.remat.solvers.chain_costs import Read
 
 
 class _Recorder:
     """The makers and readers of storages, by event time."""
 
     def __init__(self, events: int) -> None:
-        self.maker: dict[int, int] = {}  # storage -> tensor identity made last with it
+        self.maker: dict[StorageKey, int] = {}  # storage -> tensor identity made last with it
         self.made: list[int] = []  # tensor identity -> event time of its maker
         self.nbytes: list[int] = []
         self.last: list[int] = []  # tensor identity -> event time of its last read
         self.reads: list[dict[int, None]] = [{} for _ in range(events)]  # event time -> tensors read
 
-    def read(self, time: int, tensors: Any) -> set[int]:
-        keys = set(_storages(tensors))
+    def read(self, time: int, tensors: Any) -> set[StorageKey]:
+        keys = set(storage_bytes(tensors))
         for key in keys:
             tensor = self.maker.get(key)
             if tensor is not None:
@@ -59,8 +50,8 @@ class _Recorder:
                 self.last[tensor] = time
         return keys
 
-    def make(self, time: int, tensors: Any, inputs: set[int]) -> None:
-        for key, nbytes in _storages(tensors).items():
+    def make(self, time: int, tensors: Any, inputs: set[StorageKey]) -> None:
+        for key, nbytes in storage_bytes(tensors).items():
             if key in inputs:
                 continue
             self.maker[key] = len(self.made)
@@ -96,7 +87,8 @@ def record_reads(model: torch.nn.Module, batch: Any, blocks: Sequence[Block]) ->
     recorder = _Recorder(2 * len(blocks) + 1)
     clock = [0, 0]
     counts: dict[int, int] = {}
-    opened: list[tuple[int, set[int]] | None] = []  # per open call of a planned module: (block, its reads)
+    # per open call of a planned module: (block, its reads)
+    opened: list[tuple[int, set[StorageKey]] | None] = []
 
     def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         index = counts.get(id(module), 0)

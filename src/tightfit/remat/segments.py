@@ -34,33 +34,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode
 from torch.utils import checkpoint as _ckpt
 
 from tightfit.remat import collector
-
-SEGMENT = "segment"  # "segment:<n>": this block call opens a region of n block calls
-IN_SEGMENT = "in-segment"  # a later block call of the open region
-
-
-def segment_option(blocks: int) -> str:
-    """The option of the first block call of a segment of ``blocks`` consecutive block calls."""
-    if blocks < 2:
-        raise ValueError(f"a segment spans at least 2 block calls, got {blocks}")
-    return f"{SEGMENT}:{blocks}"
-
-
-def segment_length(option: str) -> int | None:
-    """n for ``"segment:<n>"``, None for any other option; ValueError when malformed."""
-    if not option.startswith(SEGMENT + ":"):
-        return None
-    try:
-        n = int(option[len(SEGMENT) + 1 :])
-    except ValueError:
-        n = 0
-    if n < 2:
-        raise ValueError(f"malformed option {option!r}: expected 'segment:<n>' with n >= 2 block calls")
-    return n
-
-
-def is_segment_option(option: str) -> bool:
-    return option == IN_SEGMENT or option.startswith(SEGMENT + ":")
+from tightfit.remat.options import InSegment, Segment
 
 
 class SegmentError(RuntimeError):
@@ -309,7 +283,7 @@ class Segments:
         self,
         module: torch.nn.Module,
         forward: Callable[..., Any],
-        option: str,
+        option: Segment | InSegment,
         args: tuple,
         kwargs: Mapping[str, Any],
     ) -> Any:
@@ -317,10 +291,9 @@ class Segments:
         region spanning calls)."""
         if not (torch.is_grad_enabled() and module.training):
             return forward(*args, **kwargs)
-        length = None if option == IN_SEGMENT else segment_length(option)
-        if length is not None:
+        if isinstance(option, Segment):
             self.finish()
-            self.active = Region(length, args, kwargs)
+            self.active = Region(option.length, args, kwargs)
         region = self.active
         if region is None:  # a member call with no open region (calls differ from the plan): plain
             return forward(*args, **kwargs)

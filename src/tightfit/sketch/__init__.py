@@ -17,8 +17,6 @@ _NAMES = {
     "variance": "diagnostics",
     "VarianceReport": "diagnostics",
     "LayerVariance": "diagnostics",
-    "sketch_": "convert",
-    "convert_sketch": "convert",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)

@@ -9,10 +9,16 @@ for backward. Two cases matter:
      `Sketch(shared="share")` (default) the converted layers share one sketch, so they keep k·d instead
      of N·d. Sharing is decided at run time by tensor identity, so no example batch is needed.
   2. X also saved by another op (an unconverted linear, an elementwise product, ...). Converting frees
-     nothing and only adds variance. Only a probe forward can see this: pass `example=` to `sketch_`
-     (or to convert_, once it forwards keyword arguments). Such layers are skipped (`kept_alive="skip"`)
-     and reported. With an example, the real peak of one training step before and after conversion is
-     measured with the ruler (tightfit.memory.LiveTracker) and reported next to the predicted saving.
+     nothing and only adds variance. Only a probe forward can see this: pass
+     ``convert_(model, Sketch(...), example=batch)`` (with ``loss_fn=`` when the batch is not in the
+     `tightfit._step` convention). Such layers are skipped (`kept_alive="skip"`) and reported. With an
+     example, the real peak of one training step before and after conversion is measured with the ruler
+     (tightfit.memory.LiveTracker) and reported next to the predicted saving (``measure=False`` skips
+     that measurement).
+
+The probe and the measurement leave the model as they found it: buffers (BatchNorm statistics, ...) and
+gradients are restored, and the random number generators of the CPU and of every CUDA device holding the
+model's parameters or the example are forked, so conversion consumes no random numbers.
 """
 
 from __future__ import annotations
@@ -26,16 +32,15 @@ import torch
 from torch import nn
 
 from tightfit._step import forward_loss
-from tightfit.convert import ConversionReport, register_converter, replace_module
+from tightfit._tree import StorageKey, leaves, storage_key
+from tightfit.convert import ConversionReport, FilterFn, register_converter, replace_module
 from tightfit.memory import LiveTracker
 from tightfit.sizes import format_size
 from tightfit.sketch.config import Sketch
 from tightfit.sketch.modules import RandomizedConv1D, RandomizedLinear
 from tightfit.sketch.ops import SketchShare, resolve_k
 
-__all__ = ["convert_sketch", "sketch_", "probe_inputs", "InputProbe", "find_candidates"]
-
-FilterFn = Callable[[nn.Module, str], bool]
+__all__ = ["probe_inputs", "InputProbe", "find_candidates"]
 
 
 def _conv1d_type() -> type | None:
@@ -85,49 +90,60 @@ class InputProbe:
     """What one probe forward saw: per candidate its input storage and token count, and which storages
     other ops (anything outside the candidates, parameters excluded) saved for backward."""
 
-    input_key: dict[str, tuple[int, int]] = field(default_factory=dict)
+    input_key: dict[str, StorageKey] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     elt: dict[str, int] = field(default_factory=dict)
-    saved_by_others: set[tuple[int, int]] = field(default_factory=set)
+    saved_by_others: set[StorageKey] = field(default_factory=set)
 
-    def groups(self) -> dict[tuple[int, int], list[str]]:
-        out: dict[tuple[int, int], list[str]] = {}
+    def groups(self) -> dict[StorageKey, list[str]]:
+        """Candidates grouped by the storage of their input (several layers reading one tensor)."""
+        out: dict[StorageKey, list[str]] = {}
         for path, key in self.input_key.items():
             out.setdefault(key, []).append(path)
         return out
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    st = t.untyped_storage()
-    return (st.data_ptr(), st.nbytes())
+def _storage_key(t: torch.Tensor) -> StorageKey:
+    """`tightfit._tree.storage_key`; a tensor without a storage (sparse, ...) counts as its own storage."""
+    key = storage_key(t)
+    return key if key is not None else (id(t), 0)
+
+
+def _rng_devices(model: nn.Module, example: Any) -> list[int]:
+    """The CUDA device indices of the model's parameters and the example's tensors (empty on CPU)."""
+    tensors = [*model.parameters(), *model.buffers(), *leaves(example)]
+    return sorted({t.device.index for t in tensors if t.device.type == "cuda"})
 
 
 def probe_inputs(
     model: nn.Module, candidates: dict[str, nn.Module], example: Any, loss_fn: Any = None
 ) -> InputProbe:
-    """Run one forward on `example` (global RNG state restored afterwards) and record, for each candidate,
-    its input storage, and the storages that ops outside the candidates save for backward."""
+    """Run one forward on `example` (random number generators forked: see the module docstring) and
+    record, for each candidate, its input storage, and the storages that ops outside the candidates save
+    for backward."""
     probe = InputProbe()
     params = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
-    depth = [0]
+    depth = 0  # > 0 while inside a candidate: what it saves is its own input, not another op's
     handles = []
 
     def pre(path: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple) -> None:
+            nonlocal depth
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and path not in probe.input_key:
                 probe.input_key[path] = _storage_key(x)
                 probe.tokens[path] = x.numel() // max(1, _in_features(module))
                 probe.elt[path] = x.element_size()
-            depth[0] += 1
+            depth += 1
 
         return hook
 
     def post(module: nn.Module, args: tuple, out: Any) -> None:
-        depth[0] -= 1
+        nonlocal depth
+        depth -= 1
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if depth[0] == 0:
+        if depth == 0:
             key = _storage_key(t)
             if key not in params:
                 probe.saved_by_others.add(key)
@@ -137,7 +153,10 @@ def probe_inputs(
         handles.append(module.register_forward_pre_hook(pre(path)))
         handles.append(module.register_forward_hook(post))
     try:
-        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.random.fork_rng(devices=_rng_devices(model, example)),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             loss = forward_loss(model, example, loss_fn)
             del loss
     finally:
@@ -146,13 +165,18 @@ def probe_inputs(
     return probe
 
 
-def _measure_peak(model: nn.Module, example: Any, loss_fn=None) -> int:  # noqa: ANN001
+def _measure_peak(
+    model: nn.Module, example: Any, loss_fn: Callable[[Any], torch.Tensor] | None = None
+) -> int:
     """Live-tensor peak (bytes) of one forward+backward on `example`, params/grads restored."""
     grads = [(p, p.grad) for p in model.parameters()]
     for p, _ in grads:
         p.grad = None
     try:
-        with torch.random.fork_rng(devices=[]), LiveTracker(track=[model, example]) as tracker:
+        with (
+            torch.random.fork_rng(devices=_rng_devices(model, example)),
+            LiveTracker(track=[model, example]) as tracker,
+        ):
             loss = forward_loss(model, example, loss_fn)
             loss.backward()
             del loss
@@ -169,21 +193,19 @@ def _build(path: str, module: nn.Module, config: Sketch, share: SketchShare | No
     return RandomizedConv1D(module, **opts)
 
 
-def sketch_(
+@register_converter(Sketch)
+def _convert_sketch(
     model: nn.Module,
-    config: Sketch | None = None,
+    config: Sketch,
     filter_fn: FilterFn | None = None,
     *,
     example: Any = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     measure: bool = True,
-    verbose: bool = False,
 ) -> ConversionReport:
-    """Convert `model` in place (see the module docstring); with `example` (a batch in the `_step`
-    convention), also detect inputs kept alive by other ops and measure the real peak change."""
-    config = Sketch() if config is None else config
-    if not isinstance(config, Sketch):
-        raise TypeError(f"expected a tightfit.Sketch config, got {type(config).__name__}")
+    """The `tightfit.convert_` handler for `Sketch` (see the module docstring). With `example` (a batch in
+    the `_step` convention, or any batch with `loss_fn`), also detect inputs kept alive by other ops and,
+    unless `measure` is false, measure the real peak change of one training step."""
     report = ConversionReport(
         technique=f"sketch ({config.sketch}, "
         + (f"ratio={config.ratio})" if config.k is None else f"k={config.k})")
@@ -194,7 +216,7 @@ def sketch_(
     # the probe and measurement steps must not move running statistics (BatchNorm, ...)
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if example is not None else []
     try:
-        return _convert(model, config, report, candidates, example, loss_fn, measure, verbose)
+        return _convert(model, config, report, candidates, example, loss_fn, measure)
     finally:
         with torch.no_grad():
             for buf, saved in buffers:
@@ -209,7 +231,6 @@ def _convert(
     example: Any,
     loss_fn: Callable[[Any], torch.Tensor] | None,
     measure: bool,
-    verbose: bool,
 ) -> ConversionReport:
     probe = probe_inputs(model, candidates, example, loss_fn) if example is not None else None
     chosen = dict(candidates)
@@ -252,8 +273,6 @@ def _convert(
             "layers reading the same input share one sketch (eager mode; under torch.compile "
             "each layer sketches separately)"
         )
-    if verbose:
-        print(report)
     return report
 
 
@@ -285,7 +304,7 @@ def _predicted_notes(
     saving = 0
     exact: list[str] = []
     groups = probe.groups()
-    seen: set[tuple[int, int]] = set()
+    seen: set[StorageKey] = set()
     for path in chosen:
         key = probe.input_key.get(path)
         if key is None or key in seen:
@@ -314,10 +333,3 @@ def _predicted_notes(
         )
     return notes, saving
 
-
-@register_converter(Sketch)
-def convert_sketch(
-    model: nn.Module, config: Sketch, filter_fn: FilterFn | None = None, **kwargs: Any
-) -> ConversionReport:
-    """The `tightfit.convert_` handler for `Sketch` (keyword arguments are those of `sketch_`)."""
-    return sketch_(model, config, filter_fn, **kwargs)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tightfit._step import call_model, loss_of
 from tightfit.sketch.convert import find_candidates
 from tightfit.sketch.modules import RandomizedConv1D, RandomizedLinear
-from tightfit.sketch.sketches import _norm_probs, draw_seed, plan_sketch, sketch_grad, sketch_input
+from tightfit.sketch.sketches import draw_seed, norm_row_probs, plan_sketch, sketch_grad, sketch_input
 
 __all__ = ["variance", "VarianceReport", "LayerVariance", "sketch_variance"]
 
@@ -123,7 +123,7 @@ def _batch_stats(x: Tensor, g: Tensor) -> _Stats:
     # Σ_s ‖a_s‖² by the Gram identity ‖G_sᵀX_s‖² = Σ (X_s X_sᵀ) ∘ (G_s G_sᵀ): no per-sample d_out x d_in
     per_sample = (torch.bmm(xs, xs.transpose(1, 2)) * torch.bmm(gs, gs.transpose(1, 2))).sum()
     sgd = (samples / (samples - 1)) * float(per_sample) - xtg2 / (samples - 1) if samples > 1 else math.nan
-    p = _norm_probs(x2)
+    p = norm_row_probs(x2)
     return _Stats(
         n=x2.shape[0], full=float(xx.sum() * gg.sum()), diag=float((xx * gg).sum()), xtg2=xtg2,
         weighted=float((xx * gg / p).sum()), sgd=sgd, samples=samples,

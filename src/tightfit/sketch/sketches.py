@@ -49,6 +49,7 @@ __all__ = [
     "draw_seed",
     "sketch_input",
     "sketch_grad",
+    "norm_row_probs",
     "sketch_grad_weight",
     "sketch_matrix",
 ]
@@ -201,7 +202,7 @@ def sketch_input(x: Tensor, seed: Tensor, plan: SketchPlan) -> tuple[Tensor, Ten
         idx = _rows_draw(seed, n, plan.k, x.device)
         return x.index_select(0, idx).mul_(n / plan.k), None
     if plan.kind == "norm_rows":
-        p = _norm_probs(x)
+        p = norm_row_probs(x)
         idx = _multinomial_draw(seed, p, plan.k)
         w = (1.0 / (plan.k * p.index_select(0, idx))).to(x.dtype).unsqueeze(1)
         return x.index_select(0, idx).mul_(w), idx
@@ -268,13 +269,13 @@ def sketch_matrix(seed: Tensor, plan: SketchPlan, x: Tensor | None = None) -> Te
             raise ValueError("sketch_matrix for norm_rows needs x (the probabilities depend on it)")
         sx, idx = sketch_input(x, seed, plan)
         w = sx.new_zeros(plan.k, n)
-        scale = (1.0 / (plan.k * _norm_probs(x).index_select(0, idx))).to(w.dtype)
+        scale = (1.0 / (plan.k * norm_row_probs(x).index_select(0, idx))).to(w.dtype)
         w[torch.arange(plan.k), idx] = scale
         return w
     return sketch_input(eye, seed, plan)[0]
 
 
-def _norm_probs(x: Tensor) -> Tensor:
+def norm_row_probs(x: Tensor) -> Tensor:
     """norm_rows probabilities: ‖x_t‖/Σ‖x‖ mixed with 10% uniform (uniform when x is all zeros)."""
     norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
     total = norms.sum()

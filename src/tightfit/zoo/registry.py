@@ -52,11 +52,6 @@ class ModelSpec:
     family: str  # e.g. "gpt2", "llama", "resnet": groups a model with its tiny/cpu variants
 
     @property
-    def sample_batch(self) -> BatchFactory:
-        """The batch factory under the name the issue uses."""
-        return self.batch_factory
-
-    @property
     def factories(self) -> Factories:
         return Factories(self.model_factory, self.batch_factory)
 
@@ -89,11 +84,6 @@ def spec(name: str) -> ModelSpec:
         f"unknown model {name!r}: {hint}valid names are {', '.join(names())}, "
         "or a file of your own as path/to/file.py:factory"
     )
-
-
-def all_specs() -> Iterator[ModelSpec]:
-    for n in names():
-        yield _REGISTRY[n]
 
 
 # ----------------------------------------------------------------------------------- shared helpers

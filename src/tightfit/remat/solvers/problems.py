@@ -199,12 +199,6 @@ class Chain:
             output_size=size if output_size is None else output_size,
         )
 
-    def store_all_peak(self) -> float:
-        """Peak of plain autograd (tape every stage with option 0, no recomputation) under the model."""
-        from .simulate import simulate
-
-        return simulate(self, Schedule(store_all_ops(self), 0.0, 0.0))[0]
-
     def to_dict(self) -> dict[str, Any]:
         d = {
             k: getattr(self, k)

@@ -6,6 +6,7 @@ Every solver's output goes through :func:`simulate`; the memory model is the one
 
 from __future__ import annotations
 
+from .dag import joint_graph
 from .errors import InvalidSchedule
 from .problems import (
     Backward,
@@ -19,6 +20,7 @@ from .problems import (
     Loss,
     Release,
     Schedule,
+    store_all_ops,
 )
 
 __all__ = ["simulate", "simulate_chain", "simulate_dag"]
@@ -131,8 +133,6 @@ def simulate_chain(chain: Chain, ops: list) -> tuple[float, float]:
 
 def simulate_dag(dag: Dag, ops: list) -> tuple[float, float]:
     """DAG simulator on the joint forward+backward graph (see :mod:`.dag`). Returns ``(peak, time)``."""
-    from .dag import joint_graph
-
     g = joint_graph(dag)
     live: set[int] = set()
     done = [False] * g.n
@@ -164,3 +164,8 @@ def simulate_dag(dag: Dag, ops: list) -> tuple[float, float]:
     if missing:
         raise InvalidSchedule(len(ops), "end", f"never computed: {', '.join(missing[:5])}")
     return peak, time
+
+
+def store_all_peak(chain: Chain) -> float:
+    """Peak of plain autograd (tape every stage with option 0, no recomputation) under the model."""
+    return simulate(chain, Schedule(store_all_ops(chain), 0.0, 0.0))[0]

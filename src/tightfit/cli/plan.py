@@ -1,21 +1,30 @@
 """``tightfit plan MODEL --budget X``: plan rematerialization for a model and print the plan.
 
-``tightfit.cli`` wires ``configure_plan(parser)`` + ``run_plan(args)`` as a ``Command``. The plan shows
-the blocks checkpointed, the option of each, predicted and measured peak and step time, and the planning
-time; a rich progress bar runs while the blocks are measured. ``--plot FILE`` draws live memory over one
-training step without remat and with the plan. ``--estimate`` plans under fake tensors with FLOP-based
-times (``tightfit.remat.estimate``).
+The plan shows the blocks checkpointed, the option of each, predicted and measured peak and step time, and
+the planning time; a rich progress bar runs while the blocks are measured. ``--plot FILE`` draws live
+memory over one training step without remat and with the plan. ``--estimate`` plans under fake tensors
+with FLOP-based times (``tightfit.remat.estimate_planner``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+
+from tightfit.cli._args import (
+    CliError,
+    add_model_arguments,
+    add_optimizer_argument,
+    factories_from_args,
+    optimizer_factory,
+    parse_budget,
+)
+
+HELP = "plan recomputation of MODEL under a memory budget (--budget 2GiB)"
 
 
-def configure_plan(p: argparse.ArgumentParser) -> None:
-    """MODEL, the batch options of ``tightfit profile``, --budget, --optimizer, --estimate, --plot, --json."""
-    from tightfit.cli import OPTIMIZERS, add_model_arguments
-
+def configure(p: argparse.ArgumentParser) -> None:
+    """MODEL and its batch options, --budget, --optimizer, planner switches, --estimate, --plot, --json."""
     add_model_arguments(p)
     p.add_argument(
         "--budget",
@@ -25,9 +34,7 @@ def configure_plan(p: argparse.ArgumentParser) -> None:
         "activations), e.g. 2GiB, 512MB, 1.5e9; 'min' for the smallest feasible; 'x1.2' for the least "
         "memory predicted within 1.2 times the step time without remat",
     )
-    p.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default="none", help="optimizer of the step (default none)"
-    )
+    add_optimizer_argument(p)
     p.add_argument(
         "--estimate",
         action="store_true",
@@ -66,7 +73,7 @@ class _Bar:
     """A rich progress bar fed by the planner's ``progress(what, done, total)`` callback."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # only when planning
 
         self.progress = Progress(
             TextColumn("{task.description}"),
@@ -91,8 +98,6 @@ class _Bar:
 
 def _overhead_ratio(budget: str) -> float | None:
     """The step-time ratio of a ``--budget xR``, None for a size or 'min'."""
-    from tightfit.cli import CliError
-
     if not budget.lower().startswith("x"):
         return None
     try:
@@ -104,10 +109,11 @@ def _overhead_ratio(budget: str) -> float | None:
     return ratio
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    """Run ``tightfit plan``; returns the exit status (user mistakes raise ``tightfit.cli.CliError``)."""
-    from tightfit.cli import CliError, factories_from_args, optimizer_factory, parse_budget
-    from tightfit.remat.auto import InfeasibleBudget, Planner
+def run(args: argparse.Namespace) -> int:
+    """Plan and print the plan (a table, or JSON with --json); exit status 0. User mistakes raise
+    `CliError`."""
+    # the planner imports torch and measures models: only when the command runs, not for --help
+    from tightfit.remat import InfeasibleBudget, Planner, RematConfig, estimate_planner
 
     model_factory, batch_factory = factories_from_args(args)
     make_optimizer = optimizer_factory(args.optimizer)
@@ -121,34 +127,25 @@ def run_plan(args: argparse.Namespace) -> int:
         raise CliError("--flop-rate needs --estimate and a positive number of FLOP/s")
     with _Bar() as bar:
         if args.estimate:
-            from tightfit.remat.estimate import DEFAULT_FLOP_RATE, estimate_planner
-
-            rate = args.flop_rate or DEFAULT_FLOP_RATE
-            planner, mode = estimate_planner(
-                model_factory,
-                batch_factory,
-                optimizer_factory=make_optimizer,
-                flop_rate=rate,
-                progress=bar,
+            config = RematConfig(
+                flop_rate=args.flop_rate,  # None: estimate_planner's nominal rate
                 segments=not args.no_segments,
                 keep_output=not args.free_output,
             )
+            planner, mode = estimate_planner(
+                model_factory, batch_factory, optimizer_factory=make_optimizer, config=config, progress=bar
+            )
         else:
-            import contextlib
-
             model = model_factory().train()
             batch = batch_factory()
             optimizer = make_optimizer(model.parameters()) if make_optimizer is not None else None
-            planner = Planner(
-                model,
-                batch,
-                optimizer=optimizer,
-                progress=bar,
+            config = RematConfig(
                 op_level=not args.no_op_level,
                 segments=not args.no_segments,
                 keep_output=not args.free_output,
                 compile_backend=args.compile,
             )
+            planner = Planner(model, batch, optimizer=optimizer, config=config, progress=bar)
             mode = contextlib.nullcontext()
         bar("solving and verifying", 1, 1)
         try:
@@ -159,13 +156,14 @@ def run_plan(args: argparse.Namespace) -> int:
         except InfeasibleBudget as e:
             raise CliError(str(e)) from None
     if args.estimate:
+        rate = planner.config.flop_rate
         plan.notes.append(
             f"--estimate: memory measured under fake tensors (exact for this device type's kernels), "
             f"times from FLOPs at {rate:.3g} FLOP/s + bytes written at {rate / 50:.3g} B/s: approximate"
         )
     print(plan.to_json(indent=1) if args.json else plan)
     if args.plot:
-        from tightfit.remat.plot import plot_memory
+        from tightfit.remat.plot import plot_memory  # matplotlib: only when a plot is asked for
 
         plot_memory(planner, plan, args.plot, title=f"{args.model}: one training step")
         print(f"memory plot written to {args.plot}")

@@ -1,4 +1,6 @@
-"""Predict a per-block plan's peak and step time from measured block costs, and find the fastest plan.
+"""The chain DP that plans real models: predict a per-block assignment's peak and step time from measured
+block costs, and find the fastest assignment under a budget. Pure numpy (no torch): ``tightfit.remat``
+measures the costs (``tightfit.remat.measure``, ``tightfit.remat.reads``) and applies the result.
 
 NOTE [ The memory model ]
   Blocks run in order 0..L-1 in the forward and in reverse in the backward. With option o_i for block i
@@ -10,7 +12,7 @@ NOTE [ The memory model ]
   A and H are what the blocks do not explain (parameters, gradients of the other parameters, optimizer
   state, inputs, embeddings, logits, the loss and its backward). They are fitted so that the model
   reproduces the MEASURED peaks of two whole steps, no remat and every block recomputed (the affine
-  constant of ``tightfit.remat.auto``). The model is approximate (the output of a block is counted as
+  constant of ``tightfit.remat.Planner``). The model is approximate (the output of a block is counted as
   kept until its own backward; in-place gradient accumulation is not modelled), so plans are verified
   by measuring them, and the internal budget is lowered when a plan measures over the budget.
 
@@ -42,21 +44,71 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-from tightfit.remat.execute import RECOMPUTE, STORE
-from tightfit.remat.measure import OptionCost
-from tightfit.remat.reads import Read
-from tightfit.remat.segments import IN_SEGMENT, segment_length, segment_option
+from tightfit.remat.options import (
+    IN_SEGMENT,
+    RECOMPUTE,
+    STORE,
+    InSegment,
+    KeepOps,
+    Option,
+    Recompute,
+    SavePolicy,
+    Segment,
+    Store,
+)
+
+Assignment = list[Option]  # one option per block call, in forward order
+
+
+@dataclass
+class OptionCost:
+    """Measured costs of one block under one option (bytes and seconds)."""
+
+    option: Option
+    keep: int
+    fwd_peak: int
+    bwd_peak: int
+    fwd_time: float
+    bwd_time: float
+    exact: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "option": self.option.key}
+
+
+@dataclass(frozen=True)
+class Read:
+    """A read of a tensor made earlier in the forward: when it was made and when it is read last."""
+
+    made: int  # event time of the call that made it (NOTE [ Event times ] in ``tightfit.remat.reads``)
+    tensor: int  # its identity in this recording
+    nbytes: int  # bytes of its storage
+    last: int  # event time of its last read
+
+
+def _costed(option: Option) -> Option:
+    """The measured option whose costs ``option`` uses: a segment's first block is recomputed (its entry is
+    its inputs), a later block of a segment is stored while recomputed."""
+    match option:
+        case Segment():
+            return RECOMPUTE
+        case InSegment():
+            return STORE
+        case Store() | Recompute() | SavePolicy() | KeepOps():
+            return option
+    raise TypeError(f"not a remat option: {option!r}")
 
 
 @dataclass
 class ChainCosts:
     """Per-block option costs (``costs[i][option]``), per-block later-gradient bytes and the constants."""
 
-    costs: list[dict[str, OptionCost]]
+    costs: list[dict[Option, OptionCost]]
     later_grads: list[int]  # G_i
     base_time: float  # measured step time without remat
     # per event time (block k at 2k + 1, the glue before block g at 2g): what it reads of tensors made
@@ -71,20 +123,20 @@ class ChainCosts:
     _segments: dict[tuple[int, int], tuple[int, int, int] | None] = field(default_factory=dict, repr=False)
     _entering_bytes: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
-    def options(self, i: int) -> list[str]:
+    def options(self, i: int) -> list[Option]:
         return [o for o, c in self.costs[i].items() if c.exact]
 
-    def extra_time(self, i: int, option: str) -> float:
-        if option == IN_SEGMENT or segment_length(option) is not None:
+    def extra_time(self, i: int, option: Option) -> float:
+        if isinstance(option, (Segment, InSegment)):
             option = RECOMPUTE  # every block of a segment is recomputed once
         c, s = self.costs[i][option], self.costs[i][STORE]
         return self.time_scale * max(0.0, c.fwd_time + c.bwd_time - s.fwd_time - s.bwd_time)
 
-    def keep(self, i: int, option: str) -> int:
+    def keep(self, i: int, option: Option) -> int:
         """Bytes block i keeps for the backward under ``option`` (a segment keeps its entry only)."""
-        if option == IN_SEGMENT:
+        if isinstance(option, InSegment):
             return 0
-        return self.costs[i][RECOMPUTE if segment_length(option) is not None else option].keep
+        return self.costs[i][_costed(option)].keep
 
     def segment_lengths(self) -> list[int]:
         """Segment lengths the DP tries: every one up to 16 on short chains, a geometric set on long ones
@@ -146,14 +198,15 @@ class ChainCosts:
         return sums
 
     # -- the model ----------------------------------------------------------------------------------
-    def terms(self, plan: Sequence[str]) -> tuple[int, int]:
+    def terms(self, assignment: Sequence[Option]) -> tuple[int, int]:
         """(head term K_L, body term max over forward/backward events) without the constants."""
         k = 0
         body = 0
         i = 0
-        while i < len(plan):
-            length = segment_length(plan[i])
-            if length is not None:
+        while i < len(assignment):
+            option = assignment[i]
+            if isinstance(option, Segment):
+                length = option.length
                 terms = self._segment_terms(i, length)
                 if terms is None:
                     raise ValueError(f"blocks {i}..{i + length - 1} cannot form a segment")
@@ -162,21 +215,25 @@ class ChainCosts:
                 k += entry
                 i += length
                 continue
-            c = self.costs[i][STORE if plan[i] == IN_SEGMENT else plan[i]]
+            c = self.costs[i][_costed(option)]
             body = max(body, k + c.fwd_peak, k + c.keep + self.later_grads[i] + c.bwd_peak)
             k += c.keep
             i += 1
         return k, body
 
-    def peak(self, plan: Sequence[str]) -> int:
-        head, body = self.terms(plan)
+    def peak(self, assignment: Sequence[Option]) -> int:
+        head, body = self.terms(assignment)
         return int(math.ceil(max(self.H + head, self.A + body)))
 
-    def time(self, plan: Sequence[str]) -> float:
-        return self.base_time + sum(self.extra_time(i, o) for i, o in enumerate(plan))
+    def time(self, assignment: Sequence[Option]) -> float:
+        return self.base_time + sum(self.extra_time(i, o) for i, o in enumerate(assignment))
 
     def fit(
-        self, store_plan: Sequence[str], store_peak: int, frugal_plan: Sequence[str], frugal_peak: int
+        self,
+        store_plan: Sequence[Option],
+        store_peak: int,
+        frugal_plan: Sequence[Option],
+        frugal_peak: int,
     ) -> None:
         """Set A and H from the measured peaks of two plans (see the NOTE)."""
         head_s, _ = self.terms(store_plan)
@@ -186,20 +243,20 @@ class ChainCosts:
         if self.H + head_f > frugal_peak:
             self.H = frugal_peak - head_f
 
-    def learn(self, plan: Sequence[str], measured: int) -> None:
-        """Raise the constant of the term that sets ``plan``'s predicted peak so that the model predicts at
-        least the ``measured`` one; never lower. A and H are what the blocks do not explain, and that
-        varies along the step (an RNN's stacked outputs and their gradient live through its backward),
-        so a plan unlike the two fitted ones can peak where the fitted constants are too low."""
-        head, body = self.terms(plan)
+    def learned(self, assignment: Sequence[Option], measured: int) -> ChainCosts:
+        """A copy whose constant of the term that sets ``assignment``'s predicted peak is raised so that it
+        predicts at least the ``measured`` one (never lowered); this model is left as it is. A and H are
+        what the blocks do not explain, and that varies along the step (an RNN's stacked outputs and their
+        gradient live through its backward), so an assignment unlike the two fitted ones can peak where
+        the fitted constants are too low."""
+        head, body = self.terms(assignment)
         if self.H + head >= self.A + body:
-            self.H = max(self.H, measured - head)
-        else:
-            self.A = max(self.A, measured - body)
+            return replace(self, H=max(self.H, measured - head))
+        return replace(self, A=max(self.A, measured - body))
 
     # -- the solver ---------------------------------------------------------------------------------
-    def solve(self, budget: float, slots: int | None = None, segments: bool = True) -> list[str] | None:
-        """The plan of least predicted time whose predicted peak is <= budget, or None.
+    def solve(self, budget: float, slots: int | None = None, segments: bool = True) -> Assignment | None:
+        """The assignment of least predicted time whose predicted peak is <= budget, or None.
 
         Each kept block's keep is rounded up to a slot, so a plan keeping in n places can lose up to n slots
         of room: the default is ``max(2000, min(2 * n, 4000))`` slots.
@@ -248,7 +305,7 @@ class ChainCosts:
             for oi, o in enumerate(self.options(i)):
                 c = self.costs[i][o]
                 term = max(c.fwd_peak, c.keep + self.later_grads[i] + c.bwd_peak)
-                tie = 0.0 if o == STORE else 1e-9
+                tie = 0.0 if isinstance(o, Store) else 1e-9
                 relax(i + 1, c.keep, term, self.extra_time(i, o) + tie, oi + 1)
             for length in lengths:
                 terms = self._segment_terms(i, length)
@@ -267,7 +324,7 @@ class ChainCosts:
             return None
         # the DP's last row is the fastest plan per kept amount: the least kept within the tolerance
         k = int(np.flatnonzero(final <= fastest + self.keep_tolerance * (self.base_time + fastest))[0])
-        plan: list[str] = []
+        plan: Assignment = []
         j = n
         while j > 0:
             code = int(choice[j][k])
@@ -279,7 +336,7 @@ class ChainCosts:
             else:
                 length = -code
                 plan.extend([IN_SEGMENT] * (length - 1))
-                plan.append(segment_option(length))
+                plan.append(Segment(length))
                 k -= math.ceil(self._segment_terms(j - length, length)[0] / unit)  # type: ignore[index]
                 j -= length
         plan.reverse()

@@ -1,4 +1,8 @@
-"""Terminal rendering (rich) for tightfit's reports; plots live with the features that draw them."""
+"""How a `MemoryReport` prints: rich tables rendered to plain text.
+
+Kept apart from `tightfit.memory.report`, which holds the numbers and their JSON form, so the data class
+reads as data; ``MemoryReport.__str__`` calls `render_memory_report`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from rich.table import Table
 
 from tightfit.sizes import format_size
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations only: at run time the report module imports this one
     from tightfit.memory.report import MemoryReport
 
 

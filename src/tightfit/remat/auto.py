@@ -47,6 +47,7 @@ import torch
 from tightfit._step import LossFn
 from tightfit.errors import UserError
 from tightfit.remat import execute
+from tightfit.remat.blocks import Blocks
 from tightfit.remat.chain import (
     ChainMeasurement,
     ChainModel,
@@ -61,7 +62,7 @@ from tightfit.remat.options import Option
 from tightfit.remat.plan import Decision, Plan
 from tightfit.remat.runner import StepRunner
 from tightfit.remat.search import BudgetSearch, Found
-from tightfit.remat.solvers.chain_costs import Assignment
+from tightfit.remat.solvers.chain_costs import Assignment, ChainCosts
 from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
 from tightfit.sizes import format_size, parse_size
 
@@ -152,11 +153,11 @@ class Planner:
 
     # -- what measuring found (read-only views) ------------------------------------------------------
     @property
-    def blocks(self) -> Any:
+    def blocks(self) -> Blocks:
         return self.measured.blocks
 
     @property
-    def chain(self) -> Any:
+    def chain(self) -> ChainCosts:
         return self.measured.chain
 
     @property

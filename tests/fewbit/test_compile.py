@@ -1,6 +1,6 @@
 """torch.compile(fullgraph=True) through the few-bit ops (aot_eager: real AOTAutograd graphs, no C++ build).
 
-An inductor run was checked by hand (see benchmarks/fewbit_ops.py --inductor-check); it is not repeated
+An inductor run was checked by hand (see python -m benchmarks.fewbit.ops --inductor-check); it is not repeated
 here because a cold inductor compile takes about a minute on the shared 2-core machine.
 """
 

@@ -11,8 +11,8 @@ NOTE [ What the tracker counts ]
      except the CPU RNG state ``checkpoint`` stashes per region (5 KiB): ``torch.get_rng_state`` is
      wrapped while the tracker is active to count it (a 1000-step LSTM plan has hundreds of regions).
   5. Observing changes the step a little: under any Python dispatch mode autograd accumulates some
-     gradients out of place (an RNN's per-step gradients in checkpointed segments: up to +8% on the LSTM
-     plans of ``benchmarks/ruler_vs_allocator.py``), so the peak counted is that of the observed step, an
+     gradients out of place (an RNN's per-step gradients in checkpointed segments; measured by
+     ``benchmarks/memory/ruler_vs_allocator.py``), so the peak counted is that of the observed step, an
      upper bound of the plain one. ``tightfit.memory.allocator_peak`` reads the plain step.
 """
 

@@ -4,13 +4,12 @@ NOTE [ The garbage collector during checkpointing ]
   Checkpoint's saved-tensor hooks make several Python objects per saved tensor (holders, weak
   references) that stay alive until the backward. The collector runs every ~700 allocations and fully
   every ten runs, and a full run walks every live object: hundreds of runs per forward over a growing
-  heap. On an LSTM stepped over 1000 time steps with tiny tensors (pure overhead), collection was half of
-  a checkpointed forward's time (0.66 s with it, 0.31 s without; 0.17 s without checkpointing). So the
-  collector is paused while a patched model runs a training forward (root hooks, resumed when the forward
-  returns or raises; after a KeyboardInterrupt, at the model's next forward) and while a segment is
-  recomputed in the backward. Reference counting frees everything as usual; only cyclic garbage made
-  meanwhile waits for the next collection after it. Nothing is paused while torch.compile traces (a call
-  into ``gc`` would break the graph).
+  heap. On a long RNN with small tensors collection can take half of a checkpointed forward's time
+  (``benchmarks/remat/overhead.py`` measures it). So the collector is paused while a patched model runs
+  a training forward (root hooks, resumed when the forward returns or raises; after a KeyboardInterrupt,
+  at the model's next forward) and while a segment is recomputed in the backward. Reference counting
+  frees everything as usual; only cyclic garbage made meanwhile waits for the next collection after it.
+  Nothing is paused while torch.compile traces (a call into ``gc`` would break the graph).
 """
 
 from __future__ import annotations

@@ -196,8 +196,8 @@ def _count_time(run: _Run, flop_rate: float, byte_rate: float) -> tuple[float, f
 def _time_interleaved(group: Group, costs: dict[Option, OptionCost], reps: int, seed: int) -> None:
     """Median forward/backward times of every runnable option, timed round-robin so that load changes on
     a shared machine hit all options alike (the memory runs just before were the warm-up). Blocks slower
-    than 50 ms get at most two rounds, slower than 0.5 s one (a full-size U-Net level: measuring is most
-    of its planning time, and its relative noise is small)."""
+    than 50 ms get at most two rounds, slower than 0.5 s one (for large blocks measuring is most of the
+    planning time, and their relative noise is small)."""
     timed = [o for o, c in costs.items() if c.exact]
     runs = {o: _Run(group, o, seed) for o in timed}
     samples: dict[Option, list[tuple[float, float]]] = {o: [_measure_time(runs[o], 1)] for o in timed}
@@ -375,8 +375,8 @@ def _at_least_the_recomputed_ops(costs: dict[Option, OptionCost], profile: OpPro
     """Raise an option's backward time so that its extra time over store is at least the forward time of
     the ops it recomputes (from the op recording). Timed alone, a block's store option can be slower than
     its recompute option by more than the recompute costs (on CPU, keeping more touches more fresh
-    memory; full-size ResNet blocks measured +0.0 ms for recomputing everything), which the step does not
-    repeat: the DP would take recomputation for free."""
+    memory, so large convolutional blocks can time recomputing everything as free), which the step does
+    not repeat: the DP would take recomputation for free."""
     store = costs[STORE]
     for option, cost in costs.items():
         kept = frozenset() if isinstance(option, Recompute) else kept_positions(option, profile.ops)

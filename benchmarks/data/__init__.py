@@ -1,0 +1,1 @@
+"""Real data and a pretrained model for the convergence benchmarks (installed by ``make data``)."""

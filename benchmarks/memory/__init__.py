@@ -1,0 +1,1 @@
+"""Benchmarks of the ruler: estimating a step without allocating, and the ruler against the allocator."""

@@ -1,0 +1,1 @@
+"""Benchmarks of randomized linear layers: one layer, convergence on real data."""

@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, ...]] = [
         "tightfit.errors",
         "tightfit.sizes",
         "tightfit._tree",
+        "tightfit._rng",
         "tightfit._step",
     ),
     ("tightfit.memory", "tightfit.convert"),

@@ -38,18 +38,22 @@ def eager_budgets(path: Path) -> list[int]:
 
 def plans(budgets: list[int], flop_rate: float) -> dict[str, Any]:
     """Plans of the imported tightfit for ``budgets`` (the planner measured once, FLOP-counted times)."""
+    # the workload of ``benchmarks.remat.workload.gpt2_workload``, built from tightfit alone: the other
+    # version runs this function with its own tightfit, which the benchmark harness may not import
     import tightfit
-    from benchmarks.remat.workload import gpt2_workload
 
+    model_factory, batch_factory = tightfit.zoo.get("gpt2-small-cpu")
     torch.manual_seed(0)
-    w = gpt2_workload(8, 256)
+    model = model_factory().train()
+    batch = {**batch_factory(batch_size=8, seq_len=256), "use_cache": False}
     try:
         from tightfit.remat import RematConfig  # typed configuration
     except ImportError:  # string options and keyword arguments
-        planner = tightfit.remat.Planner(w.model, w.batch, w.loss_fn, keep_output=False, flop_rate=flop_rate)
+        planner = tightfit.remat.Planner(model, batch, keep_output=False, flop_rate=flop_rate)
     else:
-        config = RematConfig(keep_output=False, flop_rate=flop_rate)
-        planner = tightfit.remat.Planner(w.model, w.batch, w.loss_fn, config=config)
+        planner = tightfit.remat.Planner(
+            model, batch, config=RematConfig(keep_output=False, flop_rate=flop_rate)
+        )
     out = []
     for budget in budgets:
         plan = planner.plan(budget)
@@ -80,7 +84,9 @@ def other_version(commit: str, budgets: list[int], flop_rate: float) -> dict[str
                 "from benchmarks.remat.same_plans import plans; "
                 f"print(json.dumps(plans({budgets!r}, {flop_rate!r})))"
             )
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"tightfit at {commit} failed to plan:\n{done.stderr[-3000:]}")
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=results.REPO, check=True)
     data = json.loads(done.stdout.strip().splitlines()[-1])

@@ -19,7 +19,6 @@ from tightfit.remat.options import (
     SavePolicy,
     Segment,
     Store,
-    in_segment_plan,
     parse_option,
     segment_length,
 )
@@ -51,7 +50,6 @@ def test_the_json_keys_of_saved_plans_are_unchanged() -> None:
 def test_labels_and_units() -> None:
     assert KeepOps(frozenset({1, 2}), 4, "d").label == "keep 2 ops" and Segment(5).label == "segment of 5"
     assert [segment_length(o) for o in (Segment(5), STORE, IN_SEGMENT)] == [5, 1, 1]
-    assert [in_segment_plan(o) for o in (Segment(2), IN_SEGMENT, RECOMPUTE)] == [True, True, False]
 
 
 @pytest.mark.parametrize(

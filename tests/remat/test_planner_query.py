@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tightfit._rng import rng_devices
 from tightfit.remat import Plan, Planner, RematConfig, execute
 from tightfit.remat.options import Option
-from tightfit.remat.runner import rng_devices
 from tightfit.testing import build, clone, grads_after_step, same_grads, step_peak
 
 DATA = Path(__file__).parent / "data"
@@ -71,9 +71,32 @@ def test_plans_saved_before_configs_were_recorded_load_and_run_as_measured(name:
     assert "segment of" in str(plan)
 
 
+def test_plan_options_store_the_calls_before_a_modules_first_planned_one() -> None:
+    from tightfit.remat.options import RECOMPUTE, STORE, Segment
+    from tightfit.remat.plan import Decision
+
+    decisions = [
+        Decision("cell[2]", "cell", 2, 0, RECOMPUTE, 1, 0.0),
+        Decision("head", "head", 0, 1, Segment(2), 1, 0.0),
+    ]
+    plan = Plan(budget=10, decisions=decisions, peak=10, time=1.0)
+    assert plan.options == {"cell": [STORE, STORE, RECOMPUTE], "head": [Segment(2)]}
+
+
+def test_a_bad_budget_is_refused_before_anything_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tightfit
+    from tightfit.remat.runner import StepRunner
+
+    model, batch = build("gpt2-tiny")
+    monkeypatch.setattr(StepRunner, "measure", lambda *a, **k: pytest.fail("measured"))
+    with pytest.raises(ValueError):
+        tightfit.rematerialize(model, batch, budget="two gigabytes")
+    assert execute.applied(model) == {}
+
+
 def test_planning_restores_the_generators_of_the_devices_it_uses() -> None:
     model, batch = build("gpt2-tiny")
-    assert rng_devices(model) == {}  # a CPU model: only the CPU generator moves
+    assert rng_devices(model.parameters()) == {}  # a CPU model: only the CPU generator moves
     budget = int(step_peak(clone(model), batch) * 0.8)
     torch.manual_seed(7)
     expected = torch.rand(3)

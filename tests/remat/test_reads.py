@@ -70,7 +70,7 @@ def test_the_planner_predicts_a_segment_over_the_head_at_or_above_its_measured_p
     while len(plan) + 40 <= n - tail:
         plan += [Segment(40)] + [IN_SEGMENT] * 39
     plan += [RECOMPUTE] * (n - tail - len(plan)) + [Segment(tail)] + [IN_SEGMENT] * (tail - 1)
-    measured = planner.measured.verifier.peak(plan, planner.measured.model)
+    measured = planner.measured.verifier.peak(plan)
     held = planner.chain._entering(n - tail, n)
     assert held >= 190 * 4 * 8 * 256  # the outputs of the 190 steps before the segment
     assert planner.chain.peak(plan) >= measured

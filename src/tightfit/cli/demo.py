@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tightfit.cli._args import add_model_arguments, factories_from_args
+from tightfit.cli._args import DEFAULT_OPTIMIZER, add_model_arguments, factories_from_args
 from tightfit.cli.profile import measure
 from tightfit.sizes import format_size
 
@@ -98,7 +98,7 @@ def _tokens(batch_factory: Callable[[], Any]) -> int | None:
 
 
 def _demo_profile(args: argparse.Namespace) -> None:
-    ns = argparse.Namespace(**{**vars(args), "optimizer": "adamw"})
+    ns = argparse.Namespace(**{**vars(args), "optimizer": DEFAULT_OPTIMIZER})
     report = measure(ns, estimate=False)
     print(report)
     print()
@@ -110,7 +110,7 @@ def _demo_profile(args: argparse.Namespace) -> None:
 def _demo_estimate(args: argparse.Namespace) -> None:
     ns = argparse.Namespace(
         **{**vars(args), "model": args.large, "batch": args.large_batch, "seq": None, "image": None},
-        optimizer="adamw",
+        optimizer=DEFAULT_OPTIMIZER,
     )
     report = measure(ns, estimate=True)
     print(report)
@@ -188,7 +188,7 @@ def _demo_shrink(args: argparse.Namespace) -> None:
         textwrap.fill(
             "Peaks are exact (live tensors, tightfit.memory); step times are medians of 2 steps on this "
             "machine and noisy. rematerialize was given half the activations as budget. Few-bit and "
-            "randomized layers change the gradients slightly (see the README's convergence tables); "
+            "randomized layers change the gradients slightly (see docs/benchmarks/sketch.md); "
             "rematerialization reproduces them bit for bit.",
             width=100,
             initial_indent="- ",

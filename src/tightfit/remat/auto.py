@@ -53,7 +53,6 @@ from tightfit.remat.chain import (
     ChainModel,
     Progress,
     measure_chain,
-    options_by_module,
     segments_off_note,
 )
 from tightfit.remat.compile_search import CompileBudgetSearch
@@ -66,7 +65,7 @@ from tightfit.remat.solvers.chain_costs import Assignment, ChainCosts
 from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
 from tightfit.sizes import format_size, parse_size
 
-__all__ = ["InfeasibleBudget", "Planner", "Progress", "options_by_module", "rematerialize"]
+__all__ = ["InfeasibleBudget", "Planner", "Progress", "rematerialize"]
 
 
 class InfeasibleBudget(_SolverInfeasible, UserError):
@@ -109,7 +108,7 @@ class Planner:
         started = time.perf_counter()
         self.model, self.batch, self.config = model, batch, config
         notes: list[str] = []
-        if config.compiled and (config.op_level or config.segments):
+        if config.compiled and (config.op_level or config.segments):  # planned_* are off: say why
             notes.append(
                 "planned for torch.compile: op-level options and segments are off (they are eager-only)"
             )
@@ -162,17 +161,8 @@ class Planner:
 
     @property
     def notes(self) -> list[str]:
-        """What measuring found, and whether the model compiles with a compiler budget (once searched)."""
-        return list(self.measured.notes) + ([self._compile_off_note] if self._compile_off_note else [])
-
-    @property
-    def _compile_off_note(self) -> str | None:
-        if self.compile_search is None or self.compile_search.unsupported is None:
-            return None
-        return (
-            "compiler budgets off: this model does not compile with one under "
-            f"{self.config.compile_backend!r} ({self.compile_search.unsupported})"
-        )
+        """What measuring found (every plan's notes start with these)."""
+        return list(self.measured.notes)
 
     @property
     def baseline_peak(self) -> int:
@@ -197,10 +187,6 @@ class Planner:
     @property
     def frugal_peak(self) -> int:
         return self.measured.frugal_peak
-
-    def options(self, assignment: Sequence[Option]) -> dict[str, list[Option]]:
-        """``assignment`` (one option per planned block call) as ``execute.apply`` takes it."""
-        return options_by_module(self.measured.blocks.blocks, assignment)
 
     def measure_step(
         self,
@@ -255,14 +241,12 @@ class Planner:
             return self._finish(plan, started)
         # measured while measuring the model: not measured again
         known = {tuple(m.frugal_plan): m.frugal_peak, tuple(m.store_plan): m.baseline_peak}
-        search: BudgetSearch[Assignment] = BudgetSearch(
-            m.model, lambda a: m.verifier.peak(a, search.model), known, verify=verify
-        )
+        search: BudgetSearch[Assignment] = BudgetSearch(m.model, m.verifier.peak, known, verify=verify)
         verify_started = time.perf_counter()
         found = search.run(budget, float(m.chain.peak(m.frugal_plan)), max_rounds)
         if verify and found.candidate is not None:
             found = search.probe(budget, found, 0.02 * m.baseline_time)
-        notes += [segments_off_note(Exception(r), self.runner) for r in found.refusals]
+        notes += [segments_off_note(r, self.runner) for r in found.refusals]
         chosen = self._chosen(budget, found, notes, verify)
         options = [d.option for d in chosen.decisions]
         if verify and tuple(options) in m.verifier.compiled_times:
@@ -270,9 +254,7 @@ class Planner:
         elif verify:
             _, chosen.measured_time = self.runner.measure(chosen.options, tracked=False)
         if verify and self.compile_search is not None:
-            budgeted = self._compile_budget_plan(budget, notes)
-            if self._compile_off_note is not None:
-                chosen.notes.append(self._compile_off_note)
+            budgeted = self._compile_budget_plan(budget, chosen.notes)
             if budgeted is not None and budgeted.measured_time < (chosen.measured_time or float("inf")):
                 budgeted.iterations, budgeted.trials = chosen.iterations, chosen.trials
                 chosen = budgeted
@@ -290,6 +272,7 @@ class Planner:
             )
         else:
             chosen = self._make_plan(budget, found.candidate, found.model, notes)  # type: ignore[arg-type]
+            chosen.peak = found.predicted if found.predicted is not None else chosen.peak
             chosen.solve_budget = None if found.target is None else int(found.target)
             chosen.measured_peak = found.measured if verify else None
         chosen.iterations = found.rounds
@@ -300,9 +283,15 @@ class Planner:
         return self.runner.measure(None, grads="check", compile_budget=fraction)
 
     def _compile_budget_plan(self, budget: int, notes: list[str]) -> Plan | None:
-        """The plan that only sets the compiler's budget (``CompileBudgetSearch.best``), or None."""
+        """The plan that only sets the compiler's budget (``CompileBudgetSearch.best``), or None (with a
+        note in ``notes`` when the model did not compile with a budget)."""
         assert self.compile_search is not None
-        best = self.compile_search.best(budget)
+        best, failure = self.compile_search.best(budget)
+        if failure is not None:
+            notes.append(
+                "compiler budgets off: this model does not compile with one under "
+                f"{self.config.compile_backend!r} ({failure})"
+            )
         if best is None:
             return None
         fraction, peak, seconds = best
@@ -398,5 +387,6 @@ def rematerialize(
     compiler recomputes dropout with other random numbers at low budgets) when that measures faster.
     The budget is read when the model's own forward is traced: compile the model, not its submodules.
     """
+    budget = parse_size(budget)  # a bad budget is refused before anything is measured or changed
     planner = Planner(model, batch, loss_fn, optimizer, config, progress=progress)
     return planner.apply(planner.plan(budget, verify=verify))

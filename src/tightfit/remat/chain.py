@@ -62,6 +62,10 @@ class ChainModel:
     def learned(self, assignment: Sequence[Option], measured: int) -> ChainModel:
         return ChainModel(self.chain.learned(assignment, measured), self.segments)
 
+    def refusing(self, assignment: Sequence[Option]) -> ChainModel:
+        """Without segments: only segment assignments are refused (their replay differs from the model)."""
+        return ChainModel(self.chain, False)
+
     def least_solved(
         self, lo: float, hi: float, accept: Callable[[Assignment], bool] = lambda a: True
     ) -> tuple[float, Assignment | None]:
@@ -82,9 +86,9 @@ class ChainModel:
         return hi, best
 
 
-def segments_off_note(err: BaseException, runner: StepRunner) -> str:
+def segments_off_note(reason: str, runner: StepRunner) -> str:
     """Why a model plans without segments (its code could not be replayed as one region)."""
-    note = f"segments disabled: {err}"
+    note = f"segments disabled: {reason}"
     if runner.on_accelerator and not torch.are_deterministic_algorithms_enabled():
         note += (
             " (kernels on this device may not be deterministic, so two identical steps can differ: "
@@ -95,7 +99,7 @@ def segments_off_note(err: BaseException, runner: StepRunner) -> str:
 
 class Verifier:
     """Measured peaks of whole-step assignments on one model; segment assignments are gradient-checked
-    (not under fake tensors), and raise ``Refused`` with the model they leave (segments off). Compiled,
+    (not under fake tensors) and raise ``Refused`` when their gradients differ. Compiled,
     the step time of each verified assignment is measured too (``compiled_times``: compiling it again
     would cost more than the timed step)."""
 
@@ -104,7 +108,7 @@ class Verifier:
         self.blocks = blocks
         self.compiled_times: dict[tuple[Option, ...], float] = {}
 
-    def peak(self, assignment: Sequence[Option], model: ChainModel) -> int:
+    def peak(self, assignment: Sequence[Option]) -> int:
         check = any(isinstance(o, (Segment, InSegment)) for o in assignment) and not self.runner.fake
         compiled = self.runner.compile_backend is not None
         try:
@@ -112,7 +116,7 @@ class Verifier:
                 options_by_module(self.blocks, assignment), timed=compiled, grads="check" if check else None
             )
         except SegmentError as err:
-            raise Refused(err, ChainModel(model.chain, False)) from err
+            raise Refused(str(err)) from err
         if compiled:
             self.compiled_times[tuple(assignment)] = seconds
         return peak
@@ -172,8 +176,7 @@ def measure_chain(
     options = [STORE, *[parse_option(o) for o in config.options if o != STORE.key]]
     if RECOMPUTE not in options:
         options.append(RECOMPUTE)
-    segments = config.segments and not config.compiled
-    op_level = config.op_level and not config.compiled
+    segments, op_level = config.planned_segments, config.planned_op_level
     compile_budgets = config.compiled and execute.compile_budget_supported()
     total = 4
     grads = "capture" if segments or compile_budgets else None
@@ -239,12 +242,12 @@ def measure_chain(
     lowest = model.least_solved(0.0, float(chain.peak(frugal_plan)))[1]
     if lowest is not None and lowest != frugal_plan:
         try:
-            peak = verifier.peak(lowest, model)
+            peak = verifier.peak(lowest)
         except Refused as refused:
-            notes.append(segments_off_note(refused.reason, runner))
-            model = refused.model
+            notes.append(segments_off_note(str(refused), runner))
+            model = model.refusing(lowest)
             lowest = model.least_solved(0.0, float(chain.peak(frugal_plan)))[1]
-            peak = verifier.peak(lowest, model) if lowest is not None else frugal_peak
+            peak = verifier.peak(lowest) if lowest is not None else frugal_peak
         if lowest is not None:
             model = model.learned(lowest, peak)
         if lowest is not None and peak < frugal_peak:

@@ -10,23 +10,24 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from tightfit.remat.options import NAMED_OPTIONS, parse_option
+from tightfit.remat.options import NAMED_OPTIONS, Option
 
 
 @dataclass(frozen=True)
 class RematConfig:
     """How to plan recomputation.
 
-    ``options``: the named in-block options measured for every block (``store`` is always measured,
-    ``recompute`` always added). ``op_level``: also measure options that keep the outputs of the ops
-    saving the most recompute time per byte (``KeepOps``). ``segments``: a plan may checkpoint runs of
-    consecutive blocks as one region (``Segment``). ``keep_output``: the budget counts the model output
-    as alive until the step ends (False: a loop that keeps only the loss). ``compile_backend``: plan for
-    ``torch.compile(model, backend=...)`` (op-level options and segments are then off). ``keep_tolerance``:
-    of the plans predicted within this fraction of the fastest step time, keep the one keeping least after
-    the forward. ``calibrate_times``: scale predicted extra times to a timed all-recomputed step (None: on
-    accelerators only). ``timing_reps``: timed steps per measured plan, their median (None: 3 compiled,
-    1 eager). ``flop_rate``: FLOP/s for FLOP-counted times (estimation under fake tensors), None: clocks.
+    ``options``: the named in-block options (keys, or ``Option``s stored as their keys) measured for
+    every block (``store`` is always measured, ``recompute`` always added). ``op_level``: also measure
+    options that keep the outputs of the ops saving the most recompute time per byte (``KeepOps``).
+    ``segments``: a plan may checkpoint runs of consecutive blocks as one region (``Segment``).
+    ``keep_output``: the budget counts the model output as alive until the step ends (False: a loop that
+    keeps only the loss). ``compile_backend``: plan for ``torch.compile(model, backend=...)`` (op-level
+    options and segments are then off). ``keep_tolerance``: of the plans predicted within this fraction of
+    the fastest step time, keep the one keeping least after the forward. ``calibrate_times``: scale
+    predicted extra times to a timed all-recomputed step (None: on accelerators only). ``timing_reps``:
+    timed steps per measured plan, their median (None: 3 compiled, 1 eager). ``flop_rate``: FLOP/s for
+    FLOP-counted times (estimation under fake tensors), None: clocks.
     """
 
     options: tuple[str, ...] = NAMED_OPTIONS
@@ -40,14 +41,13 @@ class RematConfig:
     flop_rate: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.options, str) or not all(isinstance(o, str) for o in self.options):
+        if isinstance(self.options, (str, Option)):
             raise TypeError(f"options must be a sequence of option names, got {self.options!r}")
-        object.__setattr__(self, "options", tuple(self.options))
-        bad = [o for o in self.options if o not in NAMED_OPTIONS]
+        keys = tuple(o.key if isinstance(o, Option) else o for o in self.options)
+        bad = [o for o in keys if o not in NAMED_OPTIONS]
         if bad:
             raise ValueError(f"unknown remat options {bad}; valid options: {', '.join(NAMED_OPTIONS)}")
-        for o in self.options:
-            parse_option(o)
+        object.__setattr__(self, "options", keys)
         if not 0.0 <= self.keep_tolerance < 1.0:
             raise ValueError(
                 f"keep_tolerance must be in [0, 1) (a fraction of the step time), got {self.keep_tolerance}"
@@ -66,6 +66,16 @@ class RematConfig:
     @property
     def compiled(self) -> bool:
         return self.compile_backend is not None
+
+    @property
+    def planned_segments(self) -> bool:
+        """Whether plans may hold segments (eager only: a compiled graph cannot span block calls)."""
+        return self.segments and not self.compiled
+
+    @property
+    def planned_op_level(self) -> bool:
+        """Whether op-level options are measured (eager only: op positions differ in a compiled trace)."""
+        return self.op_level and not self.compiled
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (a callable compile backend is recorded by its name)."""

@@ -17,7 +17,6 @@ Code that handles options matches on these types (``match option: case Store(): 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 STORE_KEY = "store"
 RECOMPUTE_KEY = "recompute"
@@ -37,8 +36,6 @@ POLICY_DESCRIPTIONS = {
 
 class Option:
     """Base of the remat options (frozen dataclasses, hashable, equal when their keys are equal)."""
-
-    exact: ClassVar[bool] = True  # every remat option reproduces the gradients bit for bit
 
     @property
     def key(self) -> str:  # pragma: no cover - every subclass defines it
@@ -222,7 +219,3 @@ def segment_length(option: Option) -> int:
     """Block calls covered by the unit ``option`` starts: n for ``Segment(n)``, else 1."""
     return option.length if isinstance(option, Segment) else 1
 
-
-def in_segment_plan(option: Option) -> bool:
-    """Whether ``option`` belongs to a multi-block region (``Segment`` or ``InSegment``)."""
-    return isinstance(option, (Segment, InSegment))

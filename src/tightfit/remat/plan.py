@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tightfit.remat.config import RematConfig
-from tightfit.remat.options import InSegment, KeepOps, Option, Segment, parse_option, segment_length
+from tightfit.remat.options import STORE, InSegment, KeepOps, Option, Segment, parse_option, segment_length
 from tightfit.sizes import format_size
 
 COMPILE_BUDGET_LEGEND = (
@@ -76,10 +76,13 @@ class Plan:
     # -- views --------------------------------------------------------------------------------------
     @property
     def options(self) -> dict[str, list[Option]]:
-        """path -> option of each call, the form ``tightfit.remat.execute.apply`` takes."""
+        """path -> option of each call, the form ``tightfit.remat.execute.apply`` takes (calls of a module
+        before its first planned one are stored)."""
         out: dict[str, list[Option]] = {}
         for d in sorted(self.decisions, key=lambda d: (d.path, d.call)):
-            out.setdefault(d.path, []).append(d.option)
+            calls = out.setdefault(d.path, [])
+            calls.extend([STORE] * (d.call - len(calls)))
+            calls.append(d.option)
         return out
 
     @property

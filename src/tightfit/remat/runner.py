@@ -4,7 +4,7 @@ NOTE [ Side effects of measuring ]
   A measured step changes parameters and optimizer state (the optimizer steps), gradients, buffers (batch
   norm statistics) and the random number generators (dropout). ``StepRunner.restoring`` snapshots all of
   them and restores them on exit, the RNG of every device the model's parameters live on included
-  (``torch.random.fork_rng`` over them), so training after planning gives the results it would have given
+  (``tightfit._rng.forked_rng``), so training after planning gives the results it would have given
   without planning.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from tightfit._rng import forked_rng
 from tightfit._step import LossFn, call_model, loss_of, training_step, wait_for_device
 from tightfit._tree import same_tensors
 from tightfit.memory import LiveTracker
@@ -30,28 +31,6 @@ from tightfit.remat.options import Option
 from tightfit.remat.segments import SegmentError
 
 GRAD_SEED = 1234  # RNG seed of the steps whose gradients are compared (segment plans, compiler budgets)
-
-
-def rng_devices(model: torch.nn.Module) -> dict[str, list[int]]:
-    """Accelerator device type -> indices of the devices holding the model's (real) parameters and buffers:
-    the generators a step on this model moves besides the CPU's."""
-    out: dict[str, set[int]] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type not in ("cpu", "meta") and not is_fake(t):
-            out.setdefault(t.device.type, set()).add(t.device.index or 0)
-    return {kind: sorted(indices) for kind, indices in out.items()}
-
-
-@contextlib.contextmanager
-def forked_rng(model: torch.nn.Module) -> Iterator[None]:
-    """Restore, on exit, the CPU generator and those of every accelerator the model uses."""
-    with contextlib.ExitStack() as stack:
-        devices = rng_devices(model)
-        if not devices:
-            stack.enter_context(torch.random.fork_rng(devices=[]))
-        for kind, indices in devices.items():
-            stack.enter_context(torch.random.fork_rng(devices=indices, device_type=kind))
-        yield
 
 
 class _Snapshot:
@@ -124,7 +103,7 @@ class StepRunner:
     def restoring(self) -> Iterator[None]:
         """Whatever runs inside leaves the model, optimizer, gradients and RNGs as they were."""
         snap = _Snapshot(self.model, self.optimizer)
-        with forked_rng(self.model):
+        with forked_rng([*self.model.parameters(), *self.model.buffers()]):
             try:
                 yield
             finally:

@@ -29,15 +29,13 @@ class CostModel(Protocol[Candidate]):
 
     def learned(self, candidate: Candidate, measured: int) -> CostModel[Candidate]: ...
 
+    def refusing(self, candidate: Candidate) -> CostModel[Candidate]:
+        """A model that no longer proposes candidates like ``candidate`` (which ``measure`` refused)."""
+        ...
+
 
 class Refused(Exception):
-    """``measure`` found a candidate unusable (wrong gradients); ``model`` is the cost model to go on with
-    (one that no longer proposes such candidates)."""
-
-    def __init__(self, reason: BaseException, model: Any) -> None:
-        super().__init__(str(reason))
-        self.reason = reason
-        self.model = model
+    """``measure`` found a candidate unusable (its gradients differ); the message says why."""
 
 
 @dataclass
@@ -59,6 +57,7 @@ class Found(Generic[Candidate]):
 
     candidate: Candidate | None
     target: float | None  # the internal budget it was solved for
+    predicted: int | None  # its peak as the model predicted it when the search chose it
     measured: int | None
     rounds: int
     model: CostModel[Candidate]  # the cost model as the search left it (learned from its trials)
@@ -89,11 +88,13 @@ class BudgetSearch(Generic[Candidate]):
     def peak_of(self, candidate: Candidate, target: float) -> int:
         """The measured peak of ``candidate`` (measured once per search); raises ``Refused``."""
         key = tuple(candidate)
+        if not self.verify:
+            return 0
         if key not in self.measured:
             try:
-                self.measured[key] = self._measure(candidate) if self.verify else 0
+                self.measured[key] = self._measure(candidate)
             except Refused as refused:
-                self.model = refused.model
+                self.model = self.model.refusing(candidate)
                 self.refusals.append(str(refused))
                 raise
             self.trials.append(Trial(candidate, target, self.model.peak(candidate), self.measured[key]))
@@ -106,6 +107,7 @@ class BudgetSearch(Generic[Candidate]):
         fits, over = None, None  # highest target whose candidate measured <= budget, lowest that did not
         best: Candidate | None = None
         best_target: float | None = None
+        best_predicted: int | None = None
         rounds = 0
         while rounds < max_rounds:
             rounds += 1
@@ -119,7 +121,7 @@ class BudgetSearch(Generic[Candidate]):
                 continue
             if measured <= budget:
                 if best is None or self.model.time(candidate) < self.model.time(best):
-                    best, best_target = candidate, target
+                    best, best_target, best_predicted = candidate, target, self.model.peak(candidate)
                 fits = target
                 if over is None:  # nothing measured over yet: when the model over-predicted this candidate
                     slack = budget - measured  # and it left room, ask the solver for the room left
@@ -138,7 +140,7 @@ class BudgetSearch(Generic[Candidate]):
                 target = (fits + target) / 2 if fits is not None else max(lowered, floor)
                 if over <= floor:
                     break
-        return self._found(best, best_target, rounds)
+        return self._found(best, best_target, best_predicted, rounds)
 
     def probe(self, budget: int, found: Found[Candidate], margin: float) -> Found[Candidate]:
         """Where the model over-predicted measured candidates, faster ones predicted over the budget may
@@ -156,12 +158,16 @@ class BudgetSearch(Generic[Candidate]):
             try:
                 measured = self.peak_of(candidate, target)
             except Refused:
-                return self._found(found.candidate, found.target, found.rounds)
+                break
             if measured <= budget:
-                return self._found(candidate, target, found.rounds)
+                return self._found(candidate, target, self.model.peak(candidate), found.rounds)
             self.model = self.model.learned(candidate, measured)
-        return self._found(found.candidate, found.target, found.rounds)
+        return self._found(found.candidate, found.target, found.predicted, found.rounds)
 
-    def _found(self, candidate: Candidate | None, target: float | None, rounds: int) -> Found[Candidate]:
-        measured = None if candidate is None else self.measured.get(tuple(candidate))
-        return Found(candidate, target, measured, rounds, self.model, list(self.trials), list(self.refusals))
+    def _found(
+        self, candidate: Candidate | None, target: float | None, predicted: int | None, rounds: int
+    ) -> Found[Candidate]:
+        measured = None if candidate is None or not self.verify else self.measured.get(tuple(candidate))
+        return Found(
+            candidate, target, predicted, measured, rounds, self.model, list(self.trials), list(self.refusals)
+        )

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tightfit._rng import forked_rng
 from tightfit._step import forward_loss
 from tightfit._tree import StorageKey, leaves, storage_key
 from tightfit.convert import ConversionReport, FilterFn, register_converter, replace_module
@@ -109,12 +110,6 @@ def _storage_key(t: torch.Tensor) -> StorageKey:
     return key if key is not None else (id(t), 0)
 
 
-def _rng_devices(model: nn.Module, example: Any) -> list[int]:
-    """The CUDA device indices of the model's parameters and the example's tensors (empty on CPU)."""
-    tensors = [*model.parameters(), *model.buffers(), *leaves(example)]
-    return sorted({t.device.index for t in tensors if t.device.type == "cuda"})
-
-
 def probe_inputs(
     model: nn.Module, candidates: dict[str, nn.Module], example: Any, loss_fn: Any = None
 ) -> InputProbe:
@@ -154,7 +149,7 @@ def probe_inputs(
         handles.append(module.register_forward_hook(post))
     try:
         with (
-            torch.random.fork_rng(devices=_rng_devices(model, example)),
+            forked_rng([*model.parameters(), *model.buffers(), *leaves(example)]),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
             loss = forward_loss(model, example, loss_fn)
@@ -174,7 +169,7 @@ def _measure_peak(
         p.grad = None
     try:
         with (
-            torch.random.fork_rng(devices=_rng_devices(model, example)),
+            forked_rng([*model.parameters(), *model.buffers(), *leaves(example)]),
             LiveTracker(track=[model, example]) as tracker,
         ):
             loss = forward_loss(model, example, loss_fn)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tightfit._rng import forked_rng
 from tightfit._step import call_model, loss_of
 from tightfit.sketch.convert import find_candidates
 from tightfit.sketch.modules import RandomizedConv1D, RandomizedLinear
@@ -225,7 +226,7 @@ def variance(
     sums = {p: dict.fromkeys(("sgd", "cur", "mc", "n", "b"), 0.0) for p in layers}
     curves: dict[str, dict[float, float]] = {p: dict.fromkeys(grid, 0.0) for p in layers}
     count = 0
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng([*model.parameters(), *model.buffers()]):
         for batch in batches:
             captured = _capture(model, layers, batch, loss_fn)
             count += 1

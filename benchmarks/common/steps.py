@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,6 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from tightfit._step import forward_loss
-from tightfit._tree import storage_key
 from tightfit.memory import LiveTracker
 
 MiB = 2**20
@@ -60,14 +59,6 @@ def measure_step(step: Callable[[], Any], track: Sequence[torch.Tensor]) -> tupl
         else:
             step()
     return int(t.peak), after_fw
-
-
-def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of distinct storages (tied weights counted once)."""
-    seen: dict[Any, int] = {}
-    for t in tensors:
-        seen[storage_key(t) or id(t)] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def run_step(

@@ -41,10 +41,10 @@ from benchmarks.common.steps import (
     grads,
     measure_step,
     run_step,
-    storage_bytes,
     tensors_of,
 )
 from benchmarks.common.timing import interleaved, paired_ratios, paired_summary, timed
+from tightfit.memory.profile import unique_bytes
 from tightfit.sizes import format_size
 from tightfit.testing import same_grads
 
@@ -88,7 +88,7 @@ class Variant:
     @property
     def peak_above_start(self) -> int | None:
         """The ruler's peak above the tensors that exist before the step (the CUDA allocator's view)."""
-        return None if self.peak is None else self.peak - storage_bytes(self.track)
+        return None if self.peak is None else self.peak - unique_bytes(self.track)
 
     @property
     def median(self) -> float:
@@ -124,7 +124,7 @@ def check_grads(v: Variant, ref: Reference, seed: int) -> None:
 
 def measure(v: Variant, seed: int) -> None:
     """Exact peak of one step of `v` (after its warm-up), checking compiled graphs ran under the ruler."""
-    v.params_bytes = storage_bytes(v.params)
+    v.params_bytes = unique_bytes(v.params)
     before = dict(v.counts) if v.counts is not None else None
     torch.manual_seed(seed)
     v.peak, v.after_forward = measure_step(v.step, v.track)

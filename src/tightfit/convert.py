@@ -72,13 +72,9 @@ class _Journal:
         self.undone = False
 
     def rollback(self) -> None:
-        """Put every original back, newest first, without checks (used when the handler raised), and
-        drop these replacements from the journals of enclosing `convert_` calls too."""
+        """Put every original back, newest first, without checks (used when the handler raised)."""
         for r in reversed(self.replacements):
             setattr(r.parent, r.name, r.old)
-        gone = {id(r) for r in self.replacements}
-        for outer in _ACTIVE.get():
-            outer.replacements = [r for r in outer.replacements if id(r) not in gone]
         self.replacements = []
 
     def problems(self) -> list[str]:
@@ -120,13 +116,13 @@ class _Journal:
         self.undone = True
 
 
-# The journals of the `convert_` calls in progress (a handler may call `convert_` itself).
-_ACTIVE: contextvars.ContextVar[tuple[_Journal, ...]] = contextvars.ContextVar("_ACTIVE", default=())
+# The journal of the `convert_` call in progress (handlers swap modules; they do not call `convert_`).
+_ACTIVE: contextvars.ContextVar[_Journal | None] = contextvars.ContextVar("_ACTIVE", default=None)
 
 
 @contextlib.contextmanager
 def _recording(journal: _Journal) -> Iterator[None]:
-    token = _ACTIVE.set((*_ACTIVE.get(), journal))
+    token = _ACTIVE.set(journal)
     try:
         yield
     finally:
@@ -223,18 +219,13 @@ def replace_module(root: torch.nn.Module, path: str, new: torch.nn.Module) -> No
             f"{path!r} is not a submodule of {type(root).__name__}; replace_module replaces an existing one "
             "(see named_modules())"
         )
-    journals = _ACTIVE.get()
-    if not journals:
-        new.training = old.training
-        setattr(parent, name, new)
-        return
-    parts = _named_parts(new)
-    shared = tuple((n, part) for n, part in _named_parts(old).items() if parts.get(n) is part)
-    record = _Replacement(root, parent_path, parent, name, old, new, shared)
+    journal = _ACTIVE.get()
+    if journal is not None:
+        parts = _named_parts(new)
+        shared = tuple((n, part) for n, part in _named_parts(old).items() if parts.get(n) is part)
+        journal.replacements.append(_Replacement(root, parent_path, parent, name, old, new, shared))
     new.training = old.training
     setattr(parent, name, new)
-    for journal in journals:
-        journal.replacements.append(record)
 
 
 def _check_options(handler: Handler, config: Any, options: dict[str, Any]) -> None:

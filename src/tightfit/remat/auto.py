@@ -146,7 +146,11 @@ class Planner:
         execute.undo(model)
         with self.runner.restoring():
             self.measured: ChainMeasurement = measure_chain(
-                self.runner, config, progress or (lambda what, done, total: None), notes
+                self.runner,
+                config,
+                progress or (lambda what, done, total: None),
+                notes,
+                compile_budgets=self.compile_search is not None,
             )
         self.measure_time = time.perf_counter() - started
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tightfit.remat import execute
 from tightfit.remat.blocks import Block, Blocks, find_blocks
 from tightfit.remat.config import RematConfig
 from tightfit.remat.measure import OP_OPTIONS, measure_group
@@ -169,15 +168,15 @@ def _frugal(chain: ChainCosts, i: int) -> Option:
 
 
 def measure_chain(
-    runner: StepRunner, config: RematConfig, progress: Progress, notes: list[str]
+    runner: StepRunner, config: RematConfig, progress: Progress, notes: list[str], *, compile_budgets: bool
 ) -> ChainMeasurement:
     """Measure ``runner``'s model into a ``ChainMeasurement`` (see the module docstring); ``notes`` are
-    the planner's so far, extended with what measuring finds."""
+    the planner's so far, extended with what measuring finds. ``compile_budgets``: the planner will also
+    search compiler budgets (their gradients are checked against the no-remat step's, captured here)."""
     options = [STORE, *[parse_option(o) for o in config.options if o != STORE.key]]
     if RECOMPUTE not in options:
         options.append(RECOMPUTE)
     segments, op_level = config.planned_segments, config.planned_op_level
-    compile_budgets = config.compiled and execute.compile_budget_supported()
     total = 4
     grads = "capture" if segments or compile_budgets else None
     if config.flop_rate is None and not config.compiled:

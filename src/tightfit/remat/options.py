@@ -218,4 +218,3 @@ def parse_option(key: str | Option) -> Option:
 def segment_length(option: Option) -> int:
     """Block calls covered by the unit ``option`` starts: n for ``Segment(n)``, else 1."""
     return option.length if isinstance(option, Segment) else 1
-

@@ -8,13 +8,15 @@ The layers, lowest first (`LAYERS`):
 1. ``memory`` (the ruler) and ``convert`` (the registry behind ``convert_``: config type -> handler). The
    techniques register their handlers with ``convert``, so it sits below them; it loads the handler modules
    by name on first use, which is a look-up, not an import;
-2. the techniques' self-contained parts: ``fewbit`` and ``sketch`` (they measure with ``memory`` and
-   register with ``convert``), and remat's pure parts: ``remat.solvers`` (also free of torch),
-   ``remat.options``, ``remat.config``;
-3. ``remat``: capturing blocks, measuring them, executing plans, the planner;
-4. what is built on the techniques: ``zoo`` (models for benchmarks and the CLI), ``nn`` and ``functional``
+2. the techniques' self-contained parts: ``fewbit``, ``sketch`` and ``offload`` (they measure with
+   ``memory`` and register with ``convert``), and remat's pure parts: ``remat.solvers`` (also free of
+   torch), ``remat.options``, ``remat.config``;
+3. ``remat``: capturing blocks, measuring them, executing plans, the recompute planner;
+4. ``planner``: the one-budget planner across every technique (``tightfit.plan``);
+5. what is built on the techniques: ``zoo`` (models for benchmarks and the CLI), ``nn`` and ``functional``
    (drop-in names resolved from fewbit and sketch), ``testing`` (helpers for tests and benchmarks);
-5. the entry points: ``cli``, the ``tightfit`` package itself, ``__main__``.
+6. the entry points: ``cli``, ``integrations`` (one-line entries in users' training loops), the
+   ``tightfit`` package itself, ``__main__``.
 
 So a technique package never imports the CLI, the zoo or ``tightfit.testing``, and the ruler never imports a
 technique.
@@ -51,13 +53,15 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "tightfit.fewbit",
         "tightfit.sketch",
+        "tightfit.offload",
         "tightfit.remat.solvers",
         "tightfit.remat.options",
         "tightfit.remat.config",
     ),
     ("tightfit.remat",),
+    ("tightfit.planner",),
     ("tightfit.zoo", "tightfit.nn", "tightfit.functional", "tightfit.testing"),
-    ("tightfit.cli", "tightfit", "tightfit.__main__"),
+    ("tightfit.cli", "tightfit.integrations", "tightfit", "tightfit.__main__"),
 ]
 TORCH_FREE = "tightfit.remat.solvers"
 

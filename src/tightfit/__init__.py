@@ -22,11 +22,27 @@ _NAMES: dict[str, str] = {
     "ConversionReport": "convert",
     "FewBit": "fewbit.config",
     "Sketch": "sketch.config",
+    "Offload": "offload.config",
+    # the one-budget planner across techniques
+    "plan": "planner",
     # rematerialization: through the remat package, which names its own defining modules
     "rematerialize": "remat",
     "RematConfig": "remat",
 }
-_SUBMODULES = ("memory", "fewbit", "sketch", "remat", "zoo", "nn", "functional", "convert", "sizes")
+_SUBMODULES = (
+    "memory",
+    "fewbit",
+    "sketch",
+    "offload",
+    "remat",
+    "planner",
+    "integrations",
+    "zoo",
+    "nn",
+    "functional",
+    "convert",
+    "sizes",
+)
 
 __all__ = [
     "__version__",
@@ -41,13 +57,18 @@ __all__ = [
     "ConversionReport",
     "FewBit",
     "Sketch",
+    "Offload",
+    "plan",
     "rematerialize",
     "RematConfig",
     # namespaces
     "memory",
     "fewbit",
     "sketch",
+    "offload",
     "remat",
+    "planner",
+    "integrations",
     "zoo",
     "nn",
     "functional",

@@ -1,0 +1,1 @@
+"""Offload saved activations to host memory (issue in progress)."""

@@ -40,7 +40,7 @@ Handler = Callable[..., "ConversionReport"]  # (model, config, filter_fn, **opti
 
 _HANDLERS: dict[type, Handler] = {}
 # Modules that register handlers; imported on the first call so `import tightfit` stays light.
-_HANDLER_MODULES = ("tightfit.fewbit.convert", "tightfit.sketch.convert")
+_HANDLER_MODULES = ("tightfit.fewbit.convert", "tightfit.sketch.convert", "tightfit.offload.convert")
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,1 @@
+"""Benchmarks of offloading saved activations to host memory."""

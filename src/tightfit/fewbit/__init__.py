@@ -2,7 +2,8 @@
 instead of its input, and its backward multiplies by an optimal piecewise-constant fit of the derivative.
 
 Layers: `tables` (the `Table` data, exact and shipped tables for bits 1-8), `fit` (optimal tables by
-dynamic programming), `lookup.get_table` (which table an op gets), `codec` (exact b-bit packing), `ops` /
+dynamic programming), `lookup.get_table` (which table an op gets), `codec` (exact b-bit packing and
+the backend choice, `backend()`: native C on the CPU, Triton on CUDA, pure torch), `ops` /
 `gated` (autograd ops, fused SwiGLU/GEGLU), `modules` / `functional` (drop-ins, also as `tightfit.nn` and
 `tightfit.functional`), `FewBit` + `tightfit.convert_` (whole models), `calibrate`.
 """
@@ -23,6 +24,8 @@ _NAMES = {
     "spec_for_module": "activations",
     "spec_for_name": "activations",
     # ops and configuration
+    "backend": "codec",
+    "backend_notes": "codec",
     "FewBit": "config",
     "swiglu": "gated",
     "geglu": "gated",

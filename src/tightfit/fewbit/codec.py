@@ -10,9 +10,17 @@ Three implementations, tested against each other:
 - ``pack_reference`` / ``unpack_reference``: a bit matrix (n x b bits), obviously correct, memory hungry.
 - ``pack`` / ``unpack``: vectorised pure torch. Groups of 8 codes make one integer of 8*b <= 64 bits
   (b = 8 uses 1-element groups so no shift reaches the sign bit), then split into b bytes.
-- the native C kernels (``tightfit.fewbit._native``), which also fuse bucketizing (``encode``) and the
-  gather-multiply of the backward (``decode_mul``). ``encode``/``decode_mul`` below dispatch to the
-  selected backend; ``encode_reference``/``decode_mul_reference`` define what they must return.
+- the native C kernels for the CPU (``tightfit.fewbit._native``) and the Triton kernels for CUDA
+  (``tightfit.fewbit._triton``), which also fuse bucketizing (``encode``) and the gather-multiply of the
+  backward (``decode_mul``). ``encode``/``decode_mul`` below dispatch to the selected backend;
+  ``encode_reference``/``decode_mul_reference`` define what they must return.
+
+Backend selection (`backend`): per device, the automatic choice is 'native' on the CPU (when the C kernels
+build), 'triton' on CUDA (when Triton imports and compiles), else 'torch'. ``TIGHTFIT_FEWBIT_BACKEND``
+(auto, native, torch, triton; read at each op) or `set_backend` (which overrides it) forces one where it
+can run; with ``TRITON_INTERPRET=1`` set before the first op, 'triton' also runs on CPU tensors. A forced
+backend that cannot run on a device (Triton missing or failing to compile, no C compiler, native on
+CUDA) gives that device its automatic choice, with a RuntimeWarning once and a note in `backend_notes`.
 
 Code semantics (``encode``), the rule of `tightfit.fewbit.tables`: x and the borders t are compared in
 ``compare_dtype(x.dtype)`` (fp32 for fp16/bf16/fp32, fp64 for fp64; pass ``Table.borders_for(dtype)``
@@ -23,7 +31,10 @@ for a table's per-op rounding), ``code = sum_k [x >= t_k if right[k] else x > t_
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
@@ -44,11 +55,16 @@ __all__ = [
     "compare_dtype",
     "get_backend",
     "set_backend",
+    "backend",
+    "backend_notes",
+    "fused_encode",
     "BACKENDS",
+    "BACKEND_ENV",
 ]
 
-BACKENDS = ("auto", "native", "torch")
-_backend = os.environ.get("TIGHTFIT_FEWBIT_BACKEND", "auto")
+BACKENDS = ("auto", "native", "torch", "triton")
+BACKEND_ENV = "TIGHTFIT_FEWBIT_BACKEND"
+_backend: str | None = None  # set_backend's choice; None: the environment's
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -228,26 +244,161 @@ def _decode_mul_torch(
     return (levels.to(grad.dtype)[codes] * g.reshape(-1)).reshape(grad.shape)
 
 
-def get_backend() -> str:
-    """The backend `encode`/`decode_mul` use: 'native' (C kernels, built lazily) or 'torch'."""
-    if _backend == "auto":
+# ---------------------------------------------------------------------------------------------------
+# backend selection
+# ---------------------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_notes: list[str] = []
+_triton_state: dict[str, object] = {}  # "module" (the loaded _triton) or "error"; "cuda_ok"/"cuda_error"
+
+
+def _note(msg: str) -> None:
+    """Record a fallback once and warn once (RuntimeWarning): a slower path, never an error."""
+    with _lock:
+        if msg in _notes:
+            return
+        _notes.append(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def backend_notes() -> list[str]:
+    """Why a requested or expected backend was not used (each fallback once, in order), e.g. Triton
+    missing on a CUDA machine."""
+    return list(_notes)
+
+
+def _requested() -> str:
+    if _backend is not None:
+        return _backend
+    value = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"{BACKEND_ENV}={os.environ.get(BACKEND_ENV)!r} is not a few-bit backend; "
+            f"valid: {', '.join(BACKENDS)} (or unset for auto)"
+        )
+    return value
+
+
+def _triton_module() -> ModuleType | None:
+    """`tightfit.fewbit._triton`, imported on first use (Triton is optional), or None with the reason in
+    ``_triton_state["error"]``."""
+    if "module" not in _triton_state and "error" not in _triton_state:
+        with _lock:
+            if "module" not in _triton_state and "error" not in _triton_state:
+                try:
+                    from tightfit.fewbit import _triton
+
+                    _triton_state["module"] = _triton
+                except Exception as exc:  # ImportError, or a broken Triton install
+                    _triton_state["error"] = f"Triton cannot be imported ({type(exc).__name__}: {exc})"
+    return _triton_state.get("module")  # type: ignore[return-value]
+
+
+def _triton_why_not(device_type: str) -> str | None:
+    """None when the Triton kernels run on tensors of `device_type`, else why not."""
+    mod = _triton_module()
+    if mod is None:
+        return str(_triton_state["error"])
+    if mod.INTERPRET:
+        return None if device_type == "cpu" else "TRITON_INTERPRET=1 runs Triton on CPU tensors only"
+    if device_type != "cuda":
+        return f"Triton runs on CUDA tensors (on CPU tensors only with TRITON_INTERPRET=1), not {device_type}"
+    if "cuda_ok" not in _triton_state:
+        with _lock:
+            if "cuda_ok" not in _triton_state:
+                _triton_state["cuda_ok"], _triton_state["cuda_error"] = _probe_triton_cuda(mod)
+    return None if _triton_state["cuda_ok"] else str(_triton_state["cuda_error"])
+
+
+def _probe_triton_cuda(mod: ModuleType) -> tuple[bool, str | None]:
+    """Compile and run the encode kernel once on CUDA (a missing compiler or ptxas fails here)."""
+    try:
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        x = torch.linspace(-3, 3, 1001, device="cuda")
+        cmp = torch.tensor([-1.0, 0.0, 1.0], device="cuda")
+        got = mod.encode(x, cmp, 2, 0)
+        if not torch.equal(got.cpu(), _encode_torch(x.cpu(), cmp.cpu(), 2, 0)):
+            return False, "the Triton encode kernel disagrees with the reference codec on this device"
+        return True, None
+    except Exception as exc:  # compiler or driver missing, or a broken toolchain
+        return False, f"the Triton kernels failed to compile or run ({type(exc).__name__}: {exc})"
+
+
+def _auto(device_type: str) -> str:
+    if device_type == "cpu":
         return "native" if _native.available() else "torch"
-    return _backend
+    if device_type == "cuda":
+        why = _triton_why_not("cuda")
+        if why is None:
+            return "triton"
+        _note(f"tightfit few-bit: the Triton kernels are unavailable for CUDA tensors ({why}); "
+              "using the pure-torch codec (correct, slower)")
+    return "torch"
 
 
-def set_backend(name: str) -> None:
-    """Select 'auto' (native when it builds, else torch), 'native' or 'torch'."""
+def backend(device: str | torch.device | None = None) -> str:
+    """The name of the backend ('torch', 'native' or 'triton') the next few-bit op on `device` will use.
+
+    `device` defaults to "cuda" where CUDA is available, else "cpu". Raises ValueError naming the valid
+    values when ``TIGHTFIT_FEWBIT_BACKEND`` holds anything else.
+    """
+    if device is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device_type = torch.device(device).type
+    req = _requested()
+    if req == "torch":
+        return "torch"
+    if req == "triton":
+        why = _triton_why_not(device_type)
+        if why is None:
+            return "triton"
+        chosen = _auto(device_type)
+        _note(f"tightfit few-bit: backend 'triton' was requested but cannot run on {device_type} tensors "
+              f"({why}); using '{chosen}'")
+        return chosen
+    if req == "native":
+        if device_type == "cpu" and _native.available():
+            return "native"
+        chosen = _auto(device_type)
+        why = _native.build_error() if device_type == "cpu" else "the C kernels run on the CPU only"
+        _note(f"tightfit few-bit: backend 'native' was requested but cannot run on {device_type} tensors "
+              f"({why}); using '{chosen}'")
+        return chosen
+    return _auto(device_type)
+
+
+def get_backend(device: str | torch.device | None = None) -> str:
+    """Same as `backend` (kept for callers of the earlier name)."""
+    return backend(device)
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op of this process: 'auto', 'native', 'torch' or 'triton' (overriding
+    ``TIGHTFIT_FEWBIT_BACKEND``); None returns to the environment's choice. 'native' raises RuntimeError
+    when the C kernels cannot be built, 'triton' when Triton cannot be imported."""
     global _backend
-    if name not in BACKENDS:
+    if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown fewbit backend {name!r}; valid: {', '.join(BACKENDS)}")
-    if name == "native":
-        if not _native.available():
-            raise RuntimeError(f"the native fewbit kernels are unavailable: {_native.build_error()}")
+    if name == "native" and not _native.available():
+        raise RuntimeError(f"the native fewbit kernels are unavailable: {_native.build_error()}")
+    if name == "triton" and _triton_module() is None:
+        raise RuntimeError(f"the Triton fewbit kernels are unavailable: {_triton_state['error']}")
     _backend = name
 
 
 def _native_ok(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in _native.DTYPES and get_backend() == "native"
+    return t.device.type == "cpu" and t.dtype in _native.DTYPES and backend(t.device) == "native"
+
+
+def _triton_for(t: torch.Tensor) -> ModuleType | None:
+    """The Triton kernel module when `t` goes to the Triton backend, else None."""
+    if t.device.type not in ("cpu", "cuda") or backend(t.device) != "triton":
+        return None
+    mod = _triton_module()
+    return mod if mod is not None and t.dtype in mod.DTYPES else None
 
 
 def _check_table(borders: torch.Tensor, bits: int, nan_code: int) -> int:
@@ -273,6 +424,8 @@ def encode(
     cmp = compare_borders(borders, x.dtype, right)
     if _native_ok(x):
         return _native.encode(x, cmp, bits, nan_code)
+    if (tri := _triton_for(x)) is not None:
+        return tri.encode(x, cmp, bits, nan_code)
     return _encode_torch(x, cmp, bits, nan_code)
 
 
@@ -294,6 +447,29 @@ def silu_encode(
     return _native.silu_encode(x, compare_borders(borders, x.dtype, right), bits, nan_code)
 
 
+def fused_encode(
+    name: str,
+    x: torch.Tensor,
+    borders: torch.Tensor,
+    bits: int,
+    right: bool | Sequence[bool] = False,
+    nan_code: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(``f(x)``, ``encode(x, ...)``) in one pass for registry function `name` ('silu' or 'gelu') where the
+    selected backend has a fused kernel whose output is bit-identical to torch's here, else None.
+
+    Native (CPU): SiLU, see `silu_encode`. Triton: SiLU and GELU on contiguous fp32/fp16/bf16 input, each
+    used only after a first-use check against torch's kernel per function, dtype and device
+    (`tightfit.fewbit._triton.fused_ok`).
+    """
+    if name == "silu" and (fused := silu_encode(x, borders, bits, right, nan_code)) is not None:
+        return fused
+    if not x.is_contiguous() or (tri := _triton_for(x)) is None or name not in tri.FUSED:
+        return None
+    bits = _check_table(borders, bits, nan_code)
+    return tri.fused_forward(name, x, compare_borders(borders, x.dtype, right), bits, nan_code)
+
+
 def decode_mul(
     packed: torch.Tensor,
     levels: torch.Tensor,
@@ -307,4 +483,6 @@ def decode_mul(
     bits = check_bits(bits)
     if _native_ok(grad):
         return _native.decode_mul(packed, levels, grad, bits, scale)
+    if (tri := _triton_for(grad)) is not None:
+        return tri.decode_mul(packed, levels, grad, bits, scale)
     return _decode_mul_torch(packed, levels, grad, bits, scale)

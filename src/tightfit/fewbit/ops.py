@@ -67,7 +67,8 @@ def register_forward(key: str, fn: Callable[[Tensor], Tensor]) -> str:
     return key
 
 
-_SILU_KEY = forward_key("silu")  # fused with its encoding where the native kernels can (codec.silu_encode)
+# forwards that a backend may fuse with their encoding (codec.fused_encode): key -> registry name
+_FUSED_KEYS = {forward_key("silu"): "silu", forward_key("gelu"): "gelu"}
 
 
 def _lookup(key: str) -> Callable[[Tensor], Tensor]:
@@ -80,9 +81,12 @@ def _lookup(key: str) -> Callable[[Tensor], Tensor]:
 def forward_and_encode(
     x: Tensor, key: str, borders: Tensor, bits: int, right: list[bool], nan_code: int
 ) -> tuple[Tensor, Tensor]:
-    """(f(x), packed code of x): one fused pass where the native kernels have one (SiLU), else torch's f
-    followed by `codec.encode`."""
-    if key == _SILU_KEY and (fused := codec.silu_encode(x, borders, bits, right, nan_code)) is not None:
+    """(f(x), packed code of x): one fused pass where the backend has one bit-identical to torch's f
+    (native: SiLU; Triton: SiLU, GELU; see `codec.fused_encode`), else torch's f followed by
+    `codec.encode`."""
+    name = _FUSED_KEYS.get(key)
+    fused = None if name is None else codec.fused_encode(name, x, borders, bits, right, nan_code)
+    if fused is not None:
         return fused
     return _lookup(key)(x), codec.encode(x, borders, bits, right, nan_code)
 

@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff check src tests benchmarks scripts examples
 
 # Real data and the pretrained model used by the convergence benchmarks (offline registries only).
 data: setup

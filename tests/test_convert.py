@@ -284,7 +284,7 @@ def test_a_handler_failing_midway_is_rolled_back(monkeypatch: pytest.MonkeyPatch
 
 def test_unknown_options_and_bad_paths_are_named() -> None:
     model, make_batch = _mlp()
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['example'\]; valid: none"):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['example'\]; valid: \['functional'\]"):
         tightfit.convert_(model, FewBit(bits=2), example=make_batch())
     with pytest.raises(TypeError, match=r"\['exmaple'\]; valid: \['example', 'loss_fn', 'measure'\]"):
         tightfit.convert_(model, Sketch(), exmaple=make_batch())

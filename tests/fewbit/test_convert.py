@@ -112,3 +112,108 @@ def test_calibrated_tables():
     x = torch.randn(8, 4, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None
+
+
+# -- torch's own layers: activation functions held as attributes, functional calls -----------------------
+
+
+def _encoder(activation="gelu", layers=3):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, activation=activation, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def test_transformer_encoder_converts_every_layer_activation_and_undoes():
+    import torch.nn.functional as F
+
+    enc = _encoder()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ref = enc(x)
+    keys = list(enc.state_dict())
+    report = convert(enc, FewBit(bits=2))
+    assert [p for p, _, _ in report.converted] == [f"layers.{i}.activation" for i in range(3)]
+    assert all(isinstance(layer.activation, M.GELU) for layer in enc.layers)
+    assert all(layer.activation_relu_or_gelu == 2 for layer in enc.layers)  # eval fast path kept
+    assert list(enc.state_dict()) == keys
+    assert torch.equal(enc(x), ref)  # few-bit forward is exact
+    # the activation's input is kept as 2-bit codes, not as a float tensor of the FFN width
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        enc(x).sum()
+    assert not any(t.dtype == torch.float32 and t.shape[-1] == 32 and t.dim() == 3 for t in saved)
+    enc.eval()
+    with torch.no_grad():  # eval fast path (fused kernel) still gives the same output
+        torch.testing.assert_close(enc(x), ref)
+    report.undo()
+    assert all(layer.activation is F.gelu and "activation" not in layer._modules for layer in enc.layers)
+    assert list(enc.state_dict()) == keys
+
+
+def test_relu_encoder_and_filter_and_exclude():
+    enc = _encoder("relu", layers=2)
+    report = convert(enc, FewBit(bits=1, exclude=("relu",)))
+    assert len(report) == 0 and [p for p, _ in report.skipped] == [
+        "layers.0.activation",
+        "layers.1.activation",
+    ]
+    report = convert(enc, FewBit(bits=1), lambda m, p: p != "layers.1")
+    assert [p for p, _, _ in report.converted] == ["layers.0.activation"]
+
+
+class _FunctionalMLP(nn.Module):
+    """Calls F.gelu / F.silu in its own forward (no activation module to swap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 32)
+        self.down = nn.Linear(32, 8)
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        return self.down(F.gelu(self.up(x)) + F.silu(self.up(x)))
+
+
+def _float_saves(model, x):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(x).sum()
+    return [tuple(t.shape) for t in saved if t.is_floating_point()]
+
+
+def test_functional_override_is_scoped_and_undone():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_FunctionalMLP(), _FunctionalMLP())
+    x = torch.randn(4, 8, requires_grad=True)
+    ref = model(x)
+    plain = _float_saves(model, x)
+    assert convert(model, FewBit(bits=2)).converted == []  # not seen without functional=True
+    report = tightfit.convert_(model, FewBit(bits=2), functional=True)
+    assert [p for p, _, _ in report.converted] == ["0.forward", "1.forward"]
+    assert torch.equal(model(x), ref)
+    fewbit = _float_saves(model, x)
+    # each MLP's two activations kept their (4, 32) float input before, codes after
+    assert plain.count((4, 32)) - fewbit.count((4, 32)) == 4
+    y = torch.randn(4, 32, requires_grad=True)
+    g_ref = torch.autograd.grad(F.gelu(y).sum(), y)[0]  # outside the model: torch's own gelu
+    assert torch.equal(g_ref, torch.autograd.grad(F.gelu(y).sum(), y)[0])
+    loss = model(x).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    report.undo()
+    assert "forward" not in model[0].__dict__
+    assert _float_saves(model, x) == plain
+
+
+def test_functional_override_recomputes_under_checkpoint():
+    """The override covers the recompute (same instance forward): non-reentrant checkpoint sees the same
+    saved tensors in the recompute, so it neither errors nor falls back."""
+    torch.manual_seed(0)
+    model = _FunctionalMLP()
+    x = torch.randn(4, 8, requires_grad=True)
+    tightfit.convert_(model, FewBit(bits=2), functional=True)
+    ref = torch.autograd.grad(model(x).sum(), x)[0]
+    out = torch.utils.checkpoint.checkpoint(model.forward, x, use_reentrant=False)
+    assert torch.equal(torch.autograd.grad(out.sum(), x)[0], ref)

@@ -162,3 +162,15 @@ def test_config_roundtrip_and_errors() -> None:
         Sketch(shared="maybe")
     with pytest.raises(ValueError, match="unknown Sketch fields"):
         Sketch.from_dict({"ratio": 0.5, "bits": 2})
+
+
+def test_frozen_layers_and_multihead_attention_are_skipped_with_reasons():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[0].weight.requires_grad_(False)
+    mha = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    report = tightfit.convert_(torch.nn.ModuleDict({"mlp": model, "enc": mha}), tightfit.Sketch(ratio=0.5))
+    reasons = dict(report.skipped)
+    assert "frozen weight" in reasons["mlp.0"]
+    assert "never called" in reasons["enc.self_attn"]
+    assert {p for p, _, _ in report.converted} == {"mlp.1", "enc.linear1", "enc.linear2"}

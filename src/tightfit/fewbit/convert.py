@@ -11,19 +11,44 @@ What is converted (after ``filter_fn(module, path)`` and the config's include/ex
 
 Everything is planned and validated (tables built, unsupported modules found) before the model is
 touched; with ``on_unsupported="error"`` an unsupported activation raises and nothing changes. A module
-shared between several parents is replaced at every path by one new module. Activations computed
-functionally inside a forward (``F.gelu(x)`` in code, not a module) cannot be seen and are not converted.
+shared between several parents is replaced at every path by one new module.
+
+Two more places activations hide, both handled after the module swaps (and undone by ``report.undo()``):
+
+- function attributes: a module holding an activation *function* as a public instance attribute, as
+  torch's ``nn.TransformerEncoderLayer(activation="gelu")`` holds ``self.activation = F.gelu``, gets the
+  few-bit module in that attribute (``F.gelu``, ``F.silu``, ``F.mish``, ``F.relu``, ``torch.tanh``,
+  ``torch.sigmoid``). The encoder layer keeps its ``activation_relu_or_gelu`` flag, so its eval-mode fast
+  path still runs torch's fused kernel (exact GELU; no backward there). Undo puts the function back.
+- functional calls, with ``convert_(model, FewBit(...), functional=True)``: a module whose own
+  ``forward`` source calls ``gelu(``, ``silu(`` or ``mish(`` gets an instance ``forward`` that runs the
+  original under a ``TorchFunctionMode`` mapping ``F.gelu``/``F.silu``/``F.mish`` to their few-bit
+  versions (the default N(0,1) tables; a calibration is not used there). Limits: the mode sees the
+  function objects, so ``from torch.nn.functional import gelu`` is covered, but the source check looks for
+  the names ``gelu``/``silu``/``mish`` called in the module's own ``forward`` (a call inside a helper
+  function that such a forward calls is covered; a forward that names neither is not scoped); a user's own
+  re-implementation (``x * torch.sigmoid(x)``) is not recognised; the scope is everything the module's
+  forward runs (its submodules' calls of those functions included, as ``include``/``exclude`` allow),
+  including its recompute under ``torch.utils.checkpoint`` (which calls the same instance ``forward``);
+  it is tested in eager mode only.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from tightfit.convert import ConversionReport, FilterFn, register_converter, replace_module
+from tightfit.fewbit import functional as fb_functional
 from tightfit.fewbit import modules as fb_modules
 from tightfit.fewbit.activations import spec_for_module, spec_for_name
 from tightfit.fewbit.config import FewBit
@@ -102,10 +127,190 @@ def _wanted(config: FewBit, spec_name: str) -> str | None:
     return None
 
 
+# activation functions held as attributes -> the torch.nn module computing the same (for the registry)
+_FUNCTION_MODULES: dict[Any, Callable[[], nn.Module]] = {
+    F.gelu: nn.GELU,
+    F.silu: nn.SiLU,
+    F.mish: nn.Mish,
+    F.relu: nn.ReLU,
+    torch.tanh: nn.Tanh,
+    torch.sigmoid: nn.Sigmoid,
+}
+# functional calls the scoped override maps (name in source -> torch function)
+_FUNCTIONAL = {"gelu": F.gelu, "silu": F.silu, "mish": F.mish}
+_CALLS = re.compile(r"\b(gelu|silu|mish)\s*\(")
+
+
+@dataclass(frozen=True, eq=False)
+class _AttributeSwap:
+    """``parent.<name>`` (a plain instance attribute, not a submodule) went from ``old`` to ``new``.
+
+    ``kind`` "module": ``new`` is a few-bit module put where a function was (it becomes a submodule);
+    "forward": ``new`` is an instance ``forward`` (``old`` None: the class's forward was used)."""
+
+    parent: nn.Module
+    path: str
+    name: str
+    old: Any
+    new: Any
+    kind: str
+
+    def in_place(self) -> bool:
+        if self.kind == "module":
+            return self.parent._modules.get(self.name) is self.new
+        return self.parent.__dict__.get(self.name) is self.new
+
+    def apply(self) -> None:
+        if self.kind == "module":
+            self.new.training = self.parent.training
+            self.parent.__dict__.pop(self.name, None)
+            setattr(self.parent, self.name, self.new)  # registered as a submodule
+        else:
+            self.parent.__dict__[self.name] = self.new
+
+    def put_back(self) -> None:
+        if self.kind == "module":
+            del self.parent._modules[self.name]
+            self.parent.__dict__[self.name] = self.old
+        elif self.old is None:
+            self.parent.__dict__.pop(self.name, None)
+        else:
+            self.parent.__dict__[self.name] = self.old
+
+
+@dataclass
+class _FewBitReport(ConversionReport):
+    """A `ConversionReport` that also undoes attribute swaps (function attributes, scoped forwards).
+
+    NOTE: `tightfit.convert`'s journal records `replace_module` calls only (a submodule replaced by a
+    submodule); the swaps here replace plain attributes, so this report keeps them and undoes them first
+    (they were made last), after checking that both they and the journal can be undone."""
+
+    _swaps: list[_AttributeSwap] = field(default_factory=list, repr=False, compare=False)
+
+    def undo(self) -> None:
+        if self._journal is None:
+            super().undo()  # raises the "not returned by convert_" error
+            return
+        if not self._journal.undone:
+            found = [
+                f"{s.path} was changed after the conversion (a plan applied on top? undo it first)"
+                for s in self._swaps
+                if not s.in_place()
+            ]
+            found += self._journal.problems()
+            if found:
+                raise RuntimeError(
+                    "cannot undo the conversion: the model changed in a way undo cannot reverse; nothing "
+                    "was changed:\n  " + "\n  ".join(found)
+                )
+            for swap in reversed(self._swaps):
+                swap.put_back()
+            self._swaps = []
+        super().undo()
+
+
+class _FewBitFunctions(TorchFunctionMode):
+    """Maps ``F.gelu``/``F.silu``/``F.mish`` to their few-bit versions while active (grad mode only).
+
+    Inside a mode's handler the mode is off, so the few-bit ops' own torch calls are not intercepted."""
+
+    def __init__(self, bits: int, names: frozenset[str]) -> None:
+        super().__init__()
+        self.bits = bits
+        self.names = names
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            if func is F.gelu and "gelu" in self.names:
+                return fb_functional.gelu(args[0], self.bits, *args[1:], **kwargs)
+            if func is F.silu and "silu" in self.names:
+                return fb_functional.silu(args[0], self.bits, *args[1:], **kwargs)
+            if func is F.mish and "mish" in self.names:
+                return fb_functional.mish(args[0], self.bits, *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+def _scoped_forward(forward: Callable[..., Any], bits: int, names: frozenset[str]) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _FewBitFunctions(bits, names):
+            return forward(*args, **kwargs)
+
+    run.__dict__["tightfit_fewbit_functional"] = bits
+    return run
+
+
+def _calls_functional(module: nn.Module) -> list[str]:
+    """Names of the overridable functions the module's own forward source calls ([] if none/unknown)."""
+    cls = type(module)
+    if cls.__module__.startswith(("torch.", "tightfit.")) or "forward" in module.__dict__:
+        return []
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return []
+    return sorted(set(_CALLS.findall(src)))
+
+
+def _function_attributes(
+    model: nn.Module, config: FewBit, filter_fn: FilterFn | None, report: ConversionReport
+) -> list[_AttributeSwap]:
+    """Swaps putting few-bit modules where activation functions are held as instance attributes."""
+    swaps = []
+    for path, mod in model.named_modules():
+        if filter_fn is not None and not filter_fn(mod, path):
+            continue
+        for name, value in list(vars(mod).items()):
+            if name.startswith("_") or not callable(value):
+                continue
+            try:
+                make = _FUNCTION_MODULES.get(value)
+            except TypeError:  # unhashable callable
+                continue
+            if make is None:
+                continue
+            attr_path = f"{path}.{name}" if path else name
+            reference = make()
+            spec, params = spec_for_module(reference)  # type: ignore[misc]
+            reason = _wanted(config, spec.name)
+            if reason is not None:
+                report.skipped.append((attr_path, reason))
+                continue
+            new = _new_activation(reference, spec, params, config, _table(config, attr_path, report))
+            swaps.append(_AttributeSwap(mod, attr_path, name, value, new, "module"))
+    return swaps
+
+
+def _functional_scopes(model: nn.Module, config: FewBit, filter_fn: FilterFn | None) -> list[_AttributeSwap]:
+    swaps = []
+    for path, mod in model.named_modules():
+        if filter_fn is not None and not filter_fn(mod, path):
+            continue
+        names = _calls_functional(mod)
+        if not names:
+            continue
+        wanted = [n for n in names if _wanted(config, spec_for_name(n).name) is None]
+        if wanted:
+            new = _scoped_forward(mod.forward, config.bits, frozenset(wanted))
+            swaps.append(
+                _AttributeSwap(mod, f"{path}.forward" if path else "forward", "forward", None, new, "forward")
+            )
+    return swaps
+
+
 @register_converter(FewBit)
-def _convert_fewbit(model: nn.Module, config: FewBit, filter_fn: FilterFn | None = None) -> ConversionReport:
-    """The `tightfit.convert_` handler for `FewBit`: plan, validate, then apply; return what was done."""
-    report = ConversionReport(technique=f"FewBit(bits={config.bits})")
+def _convert_fewbit(
+    model: nn.Module, config: FewBit, filter_fn: FilterFn | None = None, *, functional: bool = False
+) -> ConversionReport:
+    """The `tightfit.convert_` handler for `FewBit`: plan, validate, then apply; return what was done.
+
+    ``functional=True`` also scopes a few-bit override of ``F.gelu``/``F.silu``/``F.mish`` to the
+    forwards that call them (see the module docstring)."""
+    if not isinstance(functional, bool):
+        raise TypeError(f"functional must be a bool, got {functional!r}")
+    report = _FewBitReport(technique=f"FewBit(bits={config.bits})")
     all_paths: dict[int, list[str]] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
         all_paths.setdefault(id(mod), []).append(path)
@@ -160,14 +365,36 @@ def _convert_fewbit(model: nn.Module, config: FewBit, filter_fn: FilterFn | None
         )
     if any(new is None for _, new in plan):
         raise AssertionError("internal: incomplete plan")
+    swaps = _function_attributes(model, config, filter_fn, report)  # planned before anything changes
     for old, new in plan:
         for path in all_paths[id(old)]:
             if path:
                 replace_module(model, path, new)
             report.converted.append((path, _short(old), _short(new)))
-    if not plan:
+    # attribute swaps last: the journal cannot record them, so they are reverted here on failure
+    if functional:
+        swaps += _functional_scopes(model, config, filter_fn)
+    done: list[_AttributeSwap] = []
+    try:
+        for swap in swaps:
+            swap.apply()
+            done.append(swap)
+    except BaseException:
+        for swap in reversed(done):
+            swap.put_back()
+        raise
+    report._swaps = done
+    for swap in done:
+        if swap.kind == "module":
+            report.converted.append((swap.path, f"function {swap.old.__name__}", _short(swap.new)))
+        else:
+            report.converted.append(
+                (swap.path, "forward", f"forward under a few-bit override of F.{'/F.'.join(_FUNCTIONAL)}")
+            )
+    if not plan and not done:
         report.notes.append(
-            "no activation module found (functional calls like F.gelu(x) cannot be converted)"
+            "no activation module or function attribute found (functional calls like F.gelu(x) in a "
+            "forward are converted with convert_(..., functional=True))"
         )
     return report
 

@@ -1,7 +1,10 @@
 """`convert_(model, Sketch(...))`: turn nn.Linear and GPT-2 Conv1D layers into randomized ones, in place.
 
 Parameters are shared with the original layers, so state_dict keys and values do not change. Everything
-is checked and every replacement is built before the model is touched.
+is checked and every replacement is built before the model is touched. Layers with a frozen weight
+(``requires_grad=False``, e.g. the base layers of a peft LoRA model) are skipped: autograd keeps no input
+for a frozen weight's gradient, so there is nothing to sketch (LoRA's adapter layers are trainable and are
+sketched). ``nn.MultiheadAttention`` is reported as skipped: it never calls its projection modules.
 
 NOTE (what is really saved): a sketch frees memory only if nothing else keeps the layer's input X alive
 for backward. Two cases matter:
@@ -60,12 +63,27 @@ def _describe(module: nn.Module) -> str:
     return f"{name}({module.weight.shape[0]}->{module.weight.shape[1]})"
 
 
+_MHA_REASON = (
+    "nn.MultiheadAttention computes its projections inside F.multi_head_attention_forward from "
+    "in_proj_weight and out_proj.weight directly (its out_proj module is never called), so no layer can be "
+    "swapped; sketching them needs an attention written with nn.Linear projections (as Hugging Face "
+    "models are)"
+)
+_FROZEN_REASON = (
+    "frozen weight (requires_grad=False): autograd keeps no input for its weight gradient, so a sketch "
+    "would save nothing (e.g. a LoRA base layer; its adapters are sketched instead)"
+)
+
+
 def find_candidates(model: nn.Module, filter_fn: FilterFn | None = None) -> tuple[dict[str, nn.Module], list]:
     """(path -> convertible module, [(path, reason)] for modules that look convertible but are not)."""
     conv1d = _conv1d_type()
     found: dict[str, nn.Module] = {}
     skipped: list[tuple[str, str]] = []
     for path, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and (filter_fn is None or filter_fn(module, path)):
+            skipped.append((path, _MHA_REASON))
+            continue
         is_linear = isinstance(module, nn.Linear)
         is_conv1d = conv1d is not None and type(module) is conv1d
         if not (is_linear or is_conv1d):
@@ -77,6 +95,8 @@ def find_candidates(model: nn.Module, filter_fn: FilterFn | None = None) -> tupl
         elif is_linear and type(module) is not nn.Linear:
             # e.g. NonDynamicallyQuantizableLinear: nn.MultiheadAttention reads its weight directly
             skipped.append((path, f"{type(module).__name__} is a Linear subclass with its own semantics"))
+        elif not module.weight.requires_grad:
+            skipped.append((path, _FROZEN_REASON))
         elif not module.weight.is_floating_point():
             skipped.append((path, f"weight dtype {module.weight.dtype} is not floating point"))
         elif not path:
@@ -327,4 +347,3 @@ def _predicted_notes(
             f"min_tokens, no saving): {', '.join(exact[:8])}{' ...' if len(exact) > 8 else ''}"
         )
     return notes, saving
-

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tightfit.errors import LossError
+from tightfit.errors import InvalidInput, LossError
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -36,8 +36,39 @@ def wait_for_device() -> None:
         sync()
 
 
+BATCH_FORMS = (
+    "a tensor (model(batch)), a tuple/list of arguments (model(*batch)), or a dict / Mapping such as a "
+    "Hugging Face BatchEncoding of keyword arguments (model(**batch)), holding at least one tensor"
+)
+
+
+def _holds_tensor(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (tuple, list)):
+        return any(_holds_tensor(v) for v in x)
+    if isinstance(x, Mapping):
+        return any(_holds_tensor(v) for v in x.values())
+    return False
+
+
+def check_batch(batch: Any) -> None:
+    """Raise `InvalidInput` naming the accepted forms when ``batch`` is none of them (a string, a number,
+    a container without any tensor), before the model sees it and fails somewhere inside."""
+    if isinstance(batch, (torch.Tensor, tuple, list, Mapping)) and _holds_tensor(batch):
+        return
+    raise InvalidInput(f"a batch must be {BATCH_FORMS}; got {type(batch).__name__} {_preview(batch)}")
+
+
+def _preview(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def call_model(model: Callable[..., Any], batch: Any) -> Any:
-    """Run the forward pass on a batch given as a tensor, a tuple/list or a dict of arguments."""
+    """Run the forward pass on a batch given as a tensor, a tuple/list or a dict of arguments (anything
+    else is refused with `InvalidInput` before the model runs)."""
+    check_batch(batch)
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):

@@ -108,3 +108,39 @@ def test_model_only_factory_without_sample_batch_says_how_to_fix(tmp_path):
     needle = r"return \(model, batch\) from make\(\), or define sample_batch"
     with pytest.raises(zoo.ModelFileError, match=needle):
         batch_factory()
+
+
+LLAMA = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+
+def make():
+    ids = torch.randint(0, 128, (2, 16))
+    return LlamaForCausalLM(CONFIG), {"input_ids": ids, "labels": ids, "use_cache": False}
+
+def make_cast():
+    ids = torch.randint(0, 128, (2, 16))
+    return LlamaForCausalLM(CONFIG).to(torch.bfloat16), {"input_ids": ids, "labels": ids, "use_cache": False}
+"""
+
+
+@pytest.mark.parametrize("factory", ["make", "make_cast"])
+def test_bf16_llama_file_is_estimated_with_its_float32_rotary_buffer(tmp_path, factory):
+    """A bf16 Llama keeps its rotary inv_freq in float32 by design; under --estimate neither that buffer
+    nor the file's own .to(torch.bfloat16) on fake parameters is refused."""
+    import tightfit
+
+    path = tmp_path / "llama_file.py"
+    path.write_text(textwrap.dedent(LLAMA))
+    model_factory, batch_factory = zoo.get(f"{path}:{factory}")
+    report = tightfit.estimate(
+        lambda: model_factory(dtype="bfloat16"), lambda: batch_factory(dtype="bfloat16")
+    )
+    assert report.params_bytes > 0 and report.peak_bytes > report.params_bytes
+    model = model_factory(dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    if factory == "make":  # built in bf16 (the default dtype while it runs): inv_freq stays float32
+        assert model.model.rotary_emb.inv_freq.dtype == torch.float32

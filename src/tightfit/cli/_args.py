@@ -68,17 +68,18 @@ def add_optimizer_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def factories_from_args(
-    args: argparse.Namespace,
+    args: argparse.Namespace, device: str | None = None
 ) -> tuple[Callable[..., torch.nn.Module], Callable[..., Any]]:
     """(model_factory, batch_factory) for the MODEL and batch options in `args`: call them with no arguments
-    for the model and batch the user asked for."""
+    for the model and batch the user asked for. ``device`` overrides ``--device`` (an estimate for a GPU
+    this machine lacks builds on the CPU)."""
     # the zoo imports torch (and transformers for its models): only when a command runs
     from tightfit import zoo
 
     for flag, value in (("--batch", args.batch), ("--seq", args.seq), ("--image", args.image)):
         if value is not None and value < 1:
             raise CliError(f"{flag} must be a positive integer, got {value}")
-    device = _device(args.device)
+    device = device if device is not None else _device(args.device)
     model_factory, batch_factory = zoo.get(args.model)
     batch_kwargs = {"batch_size": args.batch, "seq_len": args.seq, "image_size": args.image}
     batch_kwargs = {k: v for k, v in batch_kwargs.items() if v is not None}

@@ -37,7 +37,28 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--estimate",
         action="store_true",
-        help="estimate under FakeTensorMode: allocates nothing, for models larger than this machine",
+        help="estimate under FakeTensorMode: allocates nothing, for models larger than this machine "
+        "(with --device cuda also on a machine without a GPU)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --estimate: one rank's step of N data-parallel ranks (needs --parallel; the batch "
+        "options give one rank's batch)",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=("fsdp2", "ddp"),
+        help="with --estimate: how the model is spread over the ranks (FSDP2: fully_shard per block, then "
+        "the root; DDP: replicated, with gradient buckets)",
+    )
+    p.add_argument(
+        "--autocast",
+        choices=("bfloat16", "float16"),
+        help="with --estimate: run the forward under autocast to this dtype on --device, as a training "
+        "loop with torch.autocast does",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -54,13 +75,38 @@ def measure(args: argparse.Namespace, estimate: bool) -> MemoryReport:
     tensors), labelled with the name the user gave."""
     import tightfit  # the ruler imports torch: only when a command runs, not for --help
 
-    model_factory, batch_factory = factories_from_args(args)
+    world_size = getattr(args, "world_size", 1)
+    parallel = getattr(args, "parallel", None)
+    autocast = getattr(args, "autocast", None)
+    if not estimate and (world_size != 1 or parallel is not None or autocast is not None):
+        raise CliError(
+            "--world-size, --parallel and --autocast describe an estimate: add --estimate (to measure "
+            "real ranks, call tightfit.profile in the script torchrun runs)"
+        )
+    if world_size < 1:
+        raise CliError(f"--world-size must be a positive integer, got {world_size}")
+    if world_size > 1 and parallel is None:
+        raise CliError(f"--world-size {world_size} needs --parallel fsdp2 or --parallel ddp")
+    device = None
+    if estimate and _is_absent_cuda(args.device):
+        device = "cpu"  # fake tensors that take the GPU's paths (tightfit.memory.fakecuda)
+    model_factory, batch_factory = factories_from_args(args, device=device)
     make_optimizer = optimizer_factory(args.optimizer)
     if not estimate:
         check_fits_in_ram(args, model_factory)
     try:
         if estimate:
-            report = tightfit.estimate(model_factory, batch_factory, optimizer_factory=make_optimizer)
+            import torch
+
+            report = tightfit.estimate(
+                model_factory,
+                batch_factory,
+                optimizer_factory=make_optimizer,
+                world_size=world_size,
+                parallel=parallel,
+                device=args.device if device is not None else None,
+                autocast=getattr(torch, autocast) if autocast is not None else None,
+            )
         else:
             model = model_factory()
             batch = batch_factory()
@@ -73,6 +119,16 @@ def measure(args: argparse.Namespace, estimate: bool) -> MemoryReport:
         raise CliError(f"{args.model}: {e}") from e
     report.model = args.model
     return report
+
+
+def _is_absent_cuda(text: str) -> bool:
+    """Whether `text` names a CUDA device and this PyTorch has none (an estimate can still be made)."""
+    import torch  # heavy: only when a command runs, not for --help
+
+    try:
+        return torch.device(text).type == "cuda" and not torch.cuda.is_available()
+    except RuntimeError:
+        return False
 
 
 def available_ram() -> int | None:

@@ -72,6 +72,10 @@ def render_memory_report(report: MemoryReport, width: int = 100) -> str:
     title = f"{report.model} on {report.device}" + (
         " (estimated, FakeTensorMode)" if report.estimated else ""
     )
+    if report.world_size > 1 or report.parallel is not None:
+        title += f", rank {report.rank} of {report.world_size}"
+        if report.parallel is not None:
+            title += f" ({report.parallel})"
     summary = Table(title=title, show_header=True, header_style="bold")
     summary.add_column("what")
     summary.add_column("bytes", justify="right")
@@ -92,6 +96,12 @@ def render_memory_report(report: MemoryReport, width: int = 100) -> str:
     if report.peak_module is not None:
         where += f", in module '{report.peak_module or '<root>'}'"
     lines = [to_text(summary, width), f"peak {format_size(report.peak_bytes)} {where}"]
+    if len(report.peak_by_device) > 1 or any(d != "cpu" for d in report.peak_by_device):
+        devices = ", ".join(f"{d} {format_size(v)}" for d, v in report.peak_by_device.items())
+        lines.append(f"peak by device: {devices}")
+    if len(report.ranks) > 1:
+        ranks = ", ".join(f"rank {r.rank} {format_size(r.peak_bytes)} ({r.peak_phase})" for r in report.ranks)
+        lines.append(f"peak by rank: {ranks}")
     phases = ", ".join(f"{k} {format_size(v)}" for k, v in report.phase_peaks.items() if k != "run")
     if phases:
         lines.append(f"peak by phase: {phases}")

@@ -8,6 +8,10 @@ one. The allocator's own count of the plain step shows what that costs:
 - CPU: the profiler's memory events (``profile_memory=True``) record every allocation and free of the CPU
   allocator; the peak is the maximum of their running sum.
 - CUDA: the caching allocator's ``max_memory_allocated`` above the start (its block rounding included).
+
+On the CPU the profiler records no free of a block allocated before it started, so ``fn`` should not free
+tensors that existed before it (set gradients to None before, not inside, the measured step), and it sees
+every thread of the process (a communication backend's own buffers included).
 """
 
 from __future__ import annotations

@@ -3,14 +3,27 @@ finalizer on each storage that sees it die. No allocator statistics needed, so i
 FakeTensorMode (where nothing is allocated at all).
 
 NOTE [ What the tracker counts ]
-  1. A storage counts from the op that first returns it until its last view dies, at ``nbytes()``.
-  2. Tensors that exist before the tracker starts count only if registered with ``track(...)``.
+  1. A storage counts from the op that first returns it until its last view dies, at ``nbytes()``, on the
+     device of the tensor that first showed it (``peak_by_device``: one peak per device, host included).
+  2. Tensors that exist before the tracker starts count from the start when registered with
+     ``track(...)``; an untracked one that an op writes into or views later (DDP's gradient buckets,
+     made when DDP wraps the model) was live all along: it then counts from the start too (baseline,
+     peaks and timeline so far are raised by its bytes).
   3. The peak is sampled after each op, so buffers an op allocates and frees inside its own kernel are
      not seen (the allocator-level profiler sees them); allocator rounding and caching are not modelled.
-  4. Tensors made outside the dispatcher (``torch.from_numpy``, Inductor's own buffers) are not seen,
-     except the CPU RNG state ``checkpoint`` stashes per region (5 KiB): ``torch.get_rng_state`` is
-     wrapped while the tracker is active to count it (a 1000-step LSTM plan has hundreds of regions).
-  5. Observing changes the step a little: under any Python dispatch mode autograd accumulates some
+  4. Tensors made outside the dispatcher (``torch.from_numpy``, Inductor's own buffers, the 0-dim tensor
+     autograd saves for ``x * 0.5``: 8 bytes made from the Python number) are not seen, except the CPU
+     RNG state ``checkpoint`` stashes per region (5 KiB): ``torch.get_rng_state`` is wrapped while the
+     tracker is active to count it (a 1000-step LSTM plan has hundreds of regions).
+  5. Storages resized in place count at their new size, including ``UntypedStorage.resize_``, which does
+     not go through the dispatcher: FSDP2 frees each gathered parameter with ``resize_(0)`` after use and
+     re-grows it for the backward's all-gather. ``UntypedStorage.resize_`` is wrapped while the tracker
+     is active, so a gathered parameter counts exactly while it holds memory.
+  6. Tensor subclasses that wrap others (DTensor: FSDP2's sharded parameters, gradients and optimizer
+     state) count as the tensors inside them (a rank's local shard), and their ops are left to the
+     subclass, which runs them as ops on those local tensors, which the tracker sees. The ops DTensor
+     runs under its own fake mode to propagate shapes allocate nothing and are not counted.
+  7. Observing changes the step a little: under any Python dispatch mode autograd accumulates some
      gradients out of place (an RNN's per-step gradients in checkpointed segments; measured by
      ``benchmarks/memory/ruler_vs_allocator.py``), so the peak counted is that of the observed step, an
      upper bound of the plain one. ``tightfit.memory.allocator_peak`` reads the plain step.
@@ -18,15 +31,17 @@ NOTE [ What the tracker counts ]
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
-from tightfit._tree import StorageKey, storage_key, tensors_of
+from tightfit._tree import StorageKey, storage_id, storage_key, tensors_of
 from tightfit.memory.modules import ModuleScope
 
 
@@ -48,12 +63,74 @@ class ModulePeaks:
     backward: int = 0
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def local_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``'s memory: ``t`` itself, or, for a wrapper subclass such as
+    DTensor, the tensors inside it (a rank's local shard), recursively."""
+    if type(t) in _PLAIN:
+        return [t]
+    if is_traceable_wrapper_subclass(t) and not isinstance(t, FakeTensor):
+        names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+        inner = (getattr(t, name) for name in names)  # DTensor also flattens its (tensorless) mesh
+        return [leaf for x in inner if isinstance(x, torch.Tensor) for leaf in local_tensors(x)]
+    return [t]
+
+
+@functools.cache
+def _desugared_types() -> tuple[type, ...]:
+    """Subclasses whose ops the tracker leaves to the subclass (it runs them on local tensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except (ImportError, RuntimeError):  # pragma: no cover - torch built without distributed
+        return ()
+    return (DTensor,)
+
+
+_WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
+
+
+def _backend_key(args: Any) -> Any:
+    """The dispatch key of the kernel a collective on these tensors runs (CPU, CUDA), or None."""
+    for a in tree_leaves(args):
+        if isinstance(a, torch.Tensor) and type(a) is torch.Tensor:
+            return {"cpu": torch._C.DispatchKey.CPU, "cuda": torch._C.DispatchKey.CUDA}.get(a.device.type)
+    return None
+
+
+def _returned_an_input(t: torch.Tensor, args: Any, kwargs: Any) -> bool:
+    """Whether an op output with a storage not seen yet is an input, or a view of one (in-place, out=,
+    view ops): such an op allocated nothing, so the storage was live before (NOTE 2). A view of another
+    output of the same op (FSDP2's all-gather input, a slice of its output buffer) is no such case."""
+    if not t._is_view() and not any(t is a for a in args) and not any(t is v for v in kwargs.values()):
+        return False
+    key = storage_key(t)
+    return any(isinstance(a, torch.Tensor) and storage_key(a) == key for a in tree_leaves((args, kwargs)))
+
+
+def _active_fake_mode() -> Any:
+    """The FakeTensorMode active now, or None (the dispatcher's slot for it: cheap, read twice per op)."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_name(device: torch.device) -> str:
+    """'cpu', 'cuda:0', ...: the key of ``peak_by_device`` (an accelerator always with its index)."""
+    if device.type in ("cpu", "meta") or device.index is not None:
+        return str(device)
+    return f"{device.type}:0"
+
+
 class LiveTracker(TorchDispatchMode):
     """Track live tensor bytes: ``with LiveTracker(track=[model, batch, opt]) as t: step()``; ``t.peak``.
 
-    ``phase`` is a free-form label the caller sets ("forward", "backward", ...); the peak records it.
-    With ``root=model`` the innermost running module of each op is known (``peak_module`` and per-module
-    forward/backward peaks in ``module_peaks``). With ``timeline=True`` every op's live bytes are kept.
+    ``peak`` is the highest total over every device; ``peak_by_device`` maps each device (``"cpu"``,
+    ``"cuda:0"``) to the highest live bytes on that device alone (those peaks may fall at different ops),
+    ``current_by_device`` the bytes live now. ``phase`` is a free-form label the caller sets ("forward",
+    "backward", ...); the peak records it. With ``root=model`` the innermost running module of each op is
+    known (``peak_module`` and per-module forward/backward peaks in ``module_peaks``). With
+    ``timeline=True`` every op's live bytes are kept.
     """
 
     def __init__(
@@ -64,19 +141,25 @@ class LiveTracker(TorchDispatchMode):
         timeline: bool = False,
     ) -> None:
         super().__init__()
-        self._live: dict[StorageKey, int] = {}
+        self._live: dict[StorageKey, tuple[int, str]] = {}
         self.current = 0
         self.peak = 0
+        self.current_by_device: dict[str, int] = {}
+        self.peak_by_device: dict[str, int] = {}
         self.peak_op: str | None = None
         self.peak_phase: str | None = None
         self.peak_module: str | None = None
         self.phase = "run"
         self.ops = 0
+        self.baseline = 0
+        self.baseline_by_device: dict[str, int] = {}
         self.timeline: list[TimelinePoint] | None = [] if timeline else None
         self.module_peaks: dict[str, ModulePeaks] = {}
         self.phase_peaks: dict[str, int] = {}
         self._scope = ModuleScope(root) if root is not None else None
         self._tracked_before = list(tensors_of(track)) if track is not None else []
+        self._fake_mode_on_entry: Any = None
+        self._desugared = _desugared_types()
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -90,25 +173,75 @@ class LiveTracker(TorchDispatchMode):
             self._register(t)
         self._sample("<track>")
 
-    def _register(self, t: torch.Tensor) -> None:
-        key = storage_key(t)
-        if key is None:
-            return
-        st = t.untyped_storage()
+    def _register(self, t: torch.Tensor, op: tuple[Any, Any] | None = None) -> None:
+        """Count ``t``'s storage; ``op``: (args, kwargs) of the op that returned it, when it did."""
+        for local in local_tensors(t):
+            if local.layout != torch.strided:
+                continue
+            try:
+                st = local.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            key = storage_id(st)
+            known = self._live.get(key)
+            if known is None:
+                if op is not None and _returned_an_input(local, *op):
+                    self._discovered(key, st.nbytes(), _device_name(local.device))
+                    weakref.finalize(st, self._free, key)
+                else:
+                    self._new(key, st, st.nbytes(), _device_name(local.device))
+            elif known[0] != st.nbytes():  # resized in place (resize_, set_, out=)
+                self._count(st)
+
+    def _count(self, st: torch.UntypedStorage, device: str | None = None) -> None:
+        """Count storage `st` at its current size (new, or resized in place by resize_, set_, out=)."""
+        key = storage_id(st)
         nbytes = st.nbytes()
         known = self._live.get(key)
         if known is None:
-            self._live[key] = nbytes
-            self.current += nbytes
-            weakref.finalize(st, self._free, key)
-        elif known != nbytes:  # resized in place (resize_, set_, out=)
-            self._live[key] = nbytes
-            self.current += nbytes - known
+            if device is None:
+                # a storage first seen through resize_: its own device, except under fake tensors,
+                # whose storages are meta: then the device holding most of what was tracked
+                device = _device_name(st.device)
+                if device == "meta" and self._fake_mode_on_entry is not None:
+                    device = max(self.current_by_device, key=self.current_by_device.get, default="meta")
+            self._new(key, st, nbytes, device)
+        elif known[0] != nbytes:
+            self._live[key] = (nbytes, known[1])
+            self._add(known[1], nbytes - known[0])
+
+    def _new(self, key: StorageKey, st: torch.UntypedStorage, nbytes: int, device: str) -> None:
+        self._live[key] = (nbytes, device)
+        self._add(device, nbytes)
+        weakref.finalize(st, self._free, key)
+
+    def _discovered(self, key: StorageKey, nbytes: int, device: str) -> None:
+        """A storage live since before the tracker started, untracked, seen now: it counts from the start
+        (baseline, and every peak and sample so far)."""
+        self._live[key] = (nbytes, device)
+        self._add(device, nbytes)
+        self.baseline += nbytes
+        self.baseline_by_device[device] = self.baseline_by_device.get(device, 0) + nbytes
+        if self.ops:
+            self.peak += nbytes
+            self.peak_by_device[device] = self.peak_by_device.get(device, 0) + nbytes
+            self.phase_peaks = {k: v + nbytes for k, v in self.phase_peaks.items()}
+            for peaks in self.module_peaks.values():
+                peaks.forward += nbytes if peaks.forward else 0
+                peaks.backward += nbytes if peaks.backward else 0
+            if self.timeline is not None:
+                self.timeline = [
+                    TimelinePoint(p.index, p.live_bytes + nbytes, p.phase, p.op) for p in self.timeline
+                ]
+
+    def _add(self, device: str, nbytes: int) -> None:
+        self.current += nbytes
+        self.current_by_device[device] = self.current_by_device.get(device, 0) + nbytes
 
     def _free(self, key: StorageKey) -> None:
-        nbytes = self._live.pop(key, None)
-        if nbytes is not None:
-            self.current -= nbytes
+        known = self._live.pop(key, None)
+        if known is not None:
+            self._add(known[1], -known[0])
 
     # -- sampling -----------------------------------------------------------------------------------
     def _sample(self, op: str) -> None:
@@ -119,6 +252,9 @@ class LiveTracker(TorchDispatchMode):
             self.peak_op = op
             self.peak_phase = self.phase
             self.peak_module = module
+        for device, nbytes in self.current_by_device.items():
+            if nbytes > self.peak_by_device.get(device, -1):
+                self.peak_by_device[device] = nbytes
         if self.current > self.phase_peaks.get(self.phase, -1):
             self.phase_peaks[self.phase] = self.current
         if self._scope is not None:
@@ -133,14 +269,33 @@ class LiveTracker(TorchDispatchMode):
             self.timeline.append(TimelinePoint(self.ops, self.current, self.phase, op))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
+        desugared = self._desugared
+        if desugared and any(issubclass(t, desugared) for t in types):
+            return NotImplemented  # DTensor runs it as ops on local tensors, which come back here
+        kwargs = kwargs or {}
+        if func is _WAIT_TENSOR and _active_fake_mode() is not None:
+            # eager wait_tensor returns its input; its fake (meta) kernel returns a new tensor instead
+            out = args[0]
+        elif func.namespace == "c10d" and (backend := _backend_key(args)) is not None:
+            # a collective's own buffers (gloo stages data in temporaries) are ops its kernel runs:
+            # call the kernel directly, with this mode active again, so they are seen
+            TorchDispatchMode.__enter__(self)
+            try:
+                out = func._op_dk(backend, *args, **kwargs)
+            finally:
+                TorchDispatchMode.__exit__(self, None, None, None)
+        else:
+            out = func(*args, **kwargs)
+        if _active_fake_mode() is not self._fake_mode_on_entry:
+            return out  # a subclass's shape propagation under its own fake mode: nothing allocated
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._register(t)
+                self._register(t, (args, kwargs))
         self._sample(str(func))
         return out
 
     def __enter__(self) -> LiveTracker:
+        self._fake_mode_on_entry = _active_fake_mode()
         if self._scope is not None:
             self._scope.__enter__()
         super().__enter__()
@@ -153,14 +308,30 @@ class LiveTracker(TorchDispatchMode):
             return state
 
         torch.get_rng_state = counted_get_rng_state
+        # FSDP2 frees and re-grows gathered parameters with UntypedStorage.resize_, outside the dispatcher
+        self._resize = resize = torch.UntypedStorage.resize_
+
+        def counted_resize(storage: torch.UntypedStorage, size: int) -> Any:
+            out = resize(storage, size)
+            if not self._resizing_in_subclass():
+                self._count(storage)
+                self._sample("UntypedStorage.resize_")
+            return out
+
+        torch.UntypedStorage.resize_ = counted_resize  # type: ignore[method-assign]
         for t in self._tracked_before:
             self._register(t)
         self._tracked_before = []
         self.baseline = self.current
+        self.baseline_by_device = dict(self.current_by_device)
         self._sample("<start>")
         return self
 
+    def _resizing_in_subclass(self) -> bool:
+        return _active_fake_mode() is not self._fake_mode_on_entry
+
     def __exit__(self, *exc: object) -> None:
+        torch.UntypedStorage.resize_ = self._resize  # type: ignore[method-assign]
         torch.get_rng_state = self._get_rng_state
         super().__exit__(*exc)
         if self._scope is not None:

@@ -24,6 +24,18 @@ class ModuleMemory:
 
 
 @dataclass
+class RankPeak:
+    """One rank's peak under a process group: how high, where, and per device."""
+
+    rank: int
+    peak_bytes: int
+    peak_phase: str | None
+    peak_op: str | None
+    peak_module: str | None
+    peak_by_device: dict[str, int]
+
+
+@dataclass
 class MemoryReport:
     """Where a training step's memory goes. Sizes are bytes of live tensors (see tightfit.memory)."""
 
@@ -48,6 +60,14 @@ class MemoryReport:
     flops: int
     step_time: float | None  # seconds per step without measurement overhead; None when estimated
     timeline: list[TimelinePoint] | None = field(default=None, repr=False)
+    # device ("cpu", "cuda:0") -> highest live bytes on that device alone; host memory is its own entry
+    peak_by_device: dict[str, int] = field(default_factory=dict)
+    # under a process group: this report is rank `rank` of `world_size`; `ranks` holds every rank's peak
+    # (gathered when the group can communicate; estimates under a fake group hold this rank only)
+    rank: int = 0
+    world_size: int = 1
+    parallel: str | None = None  # "ddp", "fsdp2" when estimated for a wrapper; None as measured
+    ranks: list[RankPeak] = field(default_factory=list)
 
     def inclusive_saved(self, path: str) -> int:
         """Saved bytes created by `path` and all modules below it."""
@@ -68,6 +88,7 @@ class MemoryReport:
     def from_dict(cls, data: dict[str, Any]) -> MemoryReport:
         data = dict(data)
         data["modules"] = [ModuleMemory(**m) for m in data.get("modules", [])]
+        data["ranks"] = [RankPeak(**r) for r in data.get("ranks", [])]
         if data.get("timeline") is not None:
             data["timeline"] = [TimelinePoint(**p) for p in data["timeline"]]
         return cls(**data)

@@ -4,7 +4,9 @@ NOTE [ Counting saved tensors ]
   1. Every tensor autograd saves goes through the innermost ``saved_tensors_hooks``; ours records the
      tensor's storage (the whole base storage behind a view: that is what stays alive) and returns the
      tensor unchanged, so nothing about the run changes.
-  2. Parameters, buffers and inputs passed in ``exclude`` are not activations and are not counted.
+  2. Parameters, buffers and inputs passed in ``exclude`` are not activations and are not counted; nor
+     is any ``nn.Parameter`` or view of one (FSDP2's gathered parameters are real parameters that exist
+     only during the step, freed after each block's forward and gathered again for its backward).
   3. Inside a non-reentrant ``torch.utils.checkpoint`` region the checkpoint's own hook replaces ours,
      which is right: those tensors are dropped and recomputed. What the region really keeps is
        a. its inputs, which checkpoint saves *outside* its hook, so rule 1 sees them; and
@@ -28,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tightfit._tree import StorageKey, storage_key, tensors_of
+from tightfit.memory.live import local_tensors
 from tightfit.memory.modules import ModuleScope
 
 try:  # private classes: if a future torch renames them, only rule 3b is lost (and tested for).
@@ -85,7 +88,8 @@ class SavedTensorCounter(torch.autograd.graph.saved_tensors_hooks):
     """
 
     def __init__(self, exclude: Any = (), *, root: torch.nn.Module | None = None) -> None:
-        self._excluded = {k for k in (storage_key(t) for t in tensors_of(exclude)) if k is not None}
+        excluded = (storage_key(x) for t in tensors_of(exclude) for x in local_tensors(t))
+        self._excluded = {k for k in excluded if k is not None}
         if root is None:
             root = next((m for m in tree_leaves(exclude) if isinstance(m, torch.nn.Module)), None)
             if root is None and isinstance(exclude, torch.nn.Module):
@@ -101,6 +105,8 @@ class SavedTensorCounter(torch.autograd.graph.saved_tensors_hooks):
         return t
 
     def _record(self, t: torch.Tensor, module: str | None = None) -> None:
+        if isinstance(t if t._base is None else t._base, torch.nn.Parameter):
+            return  # a parameter or a view of one (addmm saves weight.t())
         key = storage_key(t)
         if key is None or key in self._excluded or key in self._saved:
             return

@@ -99,12 +99,21 @@ def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _misplaced(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device | None) -> bool:
-    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-        return True
-    if device is not None and (t.device.type != device.type or device.index not in (None, t.device.index)):
-        return True
-    return False
+def _wrong_dtype(model: nn.Module, dtype: torch.dtype | None) -> bool:
+    """Whether a floating parameter is not in `dtype`. Buffers do not count: a model keeps some in another
+    dtype by design (a rotary embedding's float32 ``inv_freq`` in a bfloat16 Llama), as from_pretrained
+    keeps them."""
+    return dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in model.parameters())
+
+
+def _wrong_device(model: nn.Module, device: torch.device | None) -> bool:
+    """Whether a parameter or buffer is not on `device`."""
+    if device is None:
+        return False
+    return any(
+        t.device.type != device.type or device.index not in (None, t.device.index)
+        for t in [*model.parameters(), *model.buffers()]
+    )
 
 
 def _move(batch: Any, dtype: torch.dtype | None, device: torch.device | None) -> Any:
@@ -161,9 +170,10 @@ def load(spec: str) -> Factories:
         device = resolve_device(kwargs["device"]) if kwargs.get("device") is not None else None
         with building(dtype or torch.get_default_dtype(), device, seed=None):
             model = call_factory(**kwargs)[0]
-        if any(_misplaced(t, dtype, device) for t in [*model.parameters(), *model.buffers()]):
+        move_dtype, move_device = _wrong_dtype(model, dtype), _wrong_device(model, device)
+        if move_dtype or move_device:
             try:
-                model = model.to(device=device, dtype=dtype)
+                model = model.to(device=device if move_device else None, dtype=dtype if move_dtype else None)
             except RuntimeError as e:
                 raise ModelFileError(
                     f"{spec}: the model's parameters are not {dtype or ''} on {device or 'the device'} and "

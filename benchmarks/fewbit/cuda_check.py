@@ -7,7 +7,9 @@ per activation (SiLU, GELU) and dtype (fp32, bf16, fp16) whether the fused forwa
 first-use check (bit-identical to torch's kernel on this device, so it is used) or not (torch's kernel
 then one encoding pass); and for every code width 1..8, dtype and length (1, 7, 1,000,003, and a
 non-contiguous input) that the packed codes, the backward (``levels[code] * grad``) and the gated
-backward (``levels[code] * (grad * b)``) equal the pure-torch reference codec bit for bit.
+backward (``levels[code] * (grad * b)``) equal the pure-torch reference codec bit for bit. On CUDA also:
+that a second forward+backward makes no synchronizing call (torch's sync debug mode), and with two or
+more GPUs that tensors on cuda:1 while cuda:0 is current give the reference results.
 
     python -m benchmarks.fewbit.cuda_check                                        # fewbit_cuda_check
     TRITON_INTERPRET=1 TIGHTFIT_FEWBIT_BACKEND=triton python -m benchmarks.fewbit.cuda_check --device cpu \\
@@ -94,6 +96,63 @@ def check_ops(device: str) -> list[dict]:
     return rows
 
 
+def check_no_sync(device: str) -> dict:
+    """After a first call, a few-bit forward+backward on `device` makes no synchronizing CUDA call (no
+    host-to-device copy of the table constants, no flag mask built per op): counted with torch's CUDA
+    sync debug mode (a warning per synchronizing call), for the module, functional and gated forms."""
+    if not device.startswith("cuda"):
+        return {"checked": False, "why": "CUDA only"}
+    import warnings
+
+    mod = tightfit.nn.GELU(bits=3)
+    t = tightfit.fewbit.get_table("silu", 2)
+
+    def step() -> None:
+        x = torch.randn(4096, device=device, requires_grad=True)
+        b = torch.randn(4096, device=device, requires_grad=True)
+        y = mod(x) + tightfit.functional.silu(x, bits=2) + tightfit.fewbit.swiglu(x, b, bits=3)
+        y = y + tightfit.fewbit.gated.gated(x, b, "silu", table=t)
+        y.backward(torch.ones_like(y))
+
+    step()  # first call: the constants are copied to the device, the kernels compile
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    print(f"\nsynchronizing CUDA calls in a second few-bit forward+backward: {len(syncs)}")
+    for m in syncs[:5]:
+        print(f"  {m}")
+    return {"checked": True, "syncs": len(syncs), "messages": syncs[:5]}
+
+
+def check_other_gpu() -> dict:
+    """With two or more GPUs: tensors on cuda:1 while cuda:0 is current go through the Triton kernels on
+    cuda:1 (Triton launches on the current device: the op must make the tensor's device current) and give
+    the reference codes and backward; cuda:1 gets its own availability probe."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return {"checked": False, "why": "needs two CUDA devices"}
+    g = torch.Generator().manual_seed(1)
+    borders = torch.sort(torch.randn(7, dtype=torch.float64, generator=g)).values
+    levels = torch.randn(8, dtype=torch.float64, generator=g)
+    ok = True
+    with torch.cuda.device(0):
+        for dtype in DTYPES.values():
+            x, grad, b = (torch.randn(100_003, generator=g).to(dtype) for _ in range(3))
+            want = codec._encode_torch(x, codec.compare_borders(borders, dtype), 3)
+            got = codec.encode(x.to("cuda:1"), borders.to("cuda:1"), 3)
+            ok &= got.device == torch.device("cuda:1") and torch.equal(got.cpu(), want)
+            out = codec.decode_mul(want.to("cuda:1"), levels, grad.to("cuda:1"), 3, b.to("cuda:1"))
+            ok &= torch.equal(out.cpu(), codec._decode_mul_torch(want, levels, grad, 3, b))
+        backend = tightfit.fewbit.backend("cuda:1")
+    print(f"\ncuda:1 tensors with cuda:0 current: backend {backend}, results equal the reference: {ok}")
+    return {"checked": True, "backend": backend, "ok": bool(ok), "probed": sorted(codec._triton_cuda)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -129,6 +188,12 @@ def run(a: argparse.Namespace) -> tuple[dict, bool]:
     op_rows = check_ops(a.device)
     bad = [r for r in codec_rows if not (r["codes"] and r["backward"] and r["gated_backward"])]
     bad += [r for r in op_rows if not (r["forward_identical"] and r["backward_exact"])]
+    no_sync = check_no_sync(a.device)
+    other_gpu = check_other_gpu() if a.device.startswith("cuda") else {"checked": False, "why": "CUDA only"}
+    if no_sync.get("syncs"):
+        bad.append({"check": "no_sync", **no_sync})
+    if other_gpu.get("checked") and not other_gpu["ok"]:
+        bad.append({"check": "other_gpu", **other_gpu})
     print(f"\ncodec checks: {len(codec_rows)} (bits 1..8 x fp32/bf16/fp16 x lengths {a.lengths} x layouts), "
           f"op checks: {len(op_rows)}; failures: {len(bad)}")
     for r in bad:
@@ -136,7 +201,8 @@ def run(a: argparse.Namespace) -> tuple[dict, bool]:
     notes = tightfit.fewbit.backend_notes()
     for note in notes:
         print(f"note: {note}")
-    data |= {"codec": codec_rows, "ops": op_rows, "failures": bad, "notes": notes}
+    data |= {"codec": codec_rows, "ops": op_rows, "no_sync": no_sync, "other_gpu": other_gpu,
+             "failures": bad, "notes": notes}
     return data, not bad
 
 

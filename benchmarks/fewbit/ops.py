@@ -14,6 +14,8 @@ pure-torch code compiled by inductor), which is how the default was chosen.
 
     python -m benchmarks.fewbit.ops --repeats 21 --threads 1      # results fewbit_ops_t1
     python -m benchmarks.fewbit.ops --repeats 21 --threads 2      # results fewbit_ops_t2
+    python -m benchmarks.fewbit.ops --ops --threads 1 2 --repeats 21 --results fewbit_kernels_t1_2
+                                         # only the codec kernels and where the time goes, 1 and 2 threads
     python -m benchmarks.fewbit.ops --device cuda --dtype fp32 bf16 --n 1000000 12600000 100000000 \
         --bits 1 2 3 4 8 --no-kernels                              # results fewbit_ops_cuda
 
@@ -214,7 +216,8 @@ def main() -> None:
                    help="CPU thread counts, each measured in turn (default: torch's own count)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", nargs="*", default=["fp32"], choices=list(DTYPES))
-    p.add_argument("--ops", nargs="*", default=["GELU", "SiLU", "Tanh", "SwiGLU"])
+    p.add_argument("--ops", nargs="*", default=["GELU", "SiLU", "Tanh", "SwiGLU"],
+                   help="ops to time; a bare --ops: only the codec-kernel and where-the-time-goes tables")
     p.add_argument("--backends", nargs="*", default=["default"], help="default, native, torch, triton")
     p.add_argument("--inductor-check", action="store_true", help="also compile GELU(bits=2) with inductor")
     p.add_argument(
@@ -250,7 +253,7 @@ def run(a: argparse.Namespace) -> dict:
               f"nominal {out['nominal_gbps'] or 'unknown'} GB/s")
     for threads in a.threads:
         torch.set_num_threads(threads)
-        for dname in a.dtype:
+        for dname in a.dtype if a.ops else ():  # `--ops` alone: only the kernel tables below
             for n in a.n:
                 out["runs"].append(run_one(a, threads, DTYPES[dname], n, backends, out.get("copy_gbps")))
         if a.device == "cpu" and not a.no_kernels:

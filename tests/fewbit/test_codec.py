@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tightfit.fewbit import _native, codec
+from tightfit.fewbit._bitcmp import same_bits
 
 LENGTHS = [0, 1, 3, 7, 8, 9, 63, 64, 65, 127, 1001]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -153,3 +154,74 @@ def test_native_output_buffers_take_huge_page_advice(monkeypatch):
     assert start <= p < start + (2 << 20) and end - (2 << 20) < p + n <= end
     _native.empty(1000, torch.float32)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_mismatched_scale_raises_before_any_kernel(backend):
+    """decode_mul's scale must match grad's shape and dtype on every backend (the Triton one is checked in
+    triton_cases): no backend broadcasts or promotes it."""
+    if backend == "native" and not NATIVE:
+        pytest.skip(f"native kernels unavailable here: {_native.build_error()}")
+    codec.set_backend(backend)
+    try:
+        packed = codec.encode(torch.randn(6), torch.tensor([0.0]), 1)
+        levels, grad = torch.randn(2, dtype=torch.float64), torch.randn(6)
+        for scale in (torch.randn(1), torch.randn(6, dtype=torch.float64), torch.randn(2, 3)):
+            with pytest.raises(ValueError, match="scale must have grad's shape, dtype and device"):
+                codec.decode_mul(packed, levels, grad, 1, scale)
+        scale = torch.randn(6)
+        assert torch.equal(codec.decode_mul(packed, levels, grad, 1, scale),
+                           codec.decode_mul_reference(packed, levels, grad * scale, 1))
+    finally:
+        codec.set_backend(None)
+
+
+def test_compare_borders_is_cached_per_tensor_and_refreshed_after_an_in_place_change():
+    """The >=-flag mask is not rebuilt (on the borders' device: a host sync on CUDA) on every op."""
+    borders = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    right = [True, False, True]
+    first = codec.compare_borders(borders, torch.float32, right)
+    assert codec.compare_borders(borders, torch.float32, right) is first
+    assert codec.compare_borders(borders, torch.float32, False) is not first
+    want = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float32)
+    want[[0, 2]] = torch.nextafter(want[[0, 2]], torch.tensor(-float("inf")))
+    assert torch.equal(first, want)
+    borders[1] = 1.5  # an in-place change invalidates the cached thresholds
+    again = codec.compare_borders(borders, torch.float32, right)
+    assert again is not first and again[1].item() == 1.5
+    with torch.inference_mode():  # inference tensors have no version counter: computed, never cached
+        inf_b = torch.tensor([0.0, 1.0])
+        assert torch.equal(codec.compare_borders(inf_b, torch.float32, True),
+                           codec.compare_borders(inf_b.clone(), torch.float32, True))
+
+
+def test_triton_cuda_probe_is_per_device(monkeypatch):
+    """Each CUDA device gets its own compile-and-check of the Triton kernels (and its own verdict)."""
+    import types
+
+    probed = []
+
+    def probe(mod, device):
+        probed.append(str(device))
+        return (device.index == 0, None if device.index == 0 else "ptxas failed for this architecture")
+
+    monkeypatch.setattr(codec, "_triton_module", lambda: types.SimpleNamespace(INTERPRET=False))
+    monkeypatch.setattr(codec, "_probe_triton_cuda", probe)
+    monkeypatch.setattr(codec, "_triton_cuda", {})
+    for _ in range(2):
+        assert codec._triton_why_not(torch.device("cuda:0")) is None
+        assert "cuda:1: ptxas failed" in codec._triton_why_not("cuda:1")
+    assert probed == ["cuda:0", "cuda:1"]
+
+
+def test_same_bits_is_stricter_than_equal():
+    """The fused check's comparison: signed zeros and inf vs the largest finite value differ; NaNs with
+    different payloads match each other only."""
+    for dtype in DTYPES:  # fp32, fp64, fp16, bf16
+        z = torch.tensor([0.0, 1.0], dtype=dtype)
+        assert torch.equal(z, -z * torch.tensor([1.0, -1.0], dtype=dtype))
+        assert not same_bits(z, -z * torch.tensor([1.0, -1.0], dtype=dtype))  # -0.0 vs +0.0
+        inf = torch.tensor([float("inf")], dtype=dtype)
+        assert not same_bits(inf, torch.tensor([torch.finfo(dtype).max], dtype=dtype))
+        nan = torch.tensor([float("nan")], dtype=dtype)
+        assert same_bits(nan, -nan) and not same_bits(nan, inf) and same_bits(z, z.clone())

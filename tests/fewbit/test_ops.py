@@ -136,3 +136,52 @@ def test_bad_input():
         activation(torch.arange(4), "gelu", 2)
     with pytest.raises(ValueError, match="1..8"):
         activation(torch.randn(3, requires_grad=True), "gelu", 9)
+
+
+def test_device_constants_are_copied_once_and_reused(monkeypatch):
+    """A forward on a device other than the constants' (a GPU in practice; the meta device here) copies
+    each table constant there once: later calls reuse the same tensors, so they make no host-to-device
+    copy. Results on the CPU are those of the table gather, with the same constants."""
+    import tightfit
+    from tightfit.fewbit import gated
+
+    copies = []
+    real = ops._copy_to
+    monkeypatch.setattr(ops, "_copy_to", lambda t, d: copies.append((t.dtype, str(d))) or real(t, d))
+    mod = tightfit.nn.GELU(bits=3)
+    meta = torch.device("meta")
+    for dtype in (torch.float32, torch.bfloat16):
+        borders, levels = mod._consts[dtype]
+        first = (ops.on_device(borders, meta), ops.on_device(levels, meta))
+        for _ in range(3):
+            x = torch.randn(5, 7, device=meta, dtype=dtype, requires_grad=True)
+            y = mod(x)
+            assert y.device == meta and y.shape == x.shape
+            assert ops.on_device(borders, meta) is first[0] and ops.on_device(levels, meta) is first[1]
+    assert len(copies) == 4  # borders and levels, per dtype, once
+    # the functional and gated forms (constants from the registry, or from table=) reuse theirs too
+    t = get_table("silu", 2)
+    a = torch.randn(4, device=meta, requires_grad=True)
+    for _ in range(3):
+        tightfit.functional.silu(a, bits=2)
+        gated.swiglu(a, torch.randn(4, device=meta), bits=2)
+        gated.swiglu(a, torch.randn(4, device=meta), table=t)
+    assert len(copies) == 4 + 2 + 2
+    assert ops.cached_table_tensors(t) is ops.cached_table_tensors(t)
+    # on the CPU nothing is copied and the backward is the table gather
+    x = torch.randn(301, requires_grad=True)
+    mod(x).backward(torch.ones(301))
+    g = get_table("gelu", 3)
+    assert torch.equal(x.grad, g.levels.float()[g.encode(x.detach())]) and len(copies) == 8
+
+
+def test_module_built_under_inference_mode_still_trains():
+    """Table constants are normal tensors even when made under inference mode (autograd saves them)."""
+    import tightfit
+
+    with torch.inference_mode():
+        mod = tightfit.nn.SiLU(bits=2)
+    x = torch.randn(33, requires_grad=True)
+    mod(x).backward(torch.ones(33))
+    t = get_table("silu", 2)
+    assert torch.equal(x.grad, t.levels.float()[t.encode(x.detach())])

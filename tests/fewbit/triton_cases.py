@@ -9,6 +9,8 @@ import), and a test session must not turn Triton's library into interpreted func
 from __future__ import annotations
 
 import os
+import types
+import zlib
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import tightfit  # noqa: E402
 from tightfit.fewbit import _triton as T  # noqa: E402
 from tightfit.fewbit import codec, gated  # noqa: E402
+from tightfit.fewbit._bitcmp import same_bits  # noqa: E402
 from tightfit.fewbit.lookup import get_table  # noqa: E402
 
 assert T.INTERPRET
@@ -112,28 +115,33 @@ def test_triton_ops_match_reference(family, dtype, bits, triton_backend):
     name, fn, module = FAMILIES[family][i]
     params = {"negative_slope": 0.1} if name == "leaky_relu" else {}
     t = get_table(name, bits, **params)
+    calls = triton_backend
+    T.fused_ok(name, dtype, torch.device("cpu"))  # its one-time check runs the fused kernel: not counted
     for n in lengths:
-        for xr in _inputs(n, dtype, seed=hash((family, bits, n, i)) % 2**31):
+        for xr in _inputs(n, dtype, seed=zlib.crc32(f"{family}/{bits}/{n}/{i}".encode())):
             x = xr.detach()
             g = torch.randn(x.shape).to(dtype)
             want_q = t.levels.to(dtype)[t.encode(x)]
-            triton_backend["packed"] = None
+            calls["packed"] = None
+            forwards, backwards = calls["encode"] + calls["fused"], calls["decode_mul"]
             if module is not None:
                 y = module(bits)(xr)
-                _check_codes(triton_backend["packed"], x, t, dtype)
-                assert torch.equal(y.isnan(), fn(x).isnan())
-                assert torch.equal(y.nan_to_num(), fn(x).nan_to_num())
+                assert calls["encode"] + calls["fused"] == forwards + 1  # this case's codes came from Triton
+                _check_codes(calls["packed"], x, t, dtype)
+                assert same_bits(y, fn(x))
                 y.backward(g)
-                assert torch.equal(xr.grad, want_q * g)
+                assert calls["decode_mul"] == backwards + 1  # this case's backward ran the Triton kernel
+                assert same_bits(xr.grad, want_q * g)
             else:
                 b = torch.randn(x.shape).to(dtype).requires_grad_(True)
                 h = gated.gated(xr, b, name, bits)
-                _check_codes(triton_backend["packed"], x, t, dtype)
-                assert torch.equal(h.nan_to_num(), (fn(x) * b.detach()).nan_to_num())
+                assert calls["encode"] + calls["fused"] == forwards + 1
+                _check_codes(calls["packed"], x, t, dtype)
+                assert same_bits(h, fn(x) * b.detach())
                 h.backward(g)
-                assert torch.equal(xr.grad, want_q * (g * b.detach()))
-                assert torch.equal(b.grad.nan_to_num(), (g * fn(x)).nan_to_num())
-    assert triton_backend["encode"] + triton_backend["fused"] > 0 and triton_backend["decode_mul"] > 0
+                assert calls["decode_mul"] == backwards + 1
+                assert same_bits(xr.grad, want_q * (g * b.detach()))
+                assert same_bits(b.grad, g * fn(x))
 
 
 def test_codec_every_width_ties_and_scale(triton_backend):
@@ -164,6 +172,38 @@ def test_codec_every_width_ties_and_scale(triton_backend):
                                codec.decode_mul_reference(want, levels, grad * scale, bits))
 
 
+def test_mismatched_scale_is_the_same_error_as_on_the_other_backends(triton_backend):
+    """A scale of another shape or dtype raises the codec's ValueError before any kernel runs, as on the
+    torch and native backends (tests/fewbit/test_codec.py), instead of broadcasting on one backend only."""
+    packed = codec.encode(torch.randn(6), torch.tensor([0.0]), 1)
+    grad = torch.randn(6)
+    for scale in (torch.randn(1), torch.randn(6, dtype=torch.float64), torch.randn(2, 3)):
+        with pytest.raises(ValueError, match="scale must have grad's shape, dtype and device"):
+            codec.decode_mul(packed, torch.randn(2, dtype=torch.float64), grad, 1, scale)
+    assert triton_backend["decode_mul"] == 0
+
+
+def test_probe_covers_every_half_value_and_the_specials():
+    """The fused-forward check's inputs: all 65536 fp16/bf16 bit patterns; for fp32 the special values."""
+    for dtype in (torch.float16, torch.bfloat16):
+        p = T._probe(dtype, torch.device("cpu"))
+        assert p.dtype == dtype and p.view(torch.int16).unique().numel() == 1 << 16
+    bits = set(T._probe(torch.float32, torch.device("cpu")).view(torch.int32).tolist())
+    fi = torch.finfo(torch.float32)
+    for v in (0.0, -0.0, float("inf"), -float("inf"), fi.max, -fi.max, fi.tiny, 1e-45, -1e-45):
+        assert torch.tensor([v], dtype=torch.float32).view(torch.int32).item() in bits, v
+    assert any(torch.tensor([b], dtype=torch.int32).view(torch.float32).isnan().item() for b in bits)
+
+
+def test_launches_make_the_tensors_gpu_current():
+    """Triton launches on the current CUDA device and stream: a CUDA tensor's launch makes its device
+    current (a cuda:1 tensor while cuda:0 is current); CPU tensors (interpreter) get no CUDA guard."""
+    fake = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda:1"))
+    guard = T._launch_on(fake)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(T._launch_on(torch.randn(2)), torch.cuda.device)
+
+
 @pytest.mark.parametrize("name", ["silu", "gelu"])
 def test_fused_forward_kernel_and_gate(name, monkeypatch):
     """The fused kernel's codes equal the reference and its f(x) is within an ulp of torch's; it is used
@@ -182,7 +222,7 @@ def test_fused_forward_kernel_and_gate(name, monkeypatch):
         torch.testing.assert_close(y[fin], ref[fin], rtol=8 * eps, atol=8 * eps)
         fused = T.fused_forward(name, x, cmp, t.bits, t.nan_code)
         if T.fused_ok(name, dtype, x.device):
-            assert torch.equal(fused[0].nan_to_num(), ref.nan_to_num())
+            assert same_bits(fused[0], ref)
         else:
             assert fused is None
     monkeypatch.setattr(T, "fused_ok", lambda *a: False)

@@ -12,13 +12,16 @@ bytes, so programs never share a byte and codes straddle bytes inside a group on
   to ``2**bits - 1`` slots with +inf (``bits`` probes of a table that stays in L1), the 8 codes of a group
   OR-ed into one integer of ``8*bits`` bits, written as ``bits`` bytes.
 - ``fused forward`` (SiLU, GELU): the same pass also writes ``f(x)``. Used only where a first-use check
-  finds it bit-identical to torch's kernel on this device and dtype (`fused_ok`); otherwise the op runs
-  torch's kernel and then ``encode``.
+  finds the same bit pattern as torch's kernel on this device and dtype (`fused_ok`: every fp16/bf16
+  value; for fp32 a sample with the special values); otherwise the op runs torch's kernel and then
+  ``encode``.
 - ``decode_mul``: read ``bits`` bytes per group, extract the 8 codes, gather the level (levels already
   rounded to the gradient's dtype), multiply by the gradient in fp32 and round once to its dtype, as
   torch's fp16/bf16 ``mul`` does. With ``scale`` (gated units), ``grad * scale`` is formed and rounded to
   the dtype first, exactly as torch's separate product would be, all in the same pass.
 
+Each launch runs on the device of the tensors it reads, on that device's current torch stream (Triton
+launches on the current CUDA device, so the tensor's device is made current for the launch).
 Inputs that are not contiguous are copied first (the codes follow the tensor's logical row-major order).
 ``TRITON_INTERPRET=1`` must be set before the first few-bit op of the process (when this module is
 imported): Triton decides at decoration time whether a kernel is compiled or interpreted.
@@ -33,6 +36,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from tightfit.fewbit._bitcmp import same_bits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """True when the kernels run under Triton's interpreter (on CPU tensors)."""
@@ -192,8 +197,13 @@ def _decode_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _quiet() -> contextlib.AbstractContextManager:
-    """The interpreter runs numpy, which warns where the GPU silently gives inf/NaN (exp overflow)."""
+def _launch_on(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where a kernel launch on `t`'s data runs: Triton launches on the *current* CUDA device and its
+    current stream, so a CUDA tensor's device is made current for the launch (its current stream then
+    is the one torch uses for that device). Under the interpreter (CPU tensors): numpy's warnings, where
+    the GPU silently gives inf/NaN (exp overflow), are silenced."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
     if not INTERPRET:
         return contextlib.nullcontext()
     import numpy as np
@@ -225,7 +235,7 @@ def encode(x: torch.Tensor, cmp_borders: torch.Tensor, bits: int, nan_code: int 
     out = torch.empty(nbytes, dtype=torch.uint8, device=xc.device)
     if n:
         pad = _pad_table(cmp_borders, bits, xc.device)
-        with _quiet():
+        with _launch_on(xc):
             _encode_kernel[_grid(n)](
                 xc, out, pad, n, nbytes, nan_code,
                 IS_BF16=xc.dtype == torch.bfloat16, BITS=bits, BPAD=_bpad(bits), BLOCK_G=BLOCK_G,
@@ -248,7 +258,7 @@ def fused_forward_raw(
     out = torch.empty(nbytes, dtype=torch.uint8, device=xc.device)
     if n:
         pad = _pad_table(cmp_borders, bits, xc.device)
-        with _quiet():
+        with _launch_on(xc):
             _fused_kernel[_grid(n)](
                 xc, y, out, pad, n, nbytes, nan_code,
                 FN=FUSED[name], IS_BF16=xc.dtype == torch.bfloat16, BITS=bits, BPAD=_bpad(bits),
@@ -258,17 +268,26 @@ def fused_forward_raw(
 
 
 def _probe(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Inputs that reach every regime of exp/erf: wide magnitudes, both signs, special values."""
+    """The inputs the fused forward is checked on. fp16/bf16: every one of the 65536 bit patterns. fp32:
+    a random sample over wide magnitudes of both signs, a dense grid over [-12, 12] (where the functions
+    bend) and the specials: +-0, +-inf, NaN of both signs, subnormals (the smallest included), the
+    smallest normal and the largest finite value of both signs, and the exp/erf overflow edges."""
+    if dtype != torch.float32:
+        return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int16).view(dtype).to(device)
     g = torch.Generator().manual_seed(0)
     n = 1 << 14 if INTERPRET else 1 << 22
     x = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp(3 * torch.randn(n, generator=g))
     x = x.to(torch.float32)
-    specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40, 1e-45, 88.7, -88.7,
-                104.0, -104.0, 10.0, -10.0, 5.0, -5.0, 3.4e38, -3.4e38]
-    x[: len(specials)] = torch.tensor(specials)
-    grid = torch.linspace(-12, 12, 1 << 12)  # dense where the functions bend
-    x[len(specials) : len(specials) + grid.numel()] = grid
-    return x.to(dtype).to(device)
+    fi = torch.finfo(torch.float32)
+    specials = torch.tensor(
+        [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40, 1e-45, -1e-45,
+         fi.tiny, -fi.tiny, fi.max, -fi.max, 88.7, -88.7, 104.0, -104.0, 10.0, -10.0, 5.0, -5.0],
+        dtype=torch.float32,
+    )
+    x[: specials.numel()] = specials
+    grid = torch.linspace(-12, 12, 1 << 12)
+    x[specials.numel() : specials.numel() + grid.numel()] = grid
+    return x.to(device)
 
 
 @functools.cache
@@ -276,17 +295,20 @@ def _fused_check(name: str, dtype: torch.dtype, device: str) -> bool:
     from tightfit.fewbit.activations import spec_for_name
 
     x = _probe(dtype, torch.device(device))
-    y, _ = fused_forward_raw(name, x, torch.zeros(1), 1)
-    ref = spec_for_name(name).fn(x)
-    return bool(torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num()))
+    y, _ = fused_forward_raw(name, x, torch.zeros(1, device=x.device), 1)
+    return same_bits(y, spec_for_name(name).fn(x))
 
 
 def fused_ok(name: str, dtype: torch.dtype, device: torch.device) -> bool:
-    """True where the fused forward of `name` reproduces torch's kernel bit for bit for `dtype` on
-    `device` (checked once per function, dtype and device on probe inputs that cover every regime of the
-    function, signed zeros, subnormals, infinities and NaN)."""
+    """True where the fused forward of `name` gives torch's kernel's output bit for bit for `dtype` on
+    `device`: the same bit pattern at every probe input (so -0.0 vs +0.0 or inf vs the largest finite
+    value fail the check; NaN must meet NaN, its payload not compared). Checked once per function, dtype
+    and device; the probe is every fp16/bf16 value, and for fp32 the sample described in `_probe`."""
     if name not in FUSED or dtype not in DTYPES:
         return False
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return _fused_check(name, dtype, str(device))
 
 
@@ -322,7 +344,7 @@ def decode_mul(
     table[: levels.numel()] = levels.detach().to(g.device).to(g.dtype).to(torch.float32)  # no host sync
     out = torch.empty_like(g)
     if n:
-        with _quiet():
+        with _launch_on(g):
             _decode_kernel[_grid(n)](
                 packed.contiguous(), table, g, g if s is None else s, out, n, nbytes,
                 HAS_SCALE=s is not None, IS_BF16=g.dtype == torch.bfloat16, BITS=bits, BPAD=_bpad(bits),

@@ -16,7 +16,8 @@ Three implementations, tested against each other:
   ``encode_reference``/``decode_mul_reference`` define what they must return.
 
 Backend selection (`backend`): per device, the automatic choice is 'native' on the CPU (when the C kernels
-build), 'triton' on CUDA (when Triton imports and compiles), else 'torch'. ``TIGHTFIT_FEWBIT_BACKEND``
+build), 'triton' on a CUDA device (when Triton imports, and compiles and checks out on that device), else
+'torch'. ``TIGHTFIT_FEWBIT_BACKEND``
 (auto, native, torch, triton; read at each op) or `set_backend` (which overrides it) forces one where it
 can run; with ``TRITON_INTERPRET=1`` set before the first op, 'triton' also runs on CPU tensors. A forced
 backend that cannot run on a device (Triton missing or failing to compile, no C compiler, native on
@@ -37,6 +38,8 @@ from collections.abc import Sequence
 from types import ModuleType
 
 import torch
+from torch.utils import _python_dispatch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from tightfit.fewbit import _native  # importing builds nothing: the kernels compile on first use
 from tightfit.fewbit._bits import check_bits
@@ -173,6 +176,27 @@ def compare_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """True for an eager, plain tensor outside any tracing or dispatch mode: what may be cached."""
+    return (
+        type(t) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and _python_dispatch._get_current_dispatch_mode() is None
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place version counter, None for inference tensors (they have none: never cached)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+_cmp_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()  # borders -> {(dtype, flags): (version, t')}
+
+
 def compare_borders(
     borders: torch.Tensor, dtype: torch.dtype, right: bool | Sequence[bool] = False
 ) -> torch.Tensor:
@@ -182,8 +206,29 @@ def compare_borders(
     get a table's per-op rounding). A border whose flag says ``x >= t`` becomes the next value below t
     in the comparison dtype (x is exactly representable there), so every comparison is a strict ``>``
     and the count does not depend on order.
+
+    The result is cached per borders tensor (while it lives and is not modified in place), dtype and
+    flags: the flags would otherwise be copied to the borders' device on every op (a host sync on CUDA).
+    The cached tensor is shared: do not modify it.
     """
     flags = _flags(right, borders.numel())
+    version = _version(borders) if _plain(borders) else None
+    if version is None:
+        return _compare_borders(borders, dtype, flags)
+    key = (dtype, tuple(flags))
+    per = _cmp_cache.get(borders)
+    hit = None if per is None else per.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():
+        t = _compare_borders(borders, dtype, flags)
+    if per is None:
+        per = _cmp_cache.setdefault(borders, {})
+    per[key] = (version, t)
+    return t
+
+
+def _compare_borders(borders: torch.Tensor, dtype: torch.dtype, flags: list[bool]) -> torch.Tensor:
     t = borders.detach().reshape(-1).to(compare_dtype(dtype))
     if any(flags):
         ge = torch.tensor(flags, dtype=torch.bool, device=t.device)
@@ -250,7 +295,8 @@ def _decode_mul_torch(
 
 _lock = threading.Lock()
 _notes: list[str] = []
-_triton_state: dict[str, object] = {}  # "module" (the loaded _triton) or "error"; "cuda_ok"/"cuda_error"
+_triton_state: dict[str, object] = {}  # "module" (the loaded _triton) or "error"
+_triton_cuda: dict[str, tuple[bool, str | None]] = {}  # "cuda:i" -> (kernels run there, why not)
 
 
 def _note(msg: str) -> None:
@@ -295,29 +341,40 @@ def _triton_module() -> ModuleType | None:
     return _triton_state.get("module")  # type: ignore[return-value]
 
 
-def _triton_why_not(device_type: str) -> str | None:
-    """None when the Triton kernels run on tensors of `device_type`, else why not."""
+def _cuda_key(device: torch.device) -> str:
+    """"cuda:i" for a CUDA device (an index-less "cuda" means the current device)."""
+    if device.index is not None:
+        return f"cuda:{device.index}"
+    return f"cuda:{torch.cuda.current_device() if torch.cuda.is_available() else 0}"
+
+
+def _triton_why_not(device: str | torch.device) -> str | None:
+    """None when the Triton kernels run on tensors of `device`, else why not. On CUDA the kernels are
+    compiled and checked once per device (GPUs of one machine may differ in architecture)."""
+    device = torch.device(device)
     mod = _triton_module()
     if mod is None:
         return str(_triton_state["error"])
     if mod.INTERPRET:
-        return None if device_type == "cpu" else "TRITON_INTERPRET=1 runs Triton on CPU tensors only"
-    if device_type != "cuda":
-        return f"Triton runs on CUDA tensors (on CPU tensors only with TRITON_INTERPRET=1), not {device_type}"
-    if "cuda_ok" not in _triton_state:
+        return None if device.type == "cpu" else "TRITON_INTERPRET=1 runs Triton on CPU tensors only"
+    if device.type != "cuda":
+        return f"Triton runs on CUDA tensors (on CPU tensors only with TRITON_INTERPRET=1), not {device.type}"
+    key = _cuda_key(device)
+    if key not in _triton_cuda:
         with _lock:
-            if "cuda_ok" not in _triton_state:
-                _triton_state["cuda_ok"], _triton_state["cuda_error"] = _probe_triton_cuda(mod)
-    return None if _triton_state["cuda_ok"] else str(_triton_state["cuda_error"])
+            if key not in _triton_cuda:
+                _triton_cuda[key] = _probe_triton_cuda(mod, torch.device(key))
+    ok, why = _triton_cuda[key]
+    return None if ok else f"{key}: {why}"
 
 
-def _probe_triton_cuda(mod: ModuleType) -> tuple[bool, str | None]:
-    """Compile and run the encode kernel once on CUDA (a missing compiler or ptxas fails here)."""
+def _probe_triton_cuda(mod: ModuleType, device: torch.device) -> tuple[bool, str | None]:
+    """Compile and run the encode kernel once on `device` (a missing compiler or ptxas fails here)."""
     try:
         if not torch.cuda.is_available():
             return False, "no CUDA device"
-        x = torch.linspace(-3, 3, 1001, device="cuda")
-        cmp = torch.tensor([-1.0, 0.0, 1.0], device="cuda")
+        x = torch.linspace(-3, 3, 1001, device=device)
+        cmp = torch.tensor([-1.0, 0.0, 1.0], device=device)
         got = mod.encode(x, cmp, 2, 0)
         if not torch.equal(got.cpu(), _encode_torch(x.cpu(), cmp.cpu(), 2, 0)):
             return False, "the Triton encode kernel disagrees with the reference codec on this device"
@@ -326,11 +383,12 @@ def _probe_triton_cuda(mod: ModuleType) -> tuple[bool, str | None]:
         return False, f"the Triton kernels failed to compile or run ({type(exc).__name__}: {exc})"
 
 
-def _auto(device_type: str) -> str:
-    if device_type == "cpu":
+def _auto(device: str | torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cpu":
         return "native" if _native.available() else "torch"
-    if device_type == "cuda":
-        why = _triton_why_not("cuda")
+    if device.type == "cuda":
+        why = _triton_why_not(device)
         if why is None:
             return "triton"
         _note(f"tightfit few-bit: the Triton kernels are unavailable for CUDA tensors ({why}); "
@@ -341,33 +399,32 @@ def _auto(device_type: str) -> str:
 def backend(device: str | torch.device | None = None) -> str:
     """The name of the backend ('torch', 'native' or 'triton') the next few-bit op on `device` will use.
 
-    `device` defaults to "cuda" where CUDA is available, else "cpu". Raises ValueError naming the valid
-    values when ``TIGHTFIT_FEWBIT_BACKEND`` holds anything else.
+    `device` defaults to "cuda" where CUDA is available, else "cpu" (an index-less "cuda" means the
+    current device). Triton's availability is probed once per CUDA device. Raises ValueError naming the
+    valid values when ``TIGHTFIT_FEWBIT_BACKEND`` holds anything else.
     """
-    if device is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device_type = torch.device(device).type
+    dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    device_type = dev.type
     req = _requested()
     if req == "torch":
         return "torch"
     if req == "triton":
-        why = _triton_why_not(device_type)
+        why = _triton_why_not(dev)
         if why is None:
             return "triton"
-        chosen = _auto(device_type)
+        chosen = _auto(dev)
         _note(f"tightfit few-bit: backend 'triton' was requested but cannot run on {device_type} tensors "
               f"({why}); using '{chosen}'")
         return chosen
     if req == "native":
         if device_type == "cpu" and _native.available():
             return "native"
-        chosen = _auto(device_type)
+        chosen = _auto(dev)
         why = _native.build_error() if device_type == "cpu" else "the C kernels run on the CPU only"
         _note(f"tightfit few-bit: backend 'native' was requested but cannot run on {device_type} tensors "
               f"({why}); using '{chosen}'")
         return chosen
-    return _auto(device_type)
+    return _auto(dev)
 
 
 def get_backend(device: str | torch.device | None = None) -> str:
@@ -479,8 +536,20 @@ def decode_mul(
 ) -> torch.Tensor:
     """grad * levels[code] (levels rounded to grad's dtype), contiguous, grad's shape. With `scale` (same
     shape and dtype): ``levels[code] * (grad * scale)``, exactly as those two torch products round, in
-    one pass (a gated unit's backward) instead of a temporary for ``grad * scale``."""
+    one pass (a gated unit's backward) instead of a temporary for ``grad * scale``.
+
+    A `scale` of another shape, dtype or device raises ValueError on every backend (no broadcasting or
+    type promotion: the op's contract does not depend on the backend); form ``grad * scale`` first.
+    """
     bits = check_bits(bits)
+    if scale is not None and (
+        scale.shape != grad.shape or scale.dtype != grad.dtype or scale.device != grad.device
+    ):
+        raise ValueError(
+            f"decode_mul: scale must have grad's shape, dtype and device ({tuple(grad.shape)}, {grad.dtype}, "
+            f"{grad.device}), got ({tuple(scale.shape)}, {scale.dtype}, {scale.device}); pass "
+            "scale=None with grad * scale instead"
+        )
     if _native_ok(grad):
         return _native.decode_mul(packed, levels, grad, bits, scale)
     if (tri := _triton_for(grad)) is not None:

@@ -15,7 +15,13 @@ from torch import Tensor
 from tightfit.fewbit.activations import spec_for_name
 from tightfit.fewbit.config import DEFAULT_BITS
 from tightfit.fewbit.gated import geglu, swiglu
-from tightfit.fewbit.ops import apply_named, apply_tensors, forward_key, register_forward, table_tensors
+from tightfit.fewbit.ops import (
+    apply_named,
+    apply_tensors,
+    cached_table_tensors,
+    forward_key,
+    register_forward,
+)
 from tightfit.fewbit.tables import Table
 
 __all__ = [
@@ -51,15 +57,16 @@ def activation(
 ) -> Tensor:
     """Registry activation `name` (torch or ACT2FN name, e.g. "gelu_new") of x with a few-bit backward.
 
-    With ``table=`` (e.g. calibrated) the table's tensors are made on every call; prefer the module form
-    (`tightfit.fewbit.modules.FewBitActivation`) for that, especially under torch.compile.
+    With ``table=`` (e.g. calibrated) the table's tensors are made once per table and reused (inside
+    torch.compile they are made on every call: prefer the module form,
+    `tightfit.fewbit.modules.FewBitActivation`, there).
     """
     if table is None:
         return apply_named(x, name, bits, params)
     spec = spec_for_name(name)
     p = spec.params(**params)
     key = register_forward(forward_key(spec.name, p), functools.partial(spec.fn, **p))
-    return apply_tensors(x, key, table_tensors(table), table.bits, table.right, table.nan_code)
+    return apply_tensors(x, key, cached_table_tensors(table), table.bits, table.right, table.nan_code)
 
 
 def _no_inplace(inplace: bool) -> None:

@@ -31,9 +31,12 @@ from tightfit.fewbit.lookup import get_table
 from tightfit.fewbit.ops import (
     _lookup,
     backward_gather,
+    cached_table_tensors,
     forward_and_encode,
     forward_key,
     named_table_constants,
+    named_tensors,
+    on_device,
     register_forward,
     table_tensors,
 )
@@ -118,14 +121,12 @@ def gated(a: Tensor, b: Tensor, name: str, bits: int = DEFAULT_BITS, table: Tabl
         key, borders_c, levels_c, tbits, right, nan_code = named_table_constants(
             spec_for_name(name).name, bits, (), a.dtype
         )
-        cmp = torch.float64 if a.dtype == torch.float64 else torch.float32
-        borders = torch.tensor(borders_c, dtype=cmp, device=a.device)
-        levels = torch.tensor(levels_c, dtype=torch.float64, device=a.device)
+        borders, levels = named_tensors(borders_c, levels_c, a.dtype, a.device)
     else:
         spec = spec_for_name(name)
         key = register_forward(forward_key(spec.name), spec.fn)
-        borders, levels = table_tensors(table)[a.dtype]
-        borders, levels = borders.to(a.device), levels.to(a.device)
+        borders, levels = cached_table_tensors(table)[a.dtype]
+        borders, levels = on_device(borders, a.device), on_device(levels, a.device)
         tbits, right, nan_code = table.bits, tuple(table.right), table.nan_code
     return _apply(a, b, key, borders, levels, tbits, right, nan_code)
 
@@ -195,8 +196,7 @@ class FewBitGatedMLP(torch.nn.Module):
                 f"gate_proj and up_proj outputs differ in shape: {tuple(a.shape)}, {tuple(b.shape)}"
             )
         borders, levels = self._consts[a.dtype]
-        if borders.device != a.device:
-            borders, levels = borders.to(a.device), levels.to(a.device)
+        borders, levels = on_device(borders, a.device), on_device(levels, a.device)
         t = self.table
         return self.down_proj(_apply(a, b, self._key, borders, levels, t.bits, t.right, t.nan_code))
 

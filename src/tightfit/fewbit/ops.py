@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import functools
 import json
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from tightfit.fewbit import codec
 from tightfit.fewbit.activations import spec_for_name
@@ -38,9 +40,12 @@ __all__ = [
     "apply_named",
     "named_table_constants",
     "table_tensors",
+    "cached_table_tensors",
     "register_forward",
     "forward_key",
     "forward_and_encode",
+    "on_device",
+    "named_tensors",
     "DOUBLE_BACKWARD_ERROR",
 ]
 
@@ -211,9 +216,26 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def table_tensors(table: Any) -> dict[torch.dtype, tuple[Tensor, Tensor]]:
     """{input dtype: (borders to compare with, float64 levels)} of a `Table` on CPU, for every float dtype.
 
-    Made once, eagerly (modules do it at construction), so compiled code only reads constants.
+    Made once, eagerly (modules do it at construction), so compiled code only reads constants; made as
+    normal tensors even under inference mode (a module built there must still train).
     """
-    return {dt: (table.borders_for(dt), table.levels.clone()) for dt in FLOAT_DTYPES}
+    with torch.inference_mode(False):
+        return {dt: (table.borders_for(dt), table.levels.clone()) for dt in FLOAT_DTYPES}
+
+
+_table_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_table_tensors(table: Any) -> dict[torch.dtype, tuple[Tensor, Tensor]]:
+    """`table_tensors` of `table`, made once per table (a Table is immutable) so that repeated calls with
+    the same ``table=`` reuse the same constants (and their device copies, see `on_device`)."""
+    if torch.compiler.is_compiling():
+        return table_tensors(table)
+    consts = _table_cache.get(table)
+    if consts is None:
+        with torch.inference_mode(False):
+            consts = _table_cache.setdefault(table, table_tensors(table))
+    return consts
 
 
 def apply_tensors(
@@ -230,9 +252,67 @@ def apply_tensors(
     if x.dtype not in consts:
         raise TypeError(f"few-bit activations need a float16/bfloat16/float32/float64 input, got {x.dtype}")
     borders, levels = consts[x.dtype]
-    if borders.device != x.device:
-        borders, levels = borders.to(x.device), levels.to(x.device)
+    borders, levels = on_device(borders, x.device), on_device(levels, x.device)
     return fewbit_apply(x, key, borders, levels, bits, right, nan_code)
+
+
+# CPU table constant -> {device: (its in-place version, its copy on that device)}
+_device_copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _copy_to(t: Tensor, device: torch.device) -> Tensor:
+    """The one host-to-device copy of a table constant (a function of its own so tests can count it)."""
+    with torch.inference_mode(False), torch.no_grad():  # a copy made under inference mode stays usable
+        return t.to(device)
+
+
+def on_device(t: Tensor, device: torch.device) -> Tensor:
+    """Table constant `t` (borders or levels, on the CPU) on `device`: t itself where it is there already,
+    else its copy there, made once per constant and device and reused while t lives unmodified.
+
+    Copying the constants to a GPU on every op would be a host-to-device copy (a host sync) per op; the
+    cache makes it one per module, dtype and device. Inside torch.compile or a dispatch mode (fake
+    tensors) the copy is made each call and never cached. The copy is shared: do not modify it.
+    """
+    if t.device == device:
+        return t
+    if torch.compiler.is_compiling():
+        return t.to(device)
+    version = codec._version(t) if codec._plain(t) else None
+    if version is None:
+        return t.to(device)
+    per = _device_copies.get(t)
+    hit = None if per is None else per.get(device)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    copy = _copy_to(t, device)
+    if per is None:
+        per = _device_copies.setdefault(t, {})
+    per[device] = (version, copy)
+    return copy
+
+
+def named_tensors(
+    borders: tuple[float, ...], levels: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(borders in the comparison dtype of `dtype` inputs, float64 levels) on `device`, from the plain
+    constants of `named_table_constants`: made once per table, dtype and device and reused (see
+    `on_device`), made afresh inside torch.compile or a dispatch mode."""
+    cmp = torch.float64 if dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling() or codec._python_dispatch._get_current_dispatch_mode() is not None:
+        return (torch.tensor(borders, dtype=cmp, device=device),
+                torch.tensor(levels, dtype=torch.float64, device=device))
+    return _named_tensors(borders, levels, cmp, torch.device(device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _named_tensors(
+    borders: tuple[float, ...], levels: tuple[float, ...], cmp: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    with torch.inference_mode(False), torch.no_grad():
+        b = _copy_to(torch.tensor(borders, dtype=cmp), device)
+        lv = _copy_to(torch.tensor(levels, dtype=torch.float64), device)
+    return b, lv
 
 
 @torch.compiler.assume_constant_result
@@ -269,8 +349,5 @@ def apply_named(x: Tensor, name: str, bits: int, params: dict[str, Any] | None =
     key, borders, levels, tbits, right, nan_code = named_table_constants(
         name, bits, tuple(sorted((params or {}).items())), x.dtype
     )
-    b = torch.tensor(
-        borders, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
-    )
-    lv = torch.tensor(levels, dtype=torch.float64, device=x.device)
+    b, lv = named_tensors(borders, levels, x.dtype, x.device)
     return fewbit_apply(x, key, b, lv, tbits, right, nan_code)

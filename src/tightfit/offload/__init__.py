@@ -1,11 +1,11 @@
 """Offload what a model's blocks save for backward to host memory, overlapped with compute.
 
 ``tightfit.convert_(model, tightfit.Offload())`` wraps the model's blocks (``report.undo()`` unwraps them);
-``with tightfit.offload.offloading(model): loss = model(x)`` does it for a region of code. Copies run on a
-side stream into an exact-size pinned host pool reused across steps; the backward fetches block i-1 back
-while block i's backward runs. Parameters, buffers, small tensors and what the last block saves stay.
-The device specifics sit behind `Target` (`CudaTarget`; `SimulatedTarget` runs the mechanism on the CPU
-for tests and dry runs). docs/offload.md has the contract of the planner-facing API.
+``with tightfit.offload.offloading(model): loss = model(x)`` does it for a region of code. Copies run on
+a side stream into a pinned host pool of exact-size buffers reused across steps; the backward fetches
+block i-1 back while block i's backward runs. Parameters, buffers, small tensors and what the last block
+saves stay. The device specifics sit behind `Target` (`CudaTarget`; `SimulatedTarget` runs the mechanism
+on the CPU for tests and dry runs). docs/offload.md has the contract of the planner-facing API.
 """
 
 from tightfit.offload.config import Offload

@@ -24,9 +24,10 @@ class Offload:
 
     ``tightfit.convert_(model, Offload())`` wraps the model's blocks (or the ones passed with
     ``blocks=``); tensors a block saves move to host on a side stream while the next block computes, and
-    come back one block ahead in the backward. Never moved: parameters, buffers, tensors sharing their
-    storage (views, FSDP2's gathered parameters), parameter casts (autocast), tensors smaller than
-    ``min_bytes``, and what the last ``keep_last`` blocks save (the backward reads it first).
+    come back one block ahead in the backward. Tensors move per storage: a saved view moves its whole
+    base storage, once. Never moved: parameters, buffers and views of them (FSDP2's gathered parameters
+    included), parameter casts (autocast), conjugate/negative views, storages smaller than ``min_bytes``,
+    and what the last ``keep_last`` blocks save (the backward reads it first).
 
     - ``min_bytes``: storages smaller than this stay on the device (int or size string, "256KiB").
     - ``keep_last``: how many of the last blocks run before the backward are not offloaded.
@@ -34,8 +35,9 @@ class Offload:
       waits for the oldest (bounds device memory held by unfinished copies).
     - ``prefetch``: blocks fetched back ahead of the backward's position (block i-1 ... i-prefetch
       start coming back when block i's backward starts).
-    - ``max_host_bytes``: the most host memory the pool may hold (None: unbounded); exceeding it is a
-      clear error, before converting when ``convert_`` gets an ``example=`` batch.
+    - ``max_host_bytes``: the most host memory the pool may hold (None: no limit; the pool still releases
+      buffers that stayed free through a whole step); exceeding it is a clear error, before converting
+      when ``convert_`` gets an ``example=`` batch.
     - ``pin``: how host buffers are pinned on CUDA: "register" (exact size), "torch" (torch's caching
       host allocator, rounds to powers of two), "none" (pageable; copies do not overlap).
     - ``host_bandwidth``: bytes/s used by estimates; None measures the device once.
@@ -52,7 +54,7 @@ class Offload:
     max_in_flight: int = 2
     # 1: a block's backward (about twice its forward) hides the copy of one block of the same size
     prefetch: int = 1
-    max_host_bytes: int | str | None = None  # unbounded: host memory is usually many times device memory
+    max_host_bytes: int | str | None = None  # no limit: host memory is usually many times device memory
     pin: str = "register"  # exact-size pinned buffers (torch's pinned allocator rounds 2.25 to 4 GiB)
     host_bandwidth: float | None = None  # measured on first use of an estimate
 

@@ -7,10 +7,13 @@ static (no forward pass), so it is simpler than remat's block finder, which reco
 
 A converted block is a shallow copy of the original whose class is a subclass of the original's
 (``OffloadedGPT2Block`` is a ``GPT2Block``) with ``__call__`` wrapped in the offloader's block scope. It
-holds the same submodules, parameters, buffers and hooks by the same names, so state_dict keys and values
-stay the same and ``report.undo()`` puts the originals back. Wrapping ``__call__``, not ``forward``, puts
-the scope outside a checkpoint the block applies to itself (Hugging Face's ``GradientCheckpointingLayer``),
-so only what the checkpoint keeps is offloaded.
+holds the same submodules, parameters and buffers by the same names, so state_dict keys and values stay
+the same and ``report.undo()`` puts the originals back; it shares the original's hook dicts themselves,
+so a hook registered before converting can be removed after, and one registered while converted stays
+after undo. The generated class pickles as "the offloaded class of <original class>" (``torch.save`` of
+a converted model loads converted, with a fresh offloader of the same settings). Wrapping ``__call__``,
+not ``forward``, puts the scope outside a checkpoint the block applies to itself (Hugging Face's
+``GradientCheckpointingLayer``), so only what the checkpoint keeps is offloaded.
 
 `offloading(model)` does the same for the duration of a ``with`` region by switching the blocks' class in
 place (as FSDP2's ``fully_shard`` does) and switching it back on exit.
@@ -27,13 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tightfit._rng import forked_rng
 from tightfit._step import LossFn, call_model
 from tightfit._tree import tensors_of
 from tightfit.convert import ConversionReport, FilterFn, register_converter, replace_module
 from tightfit.errors import UserError
 from tightfit.offload.config import Offload
 from tightfit.offload.engine import HostBudgetExceeded, NestedOffload, Offloader
+from tightfit.offload.estimate import unchanged
 from tightfit.offload.target import SimulatedTarget, Target, available, target_for
 from tightfit.sizes import format_size
 
@@ -116,6 +119,30 @@ def _block_paths(model: nn.Module, blocks: Sequence[str | nn.Module] | None) -> 
     return paths
 
 
+def _full_backward_hook_owner(module: nn.Module) -> nn.Module:
+    return module.__dict__.get("_tightfit_original", module)
+
+
+def _get_full_backward_hook(self: nn.Module) -> Any:
+    return _full_backward_hook_owner(self).__dict__.get("_is_full_backward_hook")
+
+
+def _set_full_backward_hook(self: nn.Module, value: Any) -> None:
+    _full_backward_hook_owner(self).__dict__["_is_full_backward_hook"] = value
+
+
+def _new_offloaded(cls: type) -> nn.Module:
+    """Unpickling: an empty instance of the offloaded class of `cls` (its state is set after)."""
+    sub = _offloaded_class(cls)
+    return sub.__new__(sub)
+
+
+def _reduce_offloaded(self: nn.Module, protocol: int) -> Any:
+    """Pickle a converted block as "the offloaded class of <its original class>" plus its state: the
+    generated class is made again on load (it is not importable by name)."""
+    return (_new_offloaded, (type(self).__bases__[0],), dict(self.__dict__))
+
+
 def _offloaded_class(cls: type) -> type:
     sub = _CLASSES.get(cls)
     if sub is None:
@@ -127,8 +154,16 @@ def _offloaded_class(cls: type) -> type:
             with offloader.block(self.__dict__["_tightfit_block"]):
                 return super(sub, self).__call__(*args, **kwargs)
 
-        sub = type(f"Offloaded{cls.__name__}", (cls,), {"__call__": __call__, "__module__": __name__,
-                                                          "__qualname__": f"Offloaded{cls.__qualname__}"})
+        namespace = {
+            "__call__": __call__,
+            "__module__": __name__,
+            "__qualname__": f"Offloaded{cls.__qualname__}",
+            "__reduce_ex__": _reduce_offloaded,
+            # register_full_backward_hook sets this flag; it lives with the original module, which shares
+            # its hook dicts with the copy, so a full backward hook added while converted survives undo
+            "_is_full_backward_hook": property(_get_full_backward_hook, _set_full_backward_hook),
+        }
+        sub = type(f"Offloaded{cls.__name__}", (cls,), namespace)
         _CLASSES[cls] = sub
     return sub
 
@@ -146,11 +181,15 @@ def offloader_of(model: nn.Module) -> Offloader | None:
 
 
 def _converted_copy(old: nn.Module, offloader: Offloader, name: str) -> nn.Module:
+    """The converted block: the original's hook dicts themselves (a hook registered before can be removed
+    after, and one registered while converted stays after undo), its own containers of parameters,
+    buffers and children holding the same objects (so replacing one while converted is caught by undo)."""
     cls = _offloaded_class(type(old))
     new = cls.__new__(cls)
     for key, value in old.__dict__.items():
-        # own containers (parameters, buffers, children, hooks) holding the same objects
-        new.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set)) else value
+        shared = "hook" in key or not isinstance(value, (dict, set))
+        new.__dict__[key] = value if shared else copy.copy(value)
+    new.__dict__["_tightfit_original"] = old
     new.__dict__["_tightfit_offloader"] = offloader
     new.__dict__["_tightfit_block"] = name
     return new
@@ -220,16 +259,16 @@ def estimate_host_bytes(
 ) -> tuple[int, list[tuple[str, int]]]:
     """Host bytes one forward on `example` would offload, and the bytes per block call (in order).
 
-    Runs the forward once with nothing moved (every RNG restored after), applying the same rules as the
-    real run, the last ``keep_last`` block calls included in the list but not in the total.
+    Runs the forward once with nothing moved (every RNG and the model's buffers, BatchNorm statistics
+    included, restored after: `unchanged`), applying the same rules as the real run, the last
+    ``keep_last`` block calls included in the list but not in the total.
     """
     del loss_fn  # the forward alone saves what the backward reads
     config = config if config is not None else Offload()
     paths = _block_paths(model, blocks)
     target = resolve_target(model, config, target)
     dry = Offloader(config, target, protect=model, dry_run=True)
-    params = list(tensors_of(model))
-    with forked_rng(params), _swapped(model, paths, dry), torch.enable_grad():
+    with unchanged(model), _swapped(model, paths, dry), torch.enable_grad():
         out = call_model(model, example)
         del out
     planned = list(dry.planned)

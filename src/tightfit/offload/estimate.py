@@ -12,7 +12,8 @@ The model (one block of a chain, copies on one side stream):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,37 @@ from tightfit.offload.engine import Offloader
 from tightfit.offload.target import Target
 
 __all__ = ["BlockEstimate", "copy_seconds", "estimate_block", "exposed_seconds", "host_bandwidth"]
+
+
+@contextlib.contextmanager
+def unchanged(objs: Any) -> Iterator[None]:
+    """Run a forward that must leave no trace: every RNG (`forked_rng`), the modules' buffers (values and
+    objects: BatchNorm's running statistics and counters, caches a forward rebinds), which parameter
+    objects they hold, and the values of the plain tensors in `objs` are put back on exit. Parameter
+    values are not copied (a forward does not write them; a copy would double the model's memory)."""
+    items = [objs] if isinstance(objs, (torch.nn.Module, torch.Tensor)) else (
+        list(objs) if isinstance(objs, (list, tuple)) else [])
+    modules = [m for m in items if isinstance(m, torch.nn.Module)]
+    slots = []  # (dict holding it, name, the tensor object, a copy of its values or None)
+    for root in modules:
+        for module in root.modules():
+            for name, t in module._buffers.items():
+                slots.append((module._buffers, name, t, None if t is None else t.detach().clone()))
+            for name, p in module._parameters.items():
+                slots.append((module._parameters, name, p, None))
+    rest = [i for i in items if not isinstance(i, torch.nn.Module)]
+    plain = [(t, t.detach().clone()) for t in tensors_of(rest)]
+    with forked_rng(list(tensors_of(objs))):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for table, name, t, values in slots:
+                    table[name] = t
+                    if values is not None:
+                        t.copy_(values)
+                for t, values in plain:
+                    t.copy_(values)
 
 
 @dataclass(frozen=True)
@@ -45,9 +77,10 @@ def estimate_block(
     protect: Any = (),
 ) -> BlockEstimate:
     """Run ``fn()`` (one block's forward, e.g. ``lambda: block(x)``) with nothing moved and return what an
-    offload scope around it would move. RNGs are restored afterwards; the graph is dropped."""
+    offload scope around it would move. RNGs, and the buffers and parameters of the modules in `protect`
+    (BatchNorm statistics), are restored afterwards (`unchanged`); the graph is dropped."""
     dry = Offloader(config, target, protect=protect, dry_run=True)
-    with forked_rng(list(tensors_of(protect))), torch.enable_grad(), dry.block("estimate"):
+    with unchanged(protect), torch.enable_grad(), dry.block("estimate"):
         out = fn()
     del out
     moved = dry.planned[-1][1] if dry.planned else 0

@@ -5,7 +5,8 @@ The engine (`tightfit.offload.engine`) never touches streams, events or pinned m
 buffer of an exact size (`alloc_host` / `free_host`), an asynchronous device-to-host copy that returns an
 event (`to_host`), an asynchronous host-to-device copy that returns the new device storage and an event
 (`to_device`), and event handling (`done`, `synchronize`, `wait`: the compute stream waits on an event,
-the host does not).
+the host does not). Copies run in the order they are issued (one side stream), so a host buffer can be
+reused for a copy out while an earlier copy back from it may still be running.
 
 - `CudaTarget`: copies on one side stream, CUDA events, host buffers pinned at their exact size with
   ``cudaHostRegister`` (torch's pinned allocator rounds every request up to a power of two).
@@ -16,7 +17,9 @@ the host does not).
 
 NOTE [ No early free ]: a copy reads a device storage that the engine keeps referenced until the copy's
 event has completed. `SimulatedTarget` holds the source only through a weak reference, so a storage freed
-before its (deferred) copy runs is caught as a race (`SimulatedTarget.races`, and a RuntimeError).
+before its (deferred) copy runs is caught as a race (`SimulatedTarget.races`, and a RuntimeError). Host
+buffers likewise: `SimulatedTarget.free_host` raises when a queued copy still reads or writes the buffer
+(a prefetch that was never waited on must finish before its buffer is unpinned and freed).
 """
 
 from __future__ import annotations
@@ -109,8 +112,14 @@ class CudaTarget(Target):
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if self.pin == "register" and nbytes > 0:
             # flag 1 = cudaHostRegisterPortable (pinned for every CUDA context), as torch's own helper
-            code = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 1))
+            cudart = torch.cuda.cudart()
+            code = int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 1))
             if code != 0:
+                # the failed call leaves CUDA's sticky "last error" set; clear it where the binding has
+                # cudaGetLastError, so a later unrelated check does not report it
+                clear = getattr(cudart, "cudaGetLastError", None)
+                if clear is not None:
+                    clear()
                 raise RuntimeError(
                     f"cudaHostRegister of a {nbytes}-byte host buffer failed (cudaError {code}); "
                     "use CudaTarget(pin='torch') to pin through torch's allocator instead"
@@ -119,7 +128,16 @@ class CudaTarget(Target):
 
     def free_host(self, buf: torch.Tensor) -> None:
         if self.pin == "register" and buf.numel() > 0:
-            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+            code = int(torch.cuda.cudart().cudaHostUnregister(buf.data_ptr()))
+            if code != 0:
+                raise RuntimeError(f"cudaHostUnregister of a {buf.numel()}-byte host buffer failed "
+                                   f"(cudaError {code})")
+
+    def __getstate__(self) -> dict[str, Any]:  # a stream does not pickle: the copy makes its own
+        return {"device": str(self.device), "pin": self.pin}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["device"], pin=state["pin"])  # type: ignore[misc]
 
     def to_host(self, storage: torch.UntypedStorage, host: torch.Tensor) -> torch.cuda.Event:
         side = self._side
@@ -192,8 +210,9 @@ class SimulatedTarget(Target):
     ``copy_delay``: a copy runs only when an event is waited on (`synchronize`, `wait`) or after this many
     `done` polls of its event; 0 runs it at the first poll. ``bandwidth``: bytes per second reported to
     estimates (nothing is slowed down). Counters: ``host_allocs``, ``host_frees``, ``d2h``, ``h2d``
-    (copies run), ``races`` (copies whose source storage had been freed: the engine let go too early;
-    the first raises a RuntimeError);
+    (copies run), ``races`` (copies whose source storage had been freed: the engine let go too early,
+    the first raises a RuntimeError; and host buffers freed while a queued copy still uses them, each
+    raises);
     ``copies`` lists every copy run as (direction, host buffer address, device storage address).
     """
 
@@ -205,7 +224,7 @@ class SimulatedTarget(Target):
         self.device = torch.device("cpu")
         self.copy_delay = copy_delay
         self._bandwidth = float(bandwidth)
-        self._queue: collections.deque[tuple[int, Any]] = collections.deque()
+        self._queue: collections.deque[tuple[int, Any, tuple[int, ...]]] = collections.deque()
         self._issued = 0
         self._ran = 0
         self.host_allocs = 0
@@ -224,15 +243,27 @@ class SimulatedTarget(Target):
 
     def free_host(self, buf: torch.Tensor) -> None:
         self.host_frees += 1
+        ptr = buf.data_ptr()
+        if any(ptr in hosts for _, _, hosts in self._queue):
+            # a copy into or out of this buffer has not run: freeing (unpinning) it now is a race
+            self.races += 1
+            raise RuntimeError("offload race: a host buffer was freed before a copy using it ran")
 
-    def _enqueue(self, fn: Any) -> _SimEvent:
+    def __getstate__(self) -> dict[str, Any]:  # the queue holds closures: the copy starts empty
+        return {"copy_delay": self.copy_delay, "bandwidth": self._bandwidth}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["copy_delay"], state["bandwidth"])  # type: ignore[misc]
+
+    def _enqueue(self, fn: Any, host: torch.Tensor) -> _SimEvent:
         self._issued += 1
-        self._queue.append((self._issued, fn))
+        # the host buffer's address range start (a view into a pool buffer starts where the buffer does)
+        self._queue.append((self._issued, fn, (host.data_ptr(),)))
         return _SimEvent(self)
 
     def _run_until(self, seq: int) -> None:
         while self._queue and self._queue[0][0] <= seq:
-            n, fn = self._queue.popleft()
+            n, fn, _ = self._queue.popleft()
             fn()
             self._ran = n
 
@@ -252,7 +283,7 @@ class SimulatedTarget(Target):
             self.d2h += 1
             self.copies.append(("d2h", host.data_ptr(), st.data_ptr()))
 
-        return self._enqueue(copy)
+        return self._enqueue(copy, host)
 
     def to_device(self, host: torch.Tensor) -> tuple[torch.UntypedStorage, _SimEvent]:
         dev = torch.empty(host.numel(), dtype=torch.uint8)
@@ -262,7 +293,7 @@ class SimulatedTarget(Target):
             self.h2d += 1
             self.copies.append(("h2d", host.data_ptr(), dev.data_ptr()))
 
-        return dev.untyped_storage(), self._enqueue(copy)
+        return dev.untyped_storage(), self._enqueue(copy, host)
 
     def done(self, event: _SimEvent) -> bool:
         if event.complete():

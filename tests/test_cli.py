@@ -186,7 +186,8 @@ def test_demo_sections_on_a_tiny_model(capsys):
     assert "The step peaks at" in out and "Activations saved for the backward pass take" in out
     assert "transformer.h.*" in out  # per-block consumers are folded across blocks
     assert "Nothing was allocated: llama-1b-tiny" in out
-    for variant in ("PyTorch", "FewBit(bits=2)", "Sketch(ratio=0.5)", "rematerialize"):
+    variants = ("PyTorch", "FewBit(bits=2)", "Sketch(ratio=0.5)", "rematerialize", "tightfit.plan (+fewbit)")
+    for variant in variants:
         assert variant in out
 
 

@@ -28,7 +28,9 @@ EVERY_KIND += [Segment(3), IN_SEGMENT]
 
 
 def test_every_option_subclass_is_covered_here() -> None:
-    assert {type(o) for o in EVERY_KIND} == set(Option.__subclasses__())
+    # remat's own kinds (the planner adds ``tightfit.planner.variants.Combined``, tested there)
+    own = {c for c in Option.__subclasses__() if c.__module__ == "tightfit.remat.options"}
+    assert {type(o) for o in EVERY_KIND} == own
 
 
 @pytest.mark.parametrize("option", EVERY_KIND, ids=str)

@@ -161,6 +161,23 @@ def _demo_shrink(args: argparse.Namespace) -> None:
         except tightfit.remat.InfeasibleBudget as err:
             return tightfit.rematerialize(model, batch, err.min_budget, optimizer=optimizer, config=config)
 
+    Prepare = Callable[[torch.nn.Module, torch.optim.Optimizer], torch.nn.Module]
+
+    def one_knob(allow: tuple[str, ...]) -> Prepare:
+        def prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+            activations_free = baseline.peak_bytes - baseline.activations_bytes
+            budget = int(activations_free + 0.5 * baseline.activations_bytes)
+            config = tightfit.remat.RematConfig(options=("store", "recompute"))
+            try:
+                plan = tightfit.plan(model, batch, budget, allow=allow, optimizer=optimizer, config=config)
+            except tightfit.planner.InfeasibleBudget as err:
+                plan = tightfit.plan(
+                    model, batch, err.min_budget, allow=allow, optimizer=optimizer, config=config
+                )
+            return plan.apply_(model)
+
+        return prepare
+
     rows = [("PyTorch", baseline)]
     rows += [
         (name, run(fn))
@@ -168,6 +185,8 @@ def _demo_shrink(args: argparse.Namespace) -> None:
             ("FewBit(bits=2)", fewbit),
             ("Sketch(ratio=0.5)", sketch),
             ("rematerialize", remat),
+            ("tightfit.plan (lossless)", one_knob(("recompute", "offload"))),
+            ("tightfit.plan (+fewbit)", one_knob(("recompute", "offload", "fewbit"))),
         )
     ]
     table = Table(title=f"{args.model}, batch {args.batch}, AdamW: one training step", header_style="bold")
@@ -184,17 +203,59 @@ def _demo_shrink(args: argparse.Namespace) -> None:
             f"{ratio:.2f}x" if ratio is not None else "-",
         )
     Console().print(table)
+    if args.pareto:
+        points = [
+            (name, report.peak_bytes, report.step_time / baseline.step_time)
+            for name, report in rows
+            if report.step_time and baseline.step_time
+        ]
+        pareto_plot(points, args.pareto, title=f"{args.model}: peak vs step time, one training step")
+        print(f"Pareto plot written to {args.pareto}")
     print(
         textwrap.fill(
             "Peaks are exact (live tensors, tightfit.memory); step times are medians of 2 steps on this "
-            "machine and noisy. rematerialize was given half the activations as budget. Few-bit and "
+            "machine and noisy. rematerialize and tightfit.plan were given half the activations as "
+            "budget (tightfit.plan: one knob across the allowed techniques). Few-bit and "
             "randomized layers change the gradients slightly (see docs/benchmarks/sketch.md); "
-            "rematerialization reproduces them bit for bit.",
+            "rematerialization and the lossless plan reproduce them bit for bit.",
             width=100,
             initial_indent="- ",
             subsequent_indent="  ",
         )
     )
+
+
+def pareto_front(points: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+    """The (name, peak, time) points no other point beats on both peak and time, by peak."""
+    ordered = sorted(points, key=lambda p: (p[1], p[2]))
+    front: list[tuple[str, int, float]] = []
+    for point in ordered:
+        if not front or point[2] < front[-1][2]:
+            front.append(point)
+    return front
+
+
+def pareto_plot(points: list[tuple[str, int, float]], path: str, title: str = "") -> None:
+    """Peak (MiB) against step-time ratio of each (name, peak bytes, ratio) point, the Pareto front drawn
+    as a line, into the image ``path`` (matplotlib, imported here only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, peak, ratio in points:
+        ax.scatter(peak / 2**20, ratio)
+        ax.annotate(name, (peak / 2**20, ratio), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    front = pareto_front(points)
+    ax.plot([p[1] / 2**20 for p in front], [p[2] for p in front], "--", color="gray", label="Pareto front")
+    ax.set_xlabel("peak of one training step (MiB, measured)")
+    ax.set_ylabel("step time / PyTorch's")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 DEMO_SECTIONS: list[DemoSection] = [
@@ -210,6 +271,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.set_defaults(batch=4, seq=128)
     p.add_argument("--large", default="gpt2-xl", help="model for the estimate section (default gpt2-xl)")
     p.add_argument("--large-batch", type=int, default=1, metavar="B", help="its batch size (default 1)")
+    p.add_argument(
+        "--pareto", metavar="FILE", help="draw peak against step time of every variant into FILE (png, svg)"
+    )
     p.add_argument(
         "--only",
         action="append",

@@ -1,6 +1,9 @@
-"""``tightfit plan MODEL --budget X``: plan rematerialization for a model and print the plan.
+"""``tightfit plan MODEL --budget X [--allow recompute,fewbit]``: plan a model's training step under a budget.
 
-The plan shows the blocks checkpointed, the option of each, predicted and measured peak and step time, and
+Without ``--allow`` it plans recomputation only (``tightfit.remat.Planner``); with ``--allow`` it plans
+across the named techniques (``tightfit.plan``: recompute, offload, fewbit, sketch) and the table shows
+each block's techniques, kept bytes, extra time and gradient SQNR. The plan shows the blocks checkpointed,
+the option of each, predicted and measured peak and step time, and
 the planning time; a rich progress bar runs while the blocks are measured. ``--plot FILE`` draws live
 memory over one training step without remat and with the plan. ``--estimate`` plans under fake tensors
 with FLOP-based times (``tightfit.remat.estimate_planner``).
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from typing import Any
 
 from tightfit.cli._args import (
     CliError,
@@ -17,7 +21,6 @@ from tightfit.cli._args import (
     add_optimizer_argument,
     factories_from_args,
     optimizer_factory,
-    parse_budget,
 )
 
 HELP = "plan recomputation of MODEL under a memory budget (--budget 2GiB)"
@@ -35,6 +38,19 @@ def configure(p: argparse.ArgumentParser) -> None:
         "memory predicted within 1.2 times the step time without remat",
     )
     add_optimizer_argument(p)
+    p.add_argument(
+        "--allow",
+        metavar="LIST",
+        help="plan across these techniques with tightfit.plan (comma-separated: recompute, offload, fewbit, "
+        "sketch; fewbit and sketch change gradients within a measured SQNR floor); default: recompute only",
+    )
+    p.add_argument(
+        "--min-grad-sqnr",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="with --allow fewbit/sketch: the least gradient SQNR (dB) of a lossy block option",
+    )
     p.add_argument(
         "--estimate",
         action="store_true",
@@ -96,17 +112,47 @@ class _Bar:
         self.progress.update(self.task, description=what, completed=done, total=total)
 
 
-def _overhead_ratio(budget: str) -> float | None:
-    """The step-time ratio of a ``--budget xR``, None for a size or 'min'."""
-    if not budget.lower().startswith("x"):
-        return None
+def _budget(text: str) -> Any:
+    """The ``Budget`` of ``--budget`` (``tightfit.remat.budget``: the forms every planner accepts)."""
+    from tightfit.remat.budget import parse_budget  # only when the command runs
+
     try:
-        ratio = float(budget[1:])
-    except ValueError:
-        ratio = float("nan")
-    if not ratio >= 1.0:
-        raise CliError(f"--budget {budget!r}: a step-time ratio is 'x' and a number >= 1, e.g. x1.2")
-    return ratio
+        return parse_budget(text)
+    except (ValueError, TypeError) as e:
+        raise CliError(f"--budget: {e}") from None
+
+
+def _run_planner(args: argparse.Namespace, budget: Any) -> int:
+    """``--allow``: plan across techniques with ``tightfit.plan`` and print the plan."""
+    from tightfit.errors import UserError
+    from tightfit.planner import InfeasibleBudget, Planner
+    from tightfit.remat import RematConfig
+
+    for flag, given in (("--estimate", args.estimate), ("--compile", args.compile), ("--plot", args.plot)):
+        if given:
+            raise CliError(f"{flag} plans recomputation only: it cannot be combined with --allow")
+    model_factory, batch_factory = factories_from_args(args)
+    make_optimizer = optimizer_factory(args.optimizer)
+    model = model_factory().train()
+    batch = batch_factory()
+    optimizer = make_optimizer(model.parameters()) if make_optimizer is not None else None
+    config = RematConfig(
+        op_level=not args.no_op_level, segments=not args.no_segments, keep_output=not args.free_output
+    )
+    extra = {} if args.min_grad_sqnr is None else {"min_grad_sqnr": args.min_grad_sqnr}
+    with _Bar() as bar:
+        try:
+            planner = Planner(
+                model, batch, allow=args.allow, optimizer=optimizer, config=config, progress=bar, **extra
+            )
+            bar("solving and verifying", 1, 1)
+            plan = planner.plan(budget)
+        except InfeasibleBudget as e:
+            raise CliError(str(e)) from None
+        except UserError as e:
+            raise CliError(f"--allow: {e}") from None
+    print(plan.to_json(indent=1) if args.json else plan)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,10 +161,13 @@ def run(args: argparse.Namespace) -> int:
     # the planner imports torch and measures models: only when the command runs, not for --help
     from tightfit.remat import InfeasibleBudget, Planner, RematConfig, estimate_planner
 
+    budget = _budget(args.budget)
+    if args.allow is not None:
+        return _run_planner(args, budget)
+    if args.min_grad_sqnr is not None:
+        raise CliError("--min-grad-sqnr needs --allow with fewbit or sketch")
     model_factory, batch_factory = factories_from_args(args)
     make_optimizer = optimizer_factory(args.optimizer)
-    ratio = _overhead_ratio(args.budget)
-    budget = None if args.budget == "min" or ratio is not None else parse_budget(args.budget)
     if args.estimate and args.plot:
         raise CliError("--plot needs a real run: it cannot be combined with --estimate")
     if args.estimate and args.compile:
@@ -150,9 +199,7 @@ def run(args: argparse.Namespace) -> int:
         bar("solving and verifying", 1, 1)
         try:
             with mode:
-                if ratio is not None:
-                    budget = planner.budget_for_overhead(ratio)
-                plan = planner.plan(planner.min_budget if budget is None else budget)
+                plan = planner.plan(planner.resolve_budget(budget))
         except InfeasibleBudget as e:
             raise CliError(str(e)) from None
     if args.estimate:

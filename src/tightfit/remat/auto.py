@@ -48,6 +48,7 @@ from tightfit._step import LossFn
 from tightfit.errors import UserError
 from tightfit.remat import execute
 from tightfit.remat.blocks import Blocks
+from tightfit.remat.budget import Budget, parse_budget
 from tightfit.remat.chain import (
     ChainMeasurement,
     ChainModel,
@@ -63,7 +64,7 @@ from tightfit.remat.runner import StepRunner
 from tightfit.remat.search import BudgetSearch, Found
 from tightfit.remat.solvers.chain_costs import Assignment, ChainCosts
 from tightfit.remat.solvers.errors import InfeasibleBudget as _SolverInfeasible
-from tightfit.sizes import format_size, parse_size
+from tightfit.sizes import format_size
 
 __all__ = ["InfeasibleBudget", "Planner", "Progress", "rematerialize"]
 
@@ -226,14 +227,20 @@ class Planner:
             config=self.config,
         )
 
-    def plan(self, budget: int | float | str, *, verify: bool = True, max_rounds: int = 4) -> Plan:
-        """The fastest plan whose measured peak is <= ``budget`` (see the module docstring); the same
-        plan whatever was planned before (NOTE [ Planning is a query ]).
+    def resolve_budget(self, budget: int | float | str | Budget) -> int:
+        """Bytes of any budget form (``tightfit.remat.budget``): a size, "min" (``min_budget``) or "xR"
+        (``budget_for_overhead(R)``)."""
+        return parse_budget(budget).resolve(self.min_budget, self.budget_for_overhead)
+
+    def plan(self, budget: int | float | str | Budget, *, verify: bool = True, max_rounds: int = 4) -> Plan:
+        """The fastest plan whose measured peak is <= ``budget`` (see the module docstring; also "min" and
+        "x1.2": ``resolve_budget``); the same plan whatever was planned before (NOTE [ Planning is a
+        query ]).
 
         Raises ``InfeasibleBudget`` when even the most frugal plan measures over the budget.
         """
         started = time.perf_counter()
-        budget = parse_size(budget)
+        budget = self.resolve_budget(budget)
         m = self.measured
         if budget < m.min_budget:
             raise InfeasibleBudget(budget, m.min_budget)
@@ -343,7 +350,7 @@ class Planner:
 def rematerialize(
     model: torch.nn.Module,
     batch: Any,
-    budget: int | float | str,
+    budget: int | float | str | Budget,
     loss_fn: LossFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     config: RematConfig | None = None,
@@ -354,9 +361,12 @@ def rematerialize(
     """Make ``model`` train within ``budget`` by recomputing activations; returns the model to train.
 
     ``budget`` (bytes, or a size such as ``"2GiB"``) is the absolute live-tensor peak of one full training
-    step on ``batch`` (see the module docstring). The model is patched in place (same object, same
-    parameters, same ``state_dict`` keys; ``tightfit.remat.execute.undo(model)`` removes the plan) and
-    gets a ``.plan`` attribute (``Plan``: predicted ``peak``/``time``, measured ones, the decisions).
+    step on ``batch`` (see the module docstring); ``"min"`` asks for the smallest feasible peak and
+    ``"x1.2"`` for the least memory predicted within 1.2 times the step time without remat (the forms of
+    ``tightfit.remat.budget``, shared with ``tightfit.plan`` and the CLI). The model is patched in place
+    (same object, same parameters, same ``state_dict`` keys; ``tightfit.remat.execute.undo(model)``
+    removes the plan) and gets a ``.plan`` attribute (``Plan``: predicted ``peak``/``time``, measured ones,
+    the decisions).
     Gradients are bit-identical to the unmodified model's, dropout included. In ``eval()`` mode or under
     ``torch.no_grad()`` nothing is recomputed. Call it in the context you train in (same autocast, same
     batch shapes): the plan is measured there. Hugging Face models get ``config.use_cache = False``.
@@ -391,6 +401,6 @@ def rematerialize(
     compiler recomputes dropout with other random numbers at low budgets) when that measures faster.
     The budget is read when the model's own forward is traced: compile the model, not its submodules.
     """
-    budget = parse_size(budget)  # a bad budget is refused before anything is measured or changed
+    budget = parse_budget(budget)  # a bad budget is refused before anything is measured or changed
     planner = Planner(model, batch, loss_fn, optimizer, config, progress=progress)
     return planner.apply(planner.plan(budget, verify=verify))

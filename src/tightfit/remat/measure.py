@@ -109,26 +109,62 @@ class _Run:
         return run_call(self.group.module, self.forward, self.option, self.args, self.kwargs, self.norms)
 
 
+def accelerator_key(tensors: Any) -> str | None:
+    """The ruler's key (``"cuda:0"``) of the first accelerator tensor among ``tensors``, None when all are
+    on the CPU: on an accelerator, memory is measured on that device alone (what offload moves to the
+    host leaves the device's budget)."""
+    for t in leaves(tensors):
+        if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
+            return f"{t.device.type}:{t.device.index or 0}"
+    return None
+
+
+class _Level:
+    """Live bytes and peak of a tracker, in total (CPU) or on one accelerator."""
+
+    def __init__(self, t: LiveTracker, device: str | None) -> None:
+        self.t, self.device = t, device
+
+    @property
+    def current(self) -> int:
+        if self.device is None or self.device not in self.t.current_by_device:
+            return self.t.current
+        return self.t.current_by_device[self.device]
+
+    @property
+    def peak(self) -> int:
+        if self.device is None or self.device not in self.t.peak_by_device:
+            return self.t.peak
+        return self.t.peak_by_device[self.device]
+
+    def reset_peak(self) -> None:
+        self.t.peak = self.t.current
+        if self.device is not None:
+            self.t.peak_by_device[self.device] = self.current
+
+
 def _measure_memory(run: _Run) -> tuple[int, int, int, list[torch.Tensor | None]]:
     for p in run.params:
         p.grad = None
+    device = accelerator_key([list(run.group.module.parameters()), run.args, run.kwargs])
     # the block's parameters and buffers exist before it runs: tracked from the start, so that a view of
     # a weight (nn.Linear's ``weight.t()``) is not counted as a new tensor the block keeps
     with LiveTracker(track=[run.args, run.kwargs, run.group.module]) as t:
+        level = _Level(t, device)
         t.phase = "forward"
-        base = t.current
-        t.peak = t.current
+        base = level.current
+        level.reset_peak()
         out = run.fwd()
         outs = _differentiable(out)
-        keep = t.current - base
-        fwd_peak = t.peak - base
+        keep = level.current - base
+        fwd_peak = level.peak - base
         grads = run.grad_outputs(outs)
-        start = t.current
-        t.peak = t.current
+        start = level.current
+        level.reset_peak()
         t.phase = "backward"
         if outs:
             torch.autograd.backward(outs, grads)
-        bwd_peak = t.peak - start
+        bwd_peak = level.peak - start
         del out, outs, grads
     result = [p.grad for p in run.params] + [x.grad for x in run.inputs()]
     for p in run.params:

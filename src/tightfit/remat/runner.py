@@ -26,7 +26,7 @@ from tightfit.memory import LiveTracker
 from tightfit.memory.profile import ensure_optimizer_state
 from tightfit.remat import execute
 from tightfit.remat.blocks import Blocks, find_blocks
-from tightfit.remat.measure import step_cost
+from tightfit.remat.measure import accelerator_key, step_cost
 from tightfit.remat.options import Option
 from tightfit.remat.segments import SegmentError
 
@@ -88,11 +88,20 @@ class StepRunner:
         self.timing_reps = timing_reps
         self.flop_rate = flop_rate
         self.reference_grads: list[torch.Tensor | None] | None = None  # of the no-remat step, GRAD_SEED
+        self.last_grads: list[torch.Tensor | None] | None = None  # of the last step measured with "keep"
         self._runner: torch.nn.Module = model  # what the steps call (the compiled model, or it)
 
     @property
     def on_accelerator(self) -> bool:
         return any(p.device.type != "cpu" for p in self.model.parameters())
+
+    def device_peak(self, tracker: LiveTracker) -> int:
+        """The step's peak as budgets count it: on the model's accelerator alone when it has one (what
+        offload moves to the host leaves the device's budget), in total on the CPU."""
+        if not self.on_accelerator:
+            return tracker.peak
+        device = accelerator_key(list(self.model.parameters()))
+        return tracker.peak_by_device.get(device, tracker.peak) if device is not None else tracker.peak
 
     @property
     def fake(self) -> bool:
@@ -170,7 +179,8 @@ class StepRunner:
         the compiler budget ``compile_budget`` (``execute.apply``); -1 / nan for what was not asked.
 
         ``grads="capture"`` keeps the step's gradients as the reference, ``grads="check"`` raises
-        ``SegmentError`` unless they equal it bit for bit (both seed the RNG alike). The model is
+        ``SegmentError`` unless they equal it bit for bit, ``grads="keep"`` keeps them in ``last_grads``
+        (all three seed the RNG alike). The model is
         restored afterwards (parameters, optimizer state, RNGs, grads).
         """
         with self.restoring():
@@ -181,9 +191,13 @@ class StepRunner:
                     self._runner = self._compiled()
                 if grads is not None:
                     torch.manual_seed(GRAD_SEED)
-                peak = self.tracked_step().peak if tracked or grads else -1
+                peak = self.device_peak(self.tracked_step()) if tracked or grads else -1
                 if grads == "capture":
                     self.reference_grads = [
+                        None if p.grad is None else p.grad.clone() for p in self.model.parameters()
+                    ]
+                elif grads == "keep":
+                    self.last_grads = [
                         None if p.grad is None else p.grad.clone() for p in self.model.parameters()
                     ]
                 elif grads == "check":

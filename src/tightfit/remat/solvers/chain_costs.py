@@ -76,6 +76,9 @@ class OptionCost:
     fwd_time: float
     bwd_time: float
     exact: bool = True
+    # its extra time over store may be negative (a conversion that runs faster than plain autograd);
+    # recompute options are clamped at zero (timed alone they can measure faster than storing)
+    may_save_time: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "option": self.option.key}
@@ -100,6 +103,8 @@ def _costed(option: Option) -> Option:
         case InSegment():
             return STORE
         case Store() | Recompute() | SavePolicy() | KeepOps():
+            return option
+        case Option():  # any other measured option (a planner's combined ones): costed as itself
             return option
     raise TypeError(f"not a remat option: {option!r}")
 
@@ -130,7 +135,8 @@ class ChainCosts:
         if isinstance(option, (Segment, InSegment)):
             option = RECOMPUTE  # every block of a segment is recomputed once
         c, s = self.costs[i][option], self.costs[i][STORE]
-        return self.time_scale * max(0.0, c.fwd_time + c.bwd_time - s.fwd_time - s.bwd_time)
+        extra = c.fwd_time + c.bwd_time - s.fwd_time - s.bwd_time
+        return self.time_scale * (extra if c.may_save_time else max(0.0, extra))
 
     def keep(self, i: int, option: Option) -> int:
         """Bytes block i keeps for the backward under ``option`` (a segment keeps its entry only)."""
@@ -274,8 +280,10 @@ class ChainCosts:
         # choice[j][k]: how the state (j blocks done, keep slot k) was reached: option index + 1 for a
         # single block, -length for a segment ending at block j - 1; 0: unreachable
         choice = np.zeros((n + 1, size), dtype=np.int16)
-        recompute_extra = np.concatenate(
-            [[0.0], np.cumsum([self.extra_time(m, RECOMPUTE) for m in range(n)])]
+        recompute_extra = (
+            np.concatenate([[0.0], np.cumsum([self.extra_time(m, RECOMPUTE) for m in range(n)])])
+            if lengths
+            else np.zeros(n + 1)
         )
 
         def relax(j: int, keep: float, term: float, extra: float, code: int) -> None:
@@ -323,7 +331,8 @@ class ChainCosts:
         if not np.isfinite(fastest):
             return None
         # the DP's last row is the fastest plan per kept amount: the least kept within the tolerance
-        k = int(np.flatnonzero(final <= fastest + self.keep_tolerance * (self.base_time + fastest))[0])
+        within = fastest + self.keep_tolerance * max(self.base_time + fastest, 0.0)
+        k = int(np.flatnonzero(final <= within)[0])
         plan: Assignment = []
         j = n
         while j > 0:

@@ -106,8 +106,10 @@ def apply(technique: str, model: nn.Module, local: dict, budget: int | None, par
         assert report.converted, "sketch converted nothing"
     elif technique == "remat":
         plan_opt = torch.optim.AdamW(model.parameters())
-        # FSDP2: every checkpoint region inside one block, which is one fully_shard unit
-        config = tightfit.RematConfig(segments=parallel != "fsdp2")
+        # FSDP2: every checkpoint region inside one block, which is one fully_shard unit. Block times from
+        # FLOP counts, not clocks: every run and every rank makes the same plan (with measured times the
+        # plan, and with it the observed step's peak, varied from run to run)
+        config = tightfit.RematConfig(segments=parallel != "fsdp2", flop_rate=1e10)
         tightfit.rematerialize(
             model, local, rank_budget(model, budget, parallel), optimizer=plan_opt, config=config
         )

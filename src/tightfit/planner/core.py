@@ -44,6 +44,7 @@ import torch
 
 from tightfit._step import LossFn
 from tightfit.errors import UserError
+from tightfit.memory.distributed import check_unwrapped
 from tightfit.planner.result import Plan, PlanDecision
 from tightfit.planner.variants import Combined, Variant, converted, grad_sqnr
 from tightfit.remat.auto import InfeasibleBudget as _RematInfeasible
@@ -509,6 +510,7 @@ def plan(
     nothing. Raises ``InfeasibleBudget`` (with ``min_budget``) when no plan fits, ``UserError`` for an
     unknown technique name.
     """
+    check_unwrapped(model, "tightfit.plan")
     parsed = parse_budget(budget)  # refused before anything is measured
     check_allow(allow)
     check_floors(min_grad_sqnr)

@@ -46,6 +46,7 @@ import torch
 
 from tightfit._step import LossFn
 from tightfit.errors import UserError
+from tightfit.memory.distributed import check_unwrapped
 from tightfit.remat import execute
 from tightfit.remat.blocks import Blocks
 from tightfit.remat.budget import Budget, parse_budget
@@ -104,6 +105,7 @@ class Planner:
             raise TypeError(f"config must be a tightfit.remat.RematConfig, got {type(config).__name__}")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_unwrapped(model, "rematerialize")
         if not model.training:
             raise ValueError("rematerialize plans a training step: call model.train() first")
         started = time.perf_counter()

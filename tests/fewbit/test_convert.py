@@ -217,3 +217,117 @@ def test_functional_override_recomputes_under_checkpoint():
     ref = torch.autograd.grad(model(x).sum(), x)[0]
     out = torch.utils.checkpoint.checkpoint(model.forward, x, use_reentrant=False)
     assert torch.equal(torch.autograd.grad(out.sum(), x)[0], ref)
+
+
+class _GeluNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        return F.gelu(self.fc(x))
+
+
+def test_functional_scope_deep_copies_and_pickles_and_undoes_exactly():
+    """A copy of a scoped model runs its own weights (still scoped); torch.save/load round-trips it."""
+    import copy
+    import io
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_FunctionalMLP(), _GeluNet())
+    before = [(m, dict(m.__dict__)) for m in model.modules()]
+    x = torch.randn(4, 8, requires_grad=True)
+    plain = _float_saves(model, x)
+    report = tightfit.convert_(model, FewBit(bits=2), functional=True)
+    scoped = _float_saves(model, x)
+    assert scoped.count((4, 32)) < plain.count((4, 32))  # activation inputs kept as codes
+    twin = copy.deepcopy(model)
+    assert _float_saves(twin, x) == scoped  # the copy is scoped too
+    with torch.no_grad():
+        twin[1].fc.weight.zero_()
+        twin[1].fc.bias.fill_(1.0)
+    assert torch.equal(twin(x), F.gelu(torch.ones(4, 8)))  # the copy's own weights
+    assert not torch.equal(model(x), twin(x))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), model(x)) and _float_saves(loaded, x) == scoped
+    g_model = torch.autograd.grad(model(x).sum(), x)[0]
+    assert torch.equal(torch.autograd.grad(loaded(x).sum(), x)[0], g_model)
+    report.undo()
+    after = [(m, dict(m.__dict__)) for m in model.modules()]
+    assert [m for m, _ in before] == [m for m, _ in after]
+    for (_, d0), (_, d1) in zip(before, after):
+        assert set(d0) == set(d1) and all(d0[k] is d1[k] for k in d0 if k not in ("_modules", "training"))
+    assert _float_saves(model, x) == plain
+
+
+def _act(x):
+    import torch.nn.functional as F
+
+    return F.gelu(x)  # reached through a helper: the block's own source names no gelu(
+
+
+class _HelperBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return x + self.b(_act(self.a(x)))
+
+
+class _CheckpointedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_HelperBlock() for _ in range(2))
+        self.out = nn.Linear(16, 16)
+        self.ckpt = True
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        for b in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False) if self.ckpt else b(x)
+        return F.gelu(self.out(x)).sum()
+
+
+def test_functional_scope_covers_the_recompute_of_a_checkpointed_submodule():
+    """The child's recompute runs in backward, outside the parent's forward: the child is scoped too."""
+    torch.manual_seed(0)
+    model = _CheckpointedNet()
+    tightfit.convert_(model, FewBit(bits=2), functional=True)
+    x = torch.randn(4, 16)
+    model.ckpt = False
+    ref = torch.autograd.grad(model(x), list(model.parameters()))
+    model.ckpt = True
+    got = torch.autograd.grad(model(x), list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+def test_functional_inplace_calls_keep_torchs_inplace_function():
+    import torch.nn.functional as F
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.lin(x)
+            F.silu(h, inplace=True)  # the return value is not used: the in-place write is
+            g = h * 2.0
+            F.mish(g, True)
+            return g
+
+    torch.manual_seed(0)
+    model = InPlace()
+    x = torch.randn(2, 4)
+    ref = model(x)
+    tightfit.convert_(model, FewBit(bits=2), functional=True)
+    assert torch.equal(model(x), ref)

@@ -59,12 +59,15 @@ def _args(out, **kw):
     return TrainingArguments(**base)
 
 
-def _run(out, callbacks=(), resume=None, **kw):
+GROWING = (8, 16, 24)  # a longer batch arrives later: re-planned inside the Trainer's forward
+
+
+def _run(out, callbacks=(), resume=None, lengths=LENGTHS, **kw):
     trainer = RecordingTrainer(
         model=tiny_bert(),
         args=_args(out, **kw),
-        train_dataset=PaddedDataset(16),
-        eval_dataset=PaddedDataset(4, seed=1),
+        train_dataset=PaddedDataset(16, lengths=lengths),
+        eval_dataset=PaddedDataset(4, lengths=lengths, seed=1),
         data_collator=pad_collate,
         callbacks=list(callbacks),
     )
@@ -75,15 +78,15 @@ def _run(out, callbacks=(), resume=None, **kw):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     model = tiny_bert()
-    largest = pad_collate(PaddedDataset(2).items)
+    largest = pad_collate(PaddedDataset(2, lengths=(max(GROWING),)).items)
     reserve = grad_bytes(model)
     budget = reserve + int(0.9 * step_peak(model, largest))  # below the no-remat peak: plans recompute
-    plain = _run(tmp_path_factory.mktemp("plain"))
+    plain = _run(tmp_path_factory.mktemp("plain"), lengths=GROWING)
     callback = TightfitCallback(budget=budget, config=FAST, measure=True)
     out = tmp_path_factory.mktemp("planned")
-    planned = _run(out, [callback])
+    planned = _run(out, [callback], lengths=GROWING)
     resumed_cb = TightfitCallback(budget=budget, config=FAST)
-    resumed = _run(out, [resumed_cb], resume=str(out / "checkpoint-2"))
+    resumed = _run(out, [resumed_cb], resume=str(out / "checkpoint-2"), lengths=GROWING)
     return dict(
         budget=budget, plain=plain, planned=planned, cb=callback, resumed=resumed, resumed_cb=resumed_cb
     )
@@ -91,14 +94,15 @@ def runs(tmp_path_factory):
 
 def test_losses_equal_and_every_step_within_budget(runs):
     plain, planned, cb = runs["plain"], runs["planned"], runs["cb"]
-    assert sorted(set(planned.lengths)) == sorted(LENGTHS)  # dynamic padding: three shapes
+    assert planned.lengths[:3] == list(GROWING)  # dynamic padding: each batch longer than the last
     assert len(plain.losses) == len(planned.losses) == 8  # 4 steps x accumulation 2
     assert all(torch.equal(a, b) for a, b in zip(plain.losses, planned.losses))
     assert len(cb.step_peaks) == 4
     assert max(cb.step_peaks) <= runs["budget"], (cb.step_peaks, runs["budget"])
-    plan = cb.plans.plans[0].plan
+    plan = cb.plans.plans[-1].plan
     assert plan.checkpointed, "the budget is below the no-remat peak: something must be recomputed"
-    assert cb.plans.planned == 1  # the first (longest) batch's plan covers the shorter ones
+    # planned again on each longer batch (the second one mid-accumulation), shorter ones covered later
+    assert cb.plans.planned == 3 and [p.key[0][1][1] for p in cb.plans.plans] == list(GROWING)
     assert planned.state.log_history and any("eval_loss" in h for h in planned.state.log_history)
 
 
@@ -156,3 +160,46 @@ def test_bf16_autocast_plans_under_the_trainers_autocast(tmp_path):
     planned = _run(tmp_path / "planned", [callback], **short)
     assert len(planned.losses) == 4 and all(torch.equal(a, b) for a, b in zip(plain.losses, planned.losses))
     assert max(callback.step_peaks) <= budget
+
+
+def test_resume_with_another_accumulation_plans_again(runs):
+    """A checkpoint's plans were made with the gradient reserve of accumulation 2: resuming with
+    accumulation 1 does not reuse them (another reserve); they are measured again."""
+    out = runs["planned"].args.output_dir
+    callback = TightfitCallback(budget=runs["budget"], config=FAST)
+    state = type("S", (), {"global_step": 2})()
+    callback.on_train_begin(_args(out, gradient_accumulation_steps=1), state, None, model=tiny_bert())
+    assert callback.plans.reserve == 0 and not callback.plans.plans
+    assert any("gradient reserve" in n for n in callback.notes)
+    callback.on_train_end(None, state, None)
+    again = TightfitCallback(budget=runs["budget"], config=FAST)  # the same setting: reused
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(model.parameters())
+    again.on_train_begin(_args(out), state, None, model=model, optimizer=optimizer)
+    assert again.plans.plans and again.plans.plans[0].loaded, again.notes
+    again.on_train_end(None, state, None)
+
+
+def test_with_callback_removes_the_hook_when_train_raises(tmp_path):
+    class Failing(Trainer):
+        def compute_loss(self, *a, **k):
+            raise RuntimeError("data error")
+
+    def trainer(callback):
+        return Failing(
+            model=tiny_bert(),
+            args=_args(tmp_path, eval_strategy="no", save_strategy="no"),
+            train_dataset=PaddedDataset(4),
+            data_collator=pad_collate,
+            callbacks=[callback],
+        )
+
+    left = trainer(TightfitCallback(budget="1GiB"))
+    with pytest.raises(RuntimeError, match="data error"):
+        left.train()
+    assert left.model._forward_pre_hooks  # no Trainer event after the exception: still attached
+    callback = TightfitCallback(budget="1GiB")
+    failing = trainer(callback)
+    with pytest.raises(RuntimeError, match="data error"), callback:
+        failing.train()
+    assert not failing.model._forward_pre_hooks and callback.hook is None

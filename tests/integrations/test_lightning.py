@@ -55,3 +55,60 @@ class _Step(torch.nn.Module):
 
     def forward(self, batch):
         return self.module.loss(batch)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.b(torch.tanh(self.a(x)))
+
+
+class _Twice(pl.LightningModule):
+    """Each block called twice per step: its plan has one decision per call, counted per step."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.blk, self.blk2, self.head = _Block(d), _Block(d), torch.nn.Linear(d, 1)
+
+    def loss(self, batch):
+        (x,) = batch
+        return self.head(self.blk(self.blk(self.blk2(self.blk2(x))))).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_blocks_called_twice_per_step_stay_planned_every_step():
+    """Lightning calls training_step, not the wrapper the plan patches: the per-call counters are reset
+    each step by the callback, so every step (not only the first) runs the plan within budget."""
+    from tightfit.remat import execute
+
+    torch.manual_seed(0)
+    data = [(torch.randn(128, 32),) for _ in range(3)]
+    probe = _Twice()
+    full = profile(
+        _Step(probe), (data[0],), optimizer=torch.optim.SGD(probe.parameters(), lr=0.0), time_steps=0
+    ).peak_bytes
+    budget = int(0.85 * full)
+    callback = TightfitCallback(budget=budget, config=FAST, measure=True)
+    module = _Twice()
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    plan = execute.applied(callback.plans.model)
+    assert any(len(options) == 2 for options in plan.values()), plan  # decisions per call: counted
+    assert len(callback.step_peaks) == 3 and max(callback.step_peaks) <= budget, (callback.step_peaks, budget)

@@ -15,6 +15,7 @@ from tightfit.integrations import attach
 from tightfit.integrations.hook import StepMeter
 from tightfit.integrations.shapes import ShapePlans, covers, shape_key
 from tightfit.memory import LiveTracker
+from tightfit.remat.config import RematConfig
 
 
 def _lora_model():
@@ -242,4 +243,72 @@ def test_relative_budget_forms_are_resolved_per_shape(form):
     if form == "min":
         assert plan.budget == plan.min_budget
     assert plans.to_dict()["budget"] == form and form in str(plans)
+    plans.remove()
+
+
+def test_attach_leaves_submodules_kept_in_eval_mode_alone():
+    """A frozen batch norm (eval mode inside a training model) stays in eval mode, its stats unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+    model.train()
+    model[1].eval()
+    stats = (model[1].running_mean.clone(), model[1].running_var.clone())
+    hook = attach(model, "1GiB", loss_fn=lambda y: y.sum(), config=FAST)
+    for _ in range(2):
+        model(torch.randn(32, 8)).sum().backward()
+    assert hook.plans.planned == 1 and model.training and not model[1].training
+    assert torch.equal(stats[0], model[1].running_mean) and torch.equal(stats[1], model[1].running_var)
+    hook.remove()
+
+
+def test_saved_plans_with_another_reserve_or_config_are_measured_again():
+    torch.manual_seed(0)
+    model = _Tokens(blocks=2).train()
+    x = torch.randn(2, 8, 32)
+    saved = ShapePlans(model, "1GiB", config=FAST, reserve=4096)
+    saved.prepare(x)
+    data = saved.to_dict()
+    saved.remove()
+    same = ShapePlans(model, "1GiB", config=FAST, reserve=4096)
+    assert same.load(data) and same.prepare(x) is False and same.planned == 0
+    same.remove()
+    segments = RematConfig(op_level=False, segments=True, options=())
+    for other in (
+        ShapePlans(model, "1GiB", config=FAST),  # no accumulation: no reserve
+        ShapePlans(model, "1GiB", config=segments, reserve=4096),  # another planning config
+    ):
+        assert other.load(data) is False and not other.plans
+        assert "not used, planning again" in str(other)
+        assert other.prepare(x) is True and other.planned == 1  # measured for its own reserve/config
+        other.remove()
+    with pytest.raises(UserError, match="saved plans are for budget"):
+        ShapePlans(model, "2GiB", config=FAST, reserve=4096).load(data)
+    lenient = ShapePlans(model, "2GiB", config=FAST, reserve=4096)
+    assert lenient.load(data, strict=False) is False and "not used" in str(lenient)
+
+
+def test_failed_lossy_conversion_is_undone_and_retried(monkeypatch):
+    import tightfit.convert
+    from tightfit.fewbit import modules as fb
+    from tightfit.integrations import shapes
+
+    torch.manual_seed(0)
+    model = _Tokens(blocks=2).train()
+    x = torch.randn(2, 8, 32)
+    monkeypatch.setattr(shapes, "_planner_plan", lambda: None)  # no planner: whole-model conversions
+    real = tightfit.convert.convert_
+    failures = [RuntimeError("sketch failed")]
+
+    def flaky(m, config, *a, **k):
+        if type(config).__name__ == "Sketch" and failures:
+            raise failures.pop()
+        return real(m, config, *a, **k)
+
+    monkeypatch.setattr(tightfit.convert, "convert_", flaky)
+    plans = ShapePlans(model, 10**9, allow=("recompute", "fewbit", "sketch"), config=FAST)
+    with pytest.raises(RuntimeError, match="sketch failed"):
+        plans.prepare(x)
+    assert all(type(b[1]) is nn.GELU for b in model.blocks) and not plans.conversions  # few-bit undone
+    plans.prepare(x)  # retried, not skipped
+    assert all(isinstance(b[1], fb.GELU) for b in model.blocks) and len(plans.conversions) == 2
     plans.remove()

@@ -20,24 +20,29 @@ Two more places activations hide, both handled after the module swaps (and undon
   few-bit module in that attribute (``F.gelu``, ``F.silu``, ``F.mish``, ``F.relu``, ``torch.tanh``,
   ``torch.sigmoid``). The encoder layer keeps its ``activation_relu_or_gelu`` flag, so its eval-mode fast
   path still runs torch's fused kernel (exact GELU; no backward there). Undo puts the function back.
-- functional calls, with ``convert_(model, FewBit(...), functional=True)``: a module whose own
-  ``forward`` source calls ``gelu(``, ``silu(`` or ``mish(`` gets an instance ``forward`` that runs the
-  original under a ``TorchFunctionMode`` mapping ``F.gelu``/``F.silu``/``F.mish`` to their few-bit
-  versions (the default N(0,1) tables; a calibration is not used there). Limits: the mode sees the
-  function objects, so ``from torch.nn.functional import gelu`` is covered, but the source check looks for
-  the names ``gelu``/``silu``/``mish`` called in the module's own ``forward`` (a call inside a helper
-  function that such a forward calls is covered; a forward that names neither is not scoped); a user's own
-  re-implementation (``x * torch.sigmoid(x)``) is not recognised; the scope is everything the module's
-  forward runs (its submodules' calls of those functions included, as ``include``/``exclude`` allow),
-  including its recompute under ``torch.utils.checkpoint`` (which calls the same instance ``forward``);
-  it is tested in eager mode only.
+- functional calls, with ``convert_(model, FewBit(...), functional=True)``: a *scoping* module, one whose
+  own ``forward`` source calls ``gelu(``, ``silu(`` or ``mish(`` (after ``filter_fn`` and
+  include/exclude), gets an instance ``forward`` that runs the original under a ``TorchFunctionMode``
+  mapping ``F.gelu``/``F.silu``/``F.mish`` to their few-bit versions (the default N(0,1) tables; a
+  calibration is not used there). Every module in a scoping module's subtree gets the same scoped
+  ``forward`` (with the union of its scoping ancestors' function names), so a submodule recomputed
+  alone under ``torch.utils.checkpoint`` in the backward, outside its parent's forward, runs under the
+  same mode as in the forward; ``filter_fn`` selects scoping modules, not their submodules.
+  Covered: every call of those functions that a scoped module's forward runs, in helpers included
+  (the mode sees the function objects, so ``from torch.nn.functional import gelu`` is covered too).
+  Not covered: a model whose no module names one of them in its own ``forward``; a user's own
+  re-implementation (``x * torch.sigmoid(x)``); in-place calls (``F.silu(x, inplace=True)``), which
+  run torch's function (the few-bit versions are out of place). The scoped ``forward`` is a small object
+  holding the module, with its state in the module's ``__dict__``: ``copy.deepcopy`` gives a scoped copy
+  running its own parameters, and ``torch.save``/``torch.load`` of the model keep the scope. Tested in
+  eager mode only.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
 from tightfit.convert import ConversionReport, FilterFn, register_converter, replace_module
 from tightfit.fewbit import functional as fb_functional
@@ -154,6 +159,7 @@ class _AttributeSwap:
     old: Any
     new: Any
     kind: str
+    state: Any = None  # "forward": the _Scope kept in the module's __dict__ beside the forward
 
     def in_place(self) -> bool:
         if self.kind == "module":
@@ -166,13 +172,17 @@ class _AttributeSwap:
             self.parent.__dict__.pop(self.name, None)
             setattr(self.parent, self.name, self.new)  # registered as a submodule
         else:
+            if self.state is not None:
+                self.parent.__dict__[_SCOPE] = self.state
             self.parent.__dict__[self.name] = self.new
 
     def put_back(self) -> None:
         if self.kind == "module":
             del self.parent._modules[self.name]
             self.parent.__dict__[self.name] = self.old
-        elif self.old is None:
+            return
+        self.parent.__dict__.pop(_SCOPE, None)
+        if self.old is None:
             self.parent.__dict__.pop(self.name, None)
         else:
             self.parent.__dict__[self.name] = self.old
@@ -213,7 +223,9 @@ class _FewBitReport(ConversionReport):
 class _FewBitFunctions(TorchFunctionMode):
     """Maps ``F.gelu``/``F.silu``/``F.mish`` to their few-bit versions while active (grad mode only).
 
-    Inside a mode's handler the mode is off, so the few-bit ops' own torch calls are not intercepted."""
+    In-place calls (``F.silu(x, inplace=True)``) run the original function: the few-bit versions are
+    out of place, and code relying on the in-place write would compute something else. Inside a mode's
+    handler the mode is off, so the few-bit ops' own torch calls are not intercepted."""
 
     def __init__(self, bits: int, names: frozenset[str]) -> None:
         super().__init__()
@@ -225,21 +237,73 @@ class _FewBitFunctions(TorchFunctionMode):
         if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
             if func is F.gelu and "gelu" in self.names:
                 return fb_functional.gelu(args[0], self.bits, *args[1:], **kwargs)
-            if func is F.silu and "silu" in self.names:
-                return fb_functional.silu(args[0], self.bits, *args[1:], **kwargs)
-            if func is F.mish and "mish" in self.names:
-                return fb_functional.mish(args[0], self.bits, *args[1:], **kwargs)
+            if func in (F.silu, F.mish) and not kwargs.get("inplace", len(args) > 1 and args[1]):
+                if func is F.silu and "silu" in self.names:
+                    return fb_functional.silu(args[0], self.bits, *args[1:], **kwargs)
+                if func is F.mish and "mish" in self.names:
+                    return fb_functional.mish(args[0], self.bits, *args[1:], **kwargs)
         return func(*args, **kwargs)
 
 
-def _scoped_forward(forward: Callable[..., Any], bits: int, names: frozenset[str]) -> Callable[..., Any]:
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with _FewBitFunctions(bits, names):
-            return forward(*args, **kwargs)
+_SCOPE = "_tightfit_fewbit_scope"  # in a scoped module's __dict__: its _Scope
 
-    run.__dict__["tightfit_fewbit_functional"] = bits
-    return run
+
+class _Scope:
+    """What a scoped module's forward runs: the few-bit mode's ``bits`` and ``names``, and the forward it
+    replaced (``func``, a function called with the module, or ``previous``, another instance-level
+    callable called as it is). Kept in the module's ``__dict__`` and holding no reference to the module,
+    so that ``copy.deepcopy`` and pickle carry it along with the module."""
+
+    def __init__(self, module: nn.Module, bits: int, names: frozenset[str]) -> None:
+        previous = module.__dict__.get("forward")
+        self.bits = bits
+        self.names = names
+        self.previous = None
+        self.func: Callable[..., Any] | None = type(module).forward
+        if previous is not None:
+            if isinstance(previous, types.MethodType) and previous.__self__ is module:
+                self.func = previous.__func__
+            else:
+                self.func, self.previous = None, previous
+
+
+class _ScopedForward:
+    """A scoped module's instance ``forward``: the forward it replaced, under the few-bit mode (not pushed
+    again when the innermost mode already is the same one, as in a scoped parent's forward).
+
+    A small object holding the module rather than a bound method: a bound method pickles as a lookup of
+    its function's name on the module, which does not find it; this one deep-copies and pickles with
+    the module (the copy runs its own parameters)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        scope: _Scope = module.__dict__[_SCOPE]
+        top = _get_current_function_mode()
+        if isinstance(top, _FewBitFunctions) and top.bits == scope.bits and top.names == scope.names:
+            return _run_scoped(module, scope, args, kwargs)
+        with _FewBitFunctions(scope.bits, scope.names):
+            return _run_scoped(module, scope, args, kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what inspect.signature(module.forward) reports
+        scope: _Scope = self.module.__dict__[_SCOPE]
+        if scope.func is not None:
+            return inspect.signature(types.MethodType(scope.func, self.module))
+        return inspect.signature(scope.previous)
+
+    @property
+    def tightfit_fewbit_functional(self) -> int:
+        """The bits of the few-bit functional override this forward runs under."""
+        return self.module.__dict__[_SCOPE].bits
+
+
+def _run_scoped(module: nn.Module, scope: _Scope, args: tuple, kwargs: dict[str, Any]) -> Any:
+    if scope.func is not None:
+        return scope.func(module, *args, **kwargs)
+    return scope.previous(*args, **kwargs)
 
 
 def _calls_functional(module: nn.Module) -> list[str]:
@@ -283,21 +347,50 @@ def _function_attributes(
     return swaps
 
 
-def _functional_scopes(model: nn.Module, config: FewBit, filter_fn: FilterFn | None) -> list[_AttributeSwap]:
-    swaps = []
+def _functional_scopes(
+    model: nn.Module, config: FewBit, filter_fn: FilterFn | None
+) -> tuple[list[_AttributeSwap], list[tuple[str, frozenset[str], int]]]:
+    """Swaps scoping forwards under the few-bit mode, and (path, names, submodules scoped) per scoping
+    module. A scoping module is one whose own forward source calls an overridable function (after
+    ``filter_fn`` and include/exclude); every module of its subtree is scoped too, with the union of the
+    names of its scoping ancestors, so that a submodule's recompute under checkpoint (which calls that
+    submodule alone, outside its parent's forward) runs under the same mode as its forward did."""
+    roots: list[tuple[str, nn.Module, frozenset[str]]] = []
     for path, mod in model.named_modules():
         if filter_fn is not None and not filter_fn(mod, path):
             continue
-        names = _calls_functional(mod)
-        if not names:
-            continue
-        wanted = [n for n in names if _wanted(config, spec_for_name(n).name) is None]
+        wanted = [n for n in _calls_functional(mod) if _wanted(config, spec_for_name(n).name) is None]
         if wanted:
-            new = _scoped_forward(mod.forward, config.bits, frozenset(wanted))
-            swaps.append(
-                _AttributeSwap(mod, f"{path}.forward" if path else "forward", "forward", None, new, "forward")
+            roots.append((path, mod, frozenset(wanted)))
+    names: dict[int, frozenset[str]] = {}
+    paths: dict[int, tuple[str, nn.Module]] = {}
+    summary = []
+    for root_path, root, wanted in roots:
+        count = 0
+        for path, mod in root.named_modules(prefix=root_path):
+            if type(mod).__module__.startswith("tightfit.") and mod is not root:
+                continue  # few-bit modules: they call no overridable function
+            names[id(mod)] = names.get(id(mod), frozenset()) | wanted
+            paths.setdefault(id(mod), (path, mod))
+            count += mod is not root
+        summary.append((root_path, wanted, count))
+    swaps = []
+    for key, (path, mod) in paths.items():
+        if mod.__dict__.get(_SCOPE) is not None:  # scoped by an earlier conversion: left as it is
+            continue
+        scope = _Scope(mod, config.bits, names[key])
+        swaps.append(
+            _AttributeSwap(
+                mod,
+                f"{path}.forward" if path else "forward",
+                "forward",
+                mod.__dict__.get("forward"),
+                _ScopedForward(mod),
+                "forward",
+                scope,
             )
-    return swaps
+        )
+    return swaps, summary
 
 
 @register_converter(FewBit)
@@ -372,8 +465,10 @@ def _convert_fewbit(
                 replace_module(model, path, new)
             report.converted.append((path, _short(old), _short(new)))
     # attribute swaps last: the journal cannot record them, so they are reverted here on failure
+    scoped: list[tuple[str, frozenset[str], int]] = []
     if functional:
-        swaps += _functional_scopes(model, config, filter_fn)
+        forward_swaps, scoped = _functional_scopes(model, config, filter_fn)
+        swaps += forward_swaps
     done: list[_AttributeSwap] = []
     try:
         for swap in swaps:
@@ -387,10 +482,15 @@ def _convert_fewbit(
     for swap in done:
         if swap.kind == "module":
             report.converted.append((swap.path, f"function {swap.old.__name__}", _short(swap.new)))
-        else:
-            report.converted.append(
-                (swap.path, "forward", f"forward under a few-bit override of F.{'/F.'.join(_FUNCTIONAL)}")
+    for path, names, count in scoped:
+        report.converted.append(
+            (
+                f"{path}.forward" if path else "forward",
+                "forward",
+                f"forward under a few-bit override of F.{'/F.'.join(sorted(names))}"
+                + (f" (with its {count} submodules' forwards, for their recompute)" if count else ""),
             )
+        )
     if not plan and not done:
         report.notes.append(
             "no activation module or function attribute found (functional calls like F.gelu(x) in a "

@@ -19,8 +19,10 @@ What it does, and why this way:
 - Evaluation runs the original code: plans act only in train mode with autograd on.
 - Checkpoints: ``state_dict`` keys do not change (plans patch ``forward``s; conversions share
   parameters). ``on_save`` writes ``tightfit_plans.json`` into the checkpoint folder; when training
-  resumes (``state.global_step > 0`` at ``on_train_begin``), the plans saved with that checkpoint are
-  reused without measuring (or pass ``plans_file=``).
+  resumes (``state.global_step > 0`` at ``on_train_begin``), the plans saved with that checkpoint
+  (``output_dir/checkpoint-<step>``) are reused without measuring when they were made for the same
+  budget, ``allow``, gradient reserve and model/config fingerprint, and measured again otherwise (a
+  note in ``notes``). A checkpoint stored outside ``output_dir`` needs ``plans_file=``.
 - Hugging Face's own gradient checkpointing (``activation_checkpointing=True``, its alias
   ``gradient_checkpointing=True``, or ``model.gradient_checkpointing_enable()``) recomputes every layer
   whatever the budget; with ``hf_checkpointing="replace"`` (default) it is switched off with a warning
@@ -29,6 +31,10 @@ What it does, and why this way:
   ``allow=("recompute", "sketch")`` sketches LoRA's adapter layers only (the conversion report says so).
 - One process only: under DDP/FSDP the model is wrapped before any callback runs, and planning inside a
   wrapped forward would run backward passes through its reducer; plan each rank before wrapping.
+
+- A ``train()`` that raises: no Trainer event follows it, so the pre-hook stays on the model (and runs
+  at its next training forward); ``with callback: trainer.train()`` removes it however ``train()``
+  ends.
 
 ``measure=True`` records each optimizer step's live-tensor peak with the ruler in ``step_peaks`` (bytes;
 planning left out); it slows steps (every op is observed).
@@ -123,7 +129,16 @@ class TightfitCallback(TrainerCallback):
         self._hf_checkpointing(args, model)
         optimizer = _unwrap_optimizer(kwargs.get("optimizer"))
         accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
-        if self.plans is None or self.plans.model is not model:
+        reserve = grad_bytes(model) if accumulation > 1 else 0
+        stale = (
+            self.plans is not None
+            and self.plans.model is model
+            and self.plans.budget is not None
+            and self.plans.reserve != reserve
+        )
+        if stale:  # another gradient accumulation setting: the plans are measured again when needed
+            self.plans.remove()
+        if self.plans is None or self.plans.model is not model or stale:
             self.plans = ShapePlans(
                 model,
                 self.budget,
@@ -132,14 +147,18 @@ class TightfitCallback(TrainerCallback):
                 optimizer=optimizer,
                 config=self.config,
                 on_new_shape=self.on_new_shape,
-                reserve=grad_bytes(model) if accumulation > 1 else 0,
+                reserve=reserve,
             )
         else:
             self.plans.optimizer = optimizer
         saved = self._saved_plans(args, state)
         if saved is not None:
-            self.plans.load(saved)
-            self.notes.append(f"reused the plans saved in {saved}")
+            # plans_file= names the user's own choice: a budget/allow mismatch there is an error; the plans
+            # of a checkpoint are reused when they fit (same budget, allow, reserve, model and config)
+            if self.plans.load(saved, strict=self.plans_file is not None):
+                self.notes.append(f"reused the plans saved in {saved}")
+            else:
+                self.notes.extend(self.plans.notes[-1:])
         if self.hook is None:
             self.hook = BudgetHook(model, self.plans, self.meter)
 
@@ -160,11 +179,23 @@ class TightfitCallback(TrainerCallback):
             self.plans.save(folder / PLANS_FILE)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.detach()
+
+    def detach(self) -> None:
+        """Remove the forward pre-hook from the model (the plan stays applied; a later ``train()``
+        attaches again). ``on_train_end`` calls it; no Trainer event follows a ``train()`` that raises,
+        so ``with callback: trainer.train()`` calls it however ``train()`` ends."""
         if self.meter is not None and self.meter.running:
             self.meter.stop()
         if self.hook is not None:
-            self.hook.remove(undo=False)  # the plan stays applied; a later train() attaches again
+            self.hook.remove(undo=False)
             self.hook = None
+
+    def __enter__(self) -> TightfitCallback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
 
     # -- helpers -------------------------------------------------------------------------------------
     def _saved_plans(self, args: Any, state: Any) -> Path | None:

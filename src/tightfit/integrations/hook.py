@@ -4,6 +4,9 @@
     ...
     hook.remove()
 
+    with tightfit.integrations.attach(model, "300MiB", optimizer=opt):    # or: removed however it ends
+        ...
+
 ``attach`` registers a forward pre-hook on ``model``. On a training forward (train mode, autograd on) it
 calls ``ShapePlans.prepare`` with the call's arguments as the batch: the first call plans (measuring
 training steps on that batch, with the model, optimizer, gradients and RNGs restored afterwards), later
@@ -140,6 +143,13 @@ class BudgetHook:
         if undo:
             self.plans.remove()
 
+    def __enter__(self) -> BudgetHook:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """``with attach(...):`` removes the hook, the plan and the conversions however the block ends."""
+        self.remove()
+
 
 def attach(
     model: torch.nn.Module,
@@ -157,7 +167,7 @@ def attach(
     Plans on the first training forward and on every larger batch shape (``on_new_shape``: "replan",
     "warn", "error"); ``allow`` names the techniques plans may use ("recompute": lossless). With
     ``grad_accumulation`` > 1 the trainable gradients' bytes are reserved out of the budget. Returns the
-    hook (``hook.plans``: the plans; ``hook.remove()``).
+    hook (``hook.plans``: the plans; ``hook.remove()``), also a context manager that removes it on exit.
     """
     if not isinstance(grad_accumulation, int) or grad_accumulation < 1:
         raise UserError(f"grad_accumulation must be a positive int, got {grad_accumulation!r}")

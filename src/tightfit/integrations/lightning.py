@@ -12,6 +12,11 @@ without tightfit (with recompute only, bit-identical). Batch shapes are handled 
 ``tightfit.integrations.shapes`` (plans per shape, on-demand re-plan for a larger one); with
 ``accumulate_grad_batches`` > 1 the trainable gradients' bytes are reserved out of the budget.
 Validation and test run the original code (plans act in train mode with autograd on).
+Lightning calls ``training_step``, not the wrapper the plan is applied to, so the plan's per-step state
+(call counters of blocks called several times a step, segments left open) is reset by hand
+(``tightfit.remat.execute.reset_step``) before each step, before its backward, after it and on an
+exception; the garbage collector is not paused during the step (as it is when the planned model itself is
+called).
 
 One process only: under a distributed strategy the module is wrapped before the first batch; plan each
 rank before wrapping (``LightningModule.configure_model`` with ``tightfit.integrations.attach``).
@@ -29,6 +34,7 @@ import torch
 from tightfit.errors import LossError, UserError
 from tightfit.integrations.hook import StepMeter, grad_bytes
 from tightfit.integrations.shapes import ShapePlans, check_allow
+from tightfit.remat import execute
 from tightfit.remat.config import RematConfig
 
 __all__ = ["TightfitCallback"]
@@ -123,12 +129,29 @@ class TightfitCallback(pl.Callback):
             )
         with _silenced(pl_module):
             self.plans.prepare((batch,))
+        # the plan is applied to the _TrainingStep wrapper, whose forward Lightning never calls: its root
+        # hooks (per-step call counters, segments left open) are run here by hand
+        execute.reset_step(self.plans.model, failed=True)
         if self.meter is not None:
             self.meter.start([pl_module, *trainer.optimizers, batch])
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if self.plans is not None:
+            execute.reset_step(self.plans.model)  # the forward is over: a segment still open ends here
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.plans is not None:
+            execute.reset_step(self.plans.model)
+        if self.meter is not None and self.meter.running:
+            self.meter.stop()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self.plans is not None:
+            execute.reset_step(self.plans.model, failed=True)
         if self.meter is not None and self.meter.running:
             self.meter.stop()
 

@@ -32,6 +32,7 @@ techniques (``FewBit``, ``Sketch``) once before planning recomputation on top.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import warnings
@@ -250,6 +251,8 @@ class ShapePlans:
         self.notes: list[str] = []
         self._warned: set[ShapeKey] = set()
         self._converted = False  # lossy whole-model conversions done (without the planner)
+        self._trained = False  # the root's train mode checked (switched on once if it was off)
+        self._fingerprint: str | None = None
 
     @property
     def plan_budget(self) -> int | str:
@@ -267,15 +270,20 @@ class ShapePlans:
     def prepare(self, batch: Any) -> bool:
         """Make the model run a plan safe for ``batch``; returns True when a plan was measured now.
 
-        The model is switched to train mode first (a model fresh from ``from_pretrained`` is in eval mode;
-        training loops switch it too)."""
+        A root in eval mode at the first call (a model fresh from ``from_pretrained``) is switched to
+        train mode, once; a root already in train mode is left as it is, so submodules kept in eval mode
+        (a frozen batch norm, a disabled dropout) stay so."""
         key = shape_key(batch)
-        self.model.train()
+        self.fingerprint()  # taken before any conversion or plan changes the model
+        if not self._trained:
+            self._trained = True
+            if not self.model.training:
+                self.model.train()
         if not self._converted:
-            self._converted = True
             self._note_frozen()
             if not uses_planner(self.allow):
                 self._convert_lossy(batch)
+            self._converted = True  # after success: a failed conversion is retried (and undone) next call
         chosen = self.covering(key)
         measured = False
         if chosen is None:
@@ -306,15 +314,20 @@ class ShapePlans:
     def _measure(self, batch: Any) -> Any:
         remove_plan(self.model)
         self.active = None
-        return make_plan(
-            self.model,
-            batch,
-            self.plan_budget,
-            allow=self.allow,
-            loss_fn=self.loss_fn,
-            optimizer=self.optimizer,
-            config=self.config,
-        )
+        modes = [(m, m.training) for m in self.model.modules()]  # planning leaves every mode as it was
+        try:
+            return make_plan(
+                self.model,
+                batch,
+                self.plan_budget,
+                allow=self.allow,
+                loss_fn=self.loss_fn,
+                optimizer=self.optimizer,
+                config=self.config,
+            )
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def _note_frozen(self) -> None:
         """Say how many linear layers are frozen (LoRA base layers): they keep no input for a gradient."""
@@ -333,10 +346,16 @@ class ShapePlans:
         from tightfit.fewbit.config import FewBit
         from tightfit.sketch.config import Sketch
 
-        if "fewbit" in self.allow:
-            self.conversions.append(convert_(self.model, FewBit()))
-        if "sketch" in self.allow:
-            self.conversions.append(convert_(self.model, Sketch(), example=batch, loss_fn=self.loss_fn))
+        try:
+            if "fewbit" in self.allow:
+                self.conversions.append(convert_(self.model, FewBit()))
+            if "sketch" in self.allow:
+                self.conversions.append(convert_(self.model, Sketch(), example=batch, loss_fn=self.loss_fn))
+        except BaseException:
+            for report in reversed(self.conversions):  # nothing left half-converted
+                report.undo()
+            self.conversions = []
+            raise
         if self.conversions:
             self.notes.append(
                 "the one-budget planner is not available: the allowed lossy techniques convert the whole "
@@ -371,31 +390,74 @@ class ShapePlans:
             "budget": self.budget if self.budget is not None else str(self.budget_form),
             "reserve": self.reserve,
             "allow": list(self.allow),
+            "fingerprint": self.fingerprint(),
             "plans": plans,
         }
+
+    def fingerprint(self) -> str:
+        """A digest of what a plan depends on besides the budget: the model (class, every parameter's name,
+        shape, dtype, device type, trainability), the planning config, the optimizer's type and whether a
+        ``loss_fn`` is given. Saved plans with another fingerprint are measured again. Taken once, at the
+        first ``prepare``, ``load`` or ``to_dict`` (before conversions change the model)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
+        tensors = [
+            [name, list(t.shape), str(t.dtype), t.device.type, bool(t.requires_grad)]
+            for name, t in self.model.named_parameters()
+        ]
+        data = {
+            "model": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "tensors": tensors,
+            "config": None if self.config is None else self.config.to_dict(),
+            "optimizer": None if self.optimizer is None else type(self.optimizer).__qualname__,
+            "loss_fn": self.loss_fn is not None,
+        }
+        digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+        self._fingerprint = digest[:16]
+        return self._fingerprint
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
-    def load(self, path_or_data: str | Path | Mapping[str, Any]) -> None:
-        """Reuse saved plans (no measuring): a plan for a shape runs that shape and smaller ones. Plans
-        saved for another budget or other techniques are refused."""
+    def load(self, path_or_data: str | Path | Mapping[str, Any], *, strict: bool = True) -> bool:
+        """Reuse saved plans (no measuring): a plan for a shape runs that shape and smaller ones. Returns
+        whether they were taken.
+
+        Plans saved for another budget or other techniques raise ``UserError`` (with ``strict=False``:
+        a note, and nothing is loaded). Plans saved with another gradient reserve (another
+        gradient-accumulation setting) or another fingerprint (model, planning config, optimizer type:
+        ``fingerprint``) are not loaded either, with a note: they are measured again when needed."""
         data = (
             json.loads(Path(path_or_data).read_text())
             if isinstance(path_or_data, (str, Path))
             else path_or_data
         )
+        source = str(path_or_data) if isinstance(path_or_data, (str, Path)) else "the saved plans"
         mine = self.budget if self.budget is not None else str(self.budget_form)
         if data["budget"] != mine or tuple(data["allow"]) != self.allow:
-            raise UserError(
+            text = (
                 f"saved plans are for budget {data['budget']}, allow {data['allow']}; these plans are "
                 f"for {mine}, allow {list(self.allow)}"
             )
+            if strict:
+                raise UserError(text)
+            self.notes.append(f"{text}: {source} not used, planning again")
+            return False
+        if data.get("reserve") != self.reserve or data.get("fingerprint") != self.fingerprint():
+            what = (
+                f"a gradient reserve of {format_size(int(data.get('reserve') or 0))} (these plans reserve "
+                f"{format_size(self.reserve)}: another gradient accumulation setting)"
+                if data.get("reserve") != self.reserve
+                else "another model, planning config or optimizer type (fingerprint differs)"
+            )
+            self.notes.append(f"{source} was saved with {what}: not used, planning again")
+            return False
         for entry in data["plans"]:
             key: ShapeKey = tuple((n, tuple(s)) for n, s in entry["shape"])
             if any(p.key == key for p in self.plans):
                 continue
             self.plans.append(ShapePlan(key, _plan_from_dict(entry), loaded=True))
+        return True
 
     def remove(self) -> None:
         """Remove the applied plan and undo lossy conversions (newest first)."""

@@ -1,7 +1,8 @@
 """One training step, the same way everywhere (ruler, planner, benchmarks): call, loss, backward, step.
 
 A *batch* is what the model takes: a tensor is passed as ``model(batch)``, a tuple/list as
-``model(*batch)``, a dict as ``model(**batch)``. The loss is ``loss_fn(output)`` when given; otherwise the
+``model(*batch)``, a dict as ``model(**batch)``, any other object (a dataclass, TensorDict) as
+``model(batch)``. The loss is ``loss_fn(output)`` when given; otherwise the
 output itself if it is a scalar tensor, its ``.loss`` (Hugging Face outputs), or its first element.
 """
 
@@ -38,7 +39,8 @@ def wait_for_device() -> None:
 
 BATCH_FORMS = (
     "a tensor (model(batch)), a tuple/list of arguments (model(*batch)), or a dict / Mapping such as a "
-    "Hugging Face BatchEncoding of keyword arguments (model(**batch)), holding at least one tensor"
+    "Hugging Face BatchEncoding of keyword arguments (model(**batch)), holding at least one tensor, or "
+    "the model's own batch object (a dataclass, TensorDict: model(batch))"
 )
 
 
@@ -53,9 +55,14 @@ def _holds_tensor(x: Any) -> bool:
 
 
 def check_batch(batch: Any) -> None:
-    """Raise `InvalidInput` naming the accepted forms when ``batch`` is none of them (a string, a number,
-    a container without any tensor), before the model sees it and fails somewhere inside."""
-    if isinstance(batch, (torch.Tensor, tuple, list, Mapping)) and _holds_tensor(batch):
+    """Raise `InvalidInput` naming the accepted forms when ``batch`` is plainly none of them (a string,
+    bytes, a number, None, a tuple/list/dict without any tensor), before the model sees it and fails
+    somewhere inside. Any other object (a dataclass, TensorDict, PyG ``Data``) is the model's own batch
+    type and is passed as ``model(batch)``."""
+    if isinstance(batch, (torch.Tensor, tuple, list, Mapping)):
+        if _holds_tensor(batch):
+            return
+    elif not isinstance(batch, (str, bytes, bytearray, int, float, complex, bool)) and batch is not None:
         return
     raise InvalidInput(f"a batch must be {BATCH_FORMS}; got {type(batch).__name__} {_preview(batch)}")
 
@@ -66,8 +73,9 @@ def _preview(x: Any) -> str:
 
 
 def call_model(model: Callable[..., Any], batch: Any) -> Any:
-    """Run the forward pass on a batch given as a tensor, a tuple/list or a dict of arguments (anything
-    else is refused with `InvalidInput` before the model runs)."""
+    """Run the forward pass on a batch given as a tensor, a tuple/list or a dict of arguments, or the
+    model's own batch object (`check_batch` refuses strings, numbers, None and empty containers with
+    `InvalidInput` before the model runs)."""
     check_batch(batch)
     if isinstance(batch, Mapping):
         return model(**batch)
@@ -108,12 +116,13 @@ def training_step(
     loss_fn: LossFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> torch.Tensor:
-    """Forward, backward and (if given) optimizer step; grads are set to None first. Returns the loss."""
+    """Forward, backward and (if given) optimizer step; the gradients of every parameter of the model and
+    of the optimizer are set to None first (a parameter the optimizer does not hold keeps no gradient
+    that backward would add into in place). Returns the loss."""
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-    else:
-        for p in model.parameters():
-            p.grad = None
+    for p in model.parameters():
+        p.grad = None
     loss = forward_loss(model, batch, loss_fn)
     loss.backward()
     if optimizer is not None:

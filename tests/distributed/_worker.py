@@ -9,7 +9,9 @@ a plain copy as the one-process reference, wraps the model, and records
 - the ruler's peak of the wrapped step (``tightfit.profile``) and the allocator's (profiler memory
   events) of the same plain step (the lowest of three: gloo's own thread allocates staging buffers
   that overlap the step's peak or not, by timing);
-- for the remat plan: the per-rank budget and the measured peak.
+- for the remat plan: the per-rank budget and the measured peak;
+- for FSDP2, a budget below the plain step's peak and above the sharded step's: the budget the plain
+  model is planned for (``rank_budget``) and the planned, sharded step's peak.
 Then it runs the two torchrun examples' ``train`` functions. Results go to ``<out>/rank<r>.json``.
 """
 
@@ -31,7 +33,7 @@ from torch import nn
 import tightfit
 from tightfit.errors import UserError
 from tightfit.memory import allocator_peak, ensure_optimizer_state
-from tightfit.memory.distributed import check_unwrapped, ddp_bucket_bytes, parallelize_, rank_budget
+from tightfit.memory.distributed import check_unwrapped, parallelize_, rank_budget
 from tightfit.testing import Block
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,13 +108,50 @@ def apply(technique: str, model: nn.Module, local: dict, budget: int | None, par
         assert report.converted, "sketch converted nothing"
     elif technique == "remat":
         plan_opt = torch.optim.AdamW(model.parameters())
+        ensure_optimizer_state(plan_opt)  # rank_budget counts the state FSDP2 shards
         # FSDP2: every checkpoint region inside one block, which is one fully_shard unit. Block times from
         # FLOP counts, not clocks: every run and every rank makes the same plan (with measured times the
         # plan, and with it the observed step's peak, varied from run to run)
         config = tightfit.RematConfig(segments=parallel != "fsdp2", flop_rate=1e10)
         tightfit.rematerialize(
-            model, local, rank_budget(model, budget, parallel), optimizer=plan_opt, config=config
+            model,
+            local,
+            rank_budget(model, budget, parallel, optimizer=plan_opt),
+            optimizer=plan_opt,
+            config=config,
         )
+
+
+def check_fsdp2_budget(rank: int, world: int) -> dict:
+    """A budget below the plain step's peak and above the sharded step's: the plain model is planned for
+    ``rank_budget`` (more than the budget: sharding's credit), then sharded; each rank's peak measured."""
+    local = shard(full_batch(world), rank)
+    torch.manual_seed(0)
+    model = TinyLM(d=64, layers=4)  # blocks small beside the whole model: sharding saves more than it gathers
+    plain = tightfit.profile(model, local, optimizer=torch.optim.AdamW(model.parameters()), time_steps=0)
+    sharded_model = parallelize_(copy.deepcopy(model), "fsdp2")
+    sharded_opt = torch.optim.AdamW(sharded_model.parameters())
+    sharded = tightfit.profile(sharded_model, local, optimizer=sharded_opt, time_steps=0)
+    del sharded_model, sharded_opt
+    # every rank plans for the same budget: the largest of the ranks' (their batches differ)
+    peaks = torch.tensor([plain.peak_bytes, sharded.peak_bytes])
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    plain_peak, sharded_peak = (int(x) for x in peaks)
+    budget = int(sharded_peak + 0.15 * (plain_peak - sharded_peak))
+    plan_opt = torch.optim.AdamW(model.parameters())
+    ensure_optimizer_state(plan_opt)
+    planned_for = rank_budget(model, budget, "fsdp2", optimizer=plan_opt)
+    config = tightfit.RematConfig(segments=False, flop_rate=1e10)
+    tightfit.rematerialize(model, local, planned_for, optimizer=plan_opt, config=config)
+    model = parallelize_(model, "fsdp2")
+    report = tightfit.profile(model, local, optimizer=torch.optim.AdamW(model.parameters()), time_steps=0)
+    return {
+        "plain_peak": plain_peak,
+        "sharded_peak": sharded_peak,
+        "budget": budget,
+        "planned_for": planned_for,
+        "peak": report.peak_bytes,
+    }
 
 
 def check(parallel: str, technique: str, rank: int, world: int) -> dict:
@@ -124,7 +163,11 @@ def check(parallel: str, technique: str, rank: int, world: int) -> dict:
     if technique == "remat":
         plain = tightfit.profile(model, local, optimizer=torch.optim.AdamW(model.parameters()), time_steps=0)
         planned = int(plain.baseline_bytes + 0.6 * (plain.peak_bytes - plain.baseline_bytes))
-        budget = planned + (ddp_bucket_bytes(model) if parallel == "ddp" else 0)
+        # the budget whose rank budget is `planned` (DDP: plus the buckets; FSDP2: the same, for this
+        # model of two large blocks, whose gathered units outweigh the credit for sharding)
+        credit_opt = torch.optim.AdamW(model.parameters())
+        ensure_optimizer_state(credit_opt)
+        budget = planned - rank_budget(model, 0, parallel, optimizer=credit_opt)
         out["budget"] = budget
     apply(technique, model, local, budget, parallel)
     reference = copy.deepcopy(model)
@@ -170,6 +213,7 @@ def check(parallel: str, technique: str, rank: int, world: int) -> dict:
     out["peak_by_device"] = report.peak_by_device
     out["ranks"] = [r.rank for r in report.ranks]
     out["rank_peaks"] = [r.peak_bytes for r in report.ranks]
+    out["rank_peaks_by_device"] = [r.peak_by_device for r in report.ranks]
     # gloo stages some data in buffers of its own thread, which the allocator (process-wide) sees when
     # they overlap the step's peak, by timing: the lowest of three plain steps is the step's own peak
     runs = []
@@ -204,6 +248,12 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
                 except Exception:
                     results[key] = {"error": traceback.format_exc()}
                 results[key]["seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            results["fsdp2/rank_budget"] = check_fsdp2_budget(rank, world)
+        except Exception:
+            results["fsdp2/rank_budget"] = {"error": traceback.format_exc()}
+        results["fsdp2/rank_budget"]["seconds"] = time.perf_counter() - start
         for name in ("ddp_torchrun", "fsdp2_torchrun"):
             start = time.perf_counter()
             try:

@@ -67,11 +67,17 @@ def test_gradients_equal_one_process(ranks: list[dict], config: str) -> None:
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_ruler_equals_allocator_on_every_rank(ranks: list[dict], config: str) -> None:
+    """The allocator's side is the lowest of three plain steps: its counts are process-wide, and gloo's own
+    thread allocates staging buffers that land inside the step's peak in some runs and not in others.
+    Another thread's allocations can only raise a run's peak, never lower it, so the lowest run is the
+    closest the allocator gets to the step's own peak, and every run is at least the ruler's; equality
+    with the lowest fails whenever the ruler misses or invents bytes of the step itself. (The split per
+    device is tested with two devices, cpu and meta, in tests/memory/test_per_device_and_state.py.)"""
     for rank in range(WORLD):
         r = _result(ranks, rank, config)
         assert r["ruler"] == r["allocator"], (config, rank, r["ruler"], r["allocator"])
         assert r["allocator"] > 0
-        assert r["peak_by_device"] == {"cpu": r["peak"]}
+        assert all(run >= r["ruler"] for run in r["allocator_runs"])
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -81,6 +87,10 @@ def test_profile_reports_every_rank_and_restores_the_state(ranks: list[dict], co
         r = _result(ranks, rank, config)
         assert r["ranks"] == list(range(WORLD))
         assert r["rank_peaks"] == peaks  # gathered from every rank
+        # each rank's peaks per device, as that rank reported them
+        assert r["rank_peaks_by_device"] == [
+            _result(ranks, o, config)["peak_by_device"] for o in range(WORLD)
+        ]
         assert r["restored"]
         assert r["refuses_wrapped"]  # planning a wrapped model is refused, naming the order
 
@@ -90,6 +100,17 @@ def test_plan_for_a_rank_budget_holds_on_every_rank(ranks: list[dict], parallel:
     for rank in range(WORLD):
         r = _result(ranks, rank, f"{parallel}/remat")
         assert r["peak"] <= r["budget"], (parallel, rank, r["peak"], r["budget"])
+
+
+def test_fsdp2_plans_for_a_budget_the_plain_step_cannot_reach(ranks: list[dict]) -> None:
+    """rank_budget credits what FSDP2 shards (NOTE [ Budgets per rank ]): the plain model is planned for
+    more than the rank's budget, which lies between the sharded and the plain step's peaks, and the
+    planned, sharded step keeps the budget on every rank."""
+    for rank in range(WORLD):
+        r = _result(ranks, rank, "fsdp2/rank_budget")
+        assert r["sharded_peak"] < r["budget"] < r["plain_peak"], r
+        assert r["budget"] < r["planned_for"] < r["plain_peak"], r  # a plan is needed, with sharding's credit
+        assert r["peak"] <= r["budget"], (rank, r)
 
 
 def test_ddp_adds_its_gradient_buckets_to_the_plain_step(ranks: list[dict]) -> None:

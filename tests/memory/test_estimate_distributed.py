@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.checkpoint import checkpoint
 
 import tightfit
 from tightfit import cli
@@ -143,3 +144,84 @@ def test_a_plan_with_regions_across_blocks_is_refused_for_fsdp2():
     ]
     with pytest.raises(UserError, match=r"RematConfig\(segments=False\)"):
         check_regions_fit_units(model)
+
+
+class _Blocks(nn.Module):
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 64)) for _ in range(3)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return x.float().pow(2).mean()
+
+
+def test_fake_cuda_autocast_is_replayed_by_checkpoints_recompute():
+    def run(checkpointed: bool, autocast: torch.dtype | None) -> tightfit.MemoryReport:
+        return tightfit.estimate(
+            lambda: _Blocks(checkpointed), lambda: torch.randn(32, 64), device="cuda", autocast=autocast
+        )
+
+    plain, ckpt, ckpt32 = run(False, torch.bfloat16), run(True, torch.bfloat16), run(True, None)
+    assert ckpt.device == "cuda:0"
+    # a checkpointed block keeps its input only: the output of the block before (bf16: a Linear's, under
+    # autocast; the first block's input is the batch, not an activation); the rest is recomputed in the
+    # backward. The loss keeps its float32 input for pow.
+    loss_input = 32 * 64 * 4
+    assert ckpt.activations_bytes == 2 * 32 * 64 * 2 + loss_input < plain.activations_bytes
+    assert ckpt32.activations_bytes == 2 * 32 * 64 * 4 + loss_input
+    assert ckpt.peak_bytes < plain.peak_bytes
+
+
+class _Expert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))  # nested family: not units
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(e(x) for e in self.experts)
+
+
+class _EncoderDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.encoder = nn.ModuleList(_Expert() for _ in range(3))
+        self.decoder = nn.ModuleList(nn.TransformerDecoderLayer(8, 2, 16, batch_first=True) for _ in range(2))
+        self.acts = nn.Sequential(nn.GELU(), nn.GELU())  # no parameters: not units
+
+
+def test_fsdp2_units_are_every_family_of_blocks_outermost_first():
+    from tightfit.memory.distributed import find_blocks
+
+    model = _EncoderDecoder()
+    names = {id(m): n for n, m in model.named_modules()}
+    units = [names[id(b)] for b in find_blocks(model)]
+    assert units == ["encoder.0", "encoder.1", "encoder.2", "decoder.0", "decoder.1"]
+
+
+def test_fake_cuda_autocast_estimate_of_a_remat_plan():
+    from tightfit.remat import execute
+
+    torch.manual_seed(0)
+    model, x = _Blocks(False), torch.randn(512, 64)  # activations well above the parameters
+    plain = tightfit.profile(model, x, time_steps=0)
+    budget = plain.baseline_bytes + (plain.peak_bytes - plain.baseline_bytes) * 2 // 3
+    plan = tightfit.rematerialize(model, x, budget, config=tightfit.RematConfig(flop_rate=1e10)).plan
+    assert any(d.option.checkpointed for d in plan.decisions)  # something is recomputed in the backward
+
+    def planned() -> nn.Module:
+        m = _Blocks(False)
+        execute.apply(m, plan.options)
+        return m
+
+    def batch() -> torch.Tensor:
+        return torch.randn(512, 64)
+
+    whole = tightfit.estimate(lambda: _Blocks(False), batch, device="cuda", autocast=torch.bfloat16)
+    est = tightfit.estimate(planned, batch, device="cuda", autocast=torch.bfloat16)
+    assert est.device == "cuda:0" and est.activations_bytes < whole.activations_bytes

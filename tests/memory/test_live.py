@@ -1,5 +1,8 @@
 """The live tracker against torch's profiler, which sees every allocation of the CPU allocator."""
 
+import threading
+
+import pytest
 import torch
 from torch import nn
 
@@ -76,3 +79,56 @@ def test_counts_the_rng_state_checkpoint_stashes_per_region_and_restores_get_rng
     assert stash > 0
     # the checkpointed call keeps its output but not the layer's saved input: only the stash is extra
     assert ckpt.peak - ckpt.baseline == plain.peak - plain.baseline + stash
+
+
+def test_another_threads_resizes_and_rng_reads_are_not_counted():
+    kept = []
+
+    def other() -> None:
+        st = torch.empty(0).untyped_storage()
+        st.resize_(1 << 20)
+        kept.append((st, torch.get_rng_state()))
+
+    with LiveTracker() as t:
+        th = threading.Thread(target=other)
+        th.start()
+        th.join()
+    assert t.peak == 0 and t.current == 0
+    # the tracker's own thread is counted
+    with LiveTracker() as t:
+        st = torch.empty(0).untyped_storage()
+        st.resize_(4096)
+    assert t.peak == 4096
+
+
+def test_trackers_exiting_out_of_order_in_two_threads_restore_torch():
+    resize, rng = torch.UntypedStorage.resize_, torch.get_rng_state
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def thread_a() -> None:
+        with LiveTracker():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def thread_b() -> None:
+        a_in.wait(5)
+        with LiveTracker():
+            b_in.set()
+            a_out.wait(5)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert torch.UntypedStorage.resize_ is resize and torch.get_rng_state is rng
+
+
+def test_an_exception_in_the_tracked_region_restores_torch():
+    resize, rng = torch.UntypedStorage.resize_, torch.get_rng_state
+    with pytest.raises(ZeroDivisionError):
+        with LiveTracker():
+            assert torch.UntypedStorage.resize_ is not resize and torch.get_rng_state is not rng
+            raise ZeroDivisionError("in the tracked region")
+    assert torch.UntypedStorage.resize_ is resize and torch.get_rng_state is rng

@@ -1,5 +1,7 @@
 """The ruler per device, storage resizes, and profile leaving everything as it found it."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -73,6 +75,7 @@ def test_profile_leaves_model_optimizer_grads_and_rng_as_they_were():
     params = [p.detach().clone() for p in model.parameters()]
     buffers = [b.clone() for b in model.buffers()]
     grads = [p.grad for p in model.parameters()]
+    grad_values = [g.clone() for g in grads]
     state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
     rng = torch.get_rng_state()
     report = tightfit.profile(model, x, loss_fn=lambda y: y.sum(), optimizer=opt, time_steps=2)
@@ -81,7 +84,20 @@ def test_profile_leaves_model_optimizer_grads_and_rng_as_they_were():
     assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert all(g is p.grad for g, p in zip(grads, model.parameters()))
+    assert all(torch.equal(v, p.grad) for v, p in zip(grad_values, model.parameters()))
     assert all(torch.equal(v, opt.state[model[0].weight][k]) for k, v in state.items())
+
+
+def test_profile_leaves_gradient_values_of_parameters_outside_the_optimizer():
+    # the optimizer holds only the last layer: backward would add into the first layer's .grad in place
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    x = torch.randn(8, 8)
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    tightfit.profile(model, x, loss_fn=lambda y: y.sum(), optimizer=opt, time_steps=2)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
 
 
 def test_profile_removes_the_optimizer_state_it_created():
@@ -99,3 +115,24 @@ def test_profile_removes_the_optimizer_state_it_created():
 def test_bad_batch_is_refused_naming_what_a_batch_may_be(batch):
     with pytest.raises(InvalidInput, match="a batch must be a tensor .*tuple/list .*dict"):
         tightfit.profile(mlp(32), batch)
+
+
+@dataclasses.dataclass
+class _Batch:
+    x: torch.Tensor
+
+
+class _TakesBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 1)
+
+    def forward(self, b: _Batch) -> torch.Tensor:
+        return self.lin(b.x).sum()
+
+
+def test_the_models_own_batch_object_is_passed_as_model_batch_and_counted_as_input():
+    batch = _Batch(torch.randn(8, 16))
+    report = tightfit.profile(_TakesBatch(), batch, time_steps=1)
+    assert report.inputs_bytes == batch.x.nbytes
+    assert report.peak_bytes >= report.inputs_bytes + report.params_bytes

@@ -16,11 +16,23 @@ NOTE [ Order of composition ]
 
 NOTE [ Budgets per rank ]
   A budget is the peak of one rank. ``rank_budget`` turns it into the budget to plan the plain model
-  for, on one rank's batch: DDP keeps gradient buckets as large as the trainable parameters for the whole
-  step on top of the plain step, so their bytes come off; FSDP2 keeps 1/N of the parameters, gradients and
-  optimizer state plus the gathered parameters of the blocks running, below the plain step's full copies
-  for models of several blocks, so the budget is kept as it is (a conservative plan; measured per rank by
-  the tests).
+  for, on one rank's batch, so that the wrapped step stays within it.
+  DDP keeps gradient buckets as large as the trainable parameters for the whole step on top of the plain
+  step: their bytes come off.
+  FSDP2 on N ranks: at every moment of the step, the plain step holds the full parameters P and
+  optimizer state O, the FSDP2 step their shards, P/N and O/N, plus what it gathers: the root unit's
+  parameters R (the parameters outside the blocks, gathered from the forward to the end of the
+  backward), the running block's and the prefetched next block's parameters (2·L, L the largest
+  block's bytes), the running block's unsharded gradients before their reduce-scatter (L) and the
+  collectives' staging buffers (all-gather input, reduce-scatter output, bounded by L). Gradients are
+  no larger in the FSDP2 step than in the plain one at the same moment (sharded once reduced) and give
+  no credit, because the plain step's peak may fall in the forward, before any gradient exists. So
+      rank budget = budget + max(0, (1 - 1/N)·(P + O) - (R + 4·L)).
+  Where the gathered units outweigh what this bound credits (few, large blocks) the budget is kept as
+  given: then the plan relies on the gradients' sharding, which the bound leaves out, and is not
+  guaranteed (measured within the budget on every rank in the tests for such a model).
+  O counts the state the optimizer passed holds (create it first: ``ensure_optimizer_state``); without
+  one, only parameters are credited. Activations are the same in both steps (same batch, same plan).
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
+from tightfit._tree import storage_key
 from tightfit.errors import InvalidInput, UserError
 
 PARALLEL = ("ddp", "fsdp2")
@@ -123,15 +137,23 @@ def check_regions_fit_units(model: nn.Module) -> None:
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the largest ``nn.ModuleList``/``nn.Sequential`` of modules of one type
-    (a transformer's layers), the units FSDP2 shards one by one. Empty when there is none."""
-    best: list[nn.Module] = []
+    """The model's repeated blocks, the units FSDP2 shards one by one: the members of every
+    ``nn.ModuleList``/``nn.Sequential`` of two or more modules of one type that hold parameters (a
+    transformer's layers; an encoder-decoder's encoder layers and decoder layers), outermost families
+    only (a mixture-of-experts layer is one unit, not each of its experts). In the model's order; empty
+    when there is none."""
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()  # modules within a block already chosen
     for module in model.modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > len(best):
+        if id(module) in inside:
+            continue
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1:
             children = list(module)
-            if len(children) > 1 and len({type(c) for c in children}) == 1:
-                best = children
-    return best
+            one_type = len({type(c) for c in children}) == 1
+            if one_type and all(any(True for _ in c.parameters()) for c in children):
+                blocks.extend(c for c in children if id(c) not in inside)  # a module shared by two lists
+                inside.update(id(m) for c in children for m in c.modules())
+    return blocks
 
 
 def parallelize_(model: nn.Module, parallel: str, mesh: Any = None) -> nn.Module:
@@ -161,14 +183,44 @@ def ddp_bucket_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def rank_budget(model: nn.Module, budget: int, parallel: str) -> int:
+def rank_budget(
+    model: nn.Module,
+    budget: int,
+    parallel: str,
+    *,
+    optimizer: Any = None,
+    world_size: int | None = None,
+) -> int:
     """The budget to plan the plain ``model`` for, on one rank's batch, so that the wrapped step of each
-    rank stays within ``budget`` bytes (NOTE [ Budgets per rank ])."""
+    rank stays within ``budget`` bytes (NOTE [ Budgets per rank ]). FSDP2: ``world_size`` defaults to
+    the default process group's; ``optimizer`` (with its state created) lets its sharded state count."""
     if parallel not in PARALLEL:
         raise InvalidInput(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
     if parallel == "ddp":
         return budget - ddp_bucket_bytes(model)
-    return budget
+    n = world_size if world_size is not None else rank_and_world()[1]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidInput(f"world_size must be a positive int, got {n!r}")
+    if n == 1:
+        return budget
+    params = _unique_bytes(model.parameters())
+    blocks = [_unique_bytes(block.parameters()) for block in find_blocks(model)]
+    root = params - sum(blocks)
+    largest = max(blocks, default=0)
+    state = 0
+    if optimizer is not None:
+        state = _unique_bytes(v for st in optimizer.state.values() for v in st.values())
+    return budget + max(0, (params + state) * (n - 1) // n - (root + 4 * largest))
+
+
+def _unique_bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages of the tensors among ``tensors`` (others are skipped)."""
+    seen: dict[Any, int] = {}
+    for t in tensors:
+        key = storage_key(t) if isinstance(t, torch.Tensor) else None
+        if key is not None:
+            seen[key] = t.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 @contextlib.contextmanager

@@ -13,12 +13,17 @@ NOTE [ What the tracker counts ]
      not seen (the allocator-level profiler sees them); allocator rounding and caching are not modelled.
   4. Tensors made outside the dispatcher (``torch.from_numpy``, Inductor's own buffers, the 0-dim tensor
      autograd saves for ``x * 0.5``: 8 bytes made from the Python number) are not seen, except the CPU
-     RNG state ``checkpoint`` stashes per region (5 KiB): ``torch.get_rng_state`` is wrapped while the
+     RNG state ``checkpoint`` stashes per region (5 KiB): ``torch.get_rng_state`` is wrapped while a
      tracker is active to count it (a 1000-step LSTM plan has hundreds of regions).
   5. Storages resized in place count at their new size, including ``UntypedStorage.resize_``, which does
      not go through the dispatcher: FSDP2 frees each gathered parameter with ``resize_(0)`` after use and
-     re-grows it for the backward's all-gather. ``UntypedStorage.resize_`` is wrapped while the tracker
+     re-grows it for the backward's all-gather. ``UntypedStorage.resize_`` is wrapped while a tracker
      is active, so a gathered parameter counts exactly while it holds memory.
+     The two wrappers are process-wide, the tracker is not (a dispatch mode is thread-local): they are
+     installed once, counted by the trackers active in any thread, and removed when the last one exits
+     (in any order, also on an exception). A call reaches the trackers of the calling thread: those it
+     entered and those on its dispatch-mode stack (autograd's device threads, which run a GPU backward,
+     inherit the stack); another thread's resizes and RNG reads are not counted.
   6. Tensor subclasses that wrap others (DTensor: FSDP2's sharded parameters, gradients and optimizer
      state) count as the tensors inside them (a rank's local shard), and their ops are left to the
      subclass, which runs them as ops on those local tensors, which the tracker sees. The ops DTensor
@@ -32,13 +37,18 @@ NOTE [ What the tracker counts ]
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
+    is_traceable_wrapper_subclass,
+)
 from torch.utils._pytree import tree_leaves
 
 from tightfit._tree import StorageKey, storage_id, storage_key, tensors_of
@@ -120,6 +130,66 @@ def _device_name(device: torch.device) -> str:
     if device.type in ("cpu", "meta") or device.index is not None:
         return str(device)
     return f"{device.type}:0"
+
+
+# NOTE 5: the process-wide wrappers of torch.get_rng_state and UntypedStorage.resize_
+_patch_lock = threading.Lock()
+_patch_count = 0
+_originals: dict[str, Any] = {}
+_entered = threading.local()  # .trackers: the LiveTrackers this thread entered, innermost last
+
+
+def _active_trackers() -> list[LiveTracker]:
+    """The trackers a call in this thread reaches: entered here, or on its dispatch-mode stack."""
+    found: list[LiveTracker] = list(getattr(_entered, "trackers", ()))
+    for mode in _get_current_dispatch_mode_stack():
+        if isinstance(mode, LiveTracker) and not any(mode is t for t in found):
+            found.append(mode)
+    return found
+
+
+def _counted_get_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    state = _originals["get_rng_state"](*args, **kwargs)
+    for tracker in _active_trackers():
+        tracker._register(state)
+    return state
+
+
+def _counted_resize(storage: torch.UntypedStorage, size: int) -> Any:
+    out = _originals["resize_"](storage, size)
+    for tracker in _active_trackers():
+        if not tracker._resizing_in_subclass():
+            tracker._count(storage)
+            tracker._sample("UntypedStorage.resize_")
+    return out
+
+
+def _install(tracker: LiveTracker) -> None:
+    global _patch_count
+    with _patch_lock:
+        if _patch_count == 0:
+            _originals["get_rng_state"] = torch.get_rng_state
+            _originals["resize_"] = torch.UntypedStorage.resize_
+            torch.get_rng_state = _counted_get_rng_state
+            torch.UntypedStorage.resize_ = _counted_resize  # type: ignore[method-assign]
+        _patch_count += 1
+    if not hasattr(_entered, "trackers"):
+        _entered.trackers = []
+    _entered.trackers.append(tracker)
+
+
+def _uninstall(tracker: LiveTracker) -> None:
+    global _patch_count
+    trackers = getattr(_entered, "trackers", [])
+    for i in range(len(trackers) - 1, -1, -1):
+        if trackers[i] is tracker:
+            del trackers[i]
+            break
+    with _patch_lock:
+        _patch_count -= 1
+        if _patch_count == 0:
+            torch.get_rng_state = _originals.pop("get_rng_state")
+            torch.UntypedStorage.resize_ = _originals.pop("resize_")  # type: ignore[method-assign]
 
 
 class LiveTracker(TorchDispatchMode):
@@ -299,26 +369,9 @@ class LiveTracker(TorchDispatchMode):
         if self._scope is not None:
             self._scope.__enter__()
         super().__enter__()
-        # checkpoint stashes the CPU RNG state (5 KiB) per region, made outside the dispatcher
-        self._get_rng_state = get_rng_state = torch.get_rng_state
-
-        def counted_get_rng_state() -> torch.Tensor:
-            state = get_rng_state()
-            self._register(state)
-            return state
-
-        torch.get_rng_state = counted_get_rng_state
-        # FSDP2 frees and re-grows gathered parameters with UntypedStorage.resize_, outside the dispatcher
-        self._resize = resize = torch.UntypedStorage.resize_
-
-        def counted_resize(storage: torch.UntypedStorage, size: int) -> Any:
-            out = resize(storage, size)
-            if not self._resizing_in_subclass():
-                self._count(storage)
-                self._sample("UntypedStorage.resize_")
-            return out
-
-        torch.UntypedStorage.resize_ = counted_resize  # type: ignore[method-assign]
+        # checkpoint stashes the CPU RNG state (5 KiB) per region, and FSDP2 frees and re-grows gathered
+        # parameters with UntypedStorage.resize_: both outside the dispatcher (NOTE 4, 5)
+        _install(self)
         for t in self._tracked_before:
             self._register(t)
         self._tracked_before = []
@@ -331,8 +384,11 @@ class LiveTracker(TorchDispatchMode):
         return _active_fake_mode() is not self._fake_mode_on_entry
 
     def __exit__(self, *exc: object) -> None:
-        torch.UntypedStorage.resize_ = self._resize  # type: ignore[method-assign]
-        torch.get_rng_state = self._get_rng_state
-        super().__exit__(*exc)
-        if self._scope is not None:
-            self._scope.__exit__(*exc)
+        try:
+            _uninstall(self)
+        finally:
+            try:
+                super().__exit__(*exc)
+            finally:
+                if self._scope is not None:
+                    self._scope.__exit__(*exc)

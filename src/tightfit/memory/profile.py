@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -66,12 +66,25 @@ def unique_bytes(objs: Any) -> int:
     return sum(seen.values())
 
 
+def batch_tensors(batch: Any) -> list[torch.Tensor]:
+    """The tensors a batch holds: those in a tensor/tuple/list/dict, or, for the model's own batch
+    object (a dataclass, TensorDict, PyG ``Data``), those in its attributes (and the mappings and lists
+    there), so that they count as inputs from the start of the step."""
+    if isinstance(batch, (torch.Tensor, list, tuple, set, Mapping)):
+        return list(tensors_of(batch))
+    try:
+        attrs = vars(batch)
+    except TypeError:  # no __dict__ (slots)
+        attrs = {name: getattr(batch, name, None) for name in getattr(batch, "__slots__", ())}
+    return list(tensors_of(attrs))
+
+
 def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters() if p.grad is not None]
 
 
 def _device_of(model: torch.nn.Module, batch: Any) -> torch.device:
-    for t in list(model.parameters()) + list(tensors_of(batch)):
+    for t in list(model.parameters()) + batch_tensors(batch):
         return t.device
     return torch.device("cpu")
 
@@ -164,14 +177,13 @@ def _measure(
     if optimizer is not None:
         ensure_optimizer_state(optimizer)
         optimizer.zero_grad(set_to_none=True)
-    else:
-        for p in model.parameters():
-            p.grad = None
+    for p in model.parameters():  # also those the optimizer does not hold: backward adds into a .grad
+        p.grad = None
 
-    tracker = LiveTracker(track=[model, optimizer, batch, held], root=model, timeline=timeline)
+    tracker = LiveTracker(track=[model, optimizer, batch_tensors(batch), held], root=model, timeline=timeline)
     with tracker, FlopCounter() as flop_counter:
         tracker.phase = "forward"
-        with SavedTensorCounter(exclude=[model, batch], root=model) as saved:
+        with SavedTensorCounter(exclude=[model, batch_tensors(batch)], root=model) as saved:
             with autocast if autocast is not None else contextlib.nullcontext():
                 output = call_model(model, batch)
                 loss = loss_of(output, loss_fn)
@@ -204,7 +216,7 @@ def _measure(
         buffers_bytes=unique_bytes(list(model.buffers())),
         grads_bytes=grads_bytes,
         optimizer_bytes=unique_bytes(optimizer) if optimizer is not None else 0,
-        inputs_bytes=unique_bytes(batch),
+        inputs_bytes=unique_bytes(batch_tensors(batch)),
         activations_bytes=saved.bytes,
         forward_live_bytes=forward_live,
         baseline_bytes=tracker.baseline,
@@ -263,7 +275,7 @@ def profile(
         raise ValueError(f"time_steps must be >= 0, got {time_steps}")
     snapshot = _Snapshot(model, optimizer)
     try:
-        with forked_rng([*model.parameters(), *tensors_of(batch)]):
+        with forked_rng([*model.parameters(), *batch_tensors(batch)]):
             report = _measure(model, batch, loss_fn, optimizer, estimated=False, timeline=timeline)
             times = []
             for _ in range(time_steps):
@@ -354,7 +366,7 @@ def estimate(
         if disguise:
             from tightfit.memory.fakecuda import CudaDisguise
 
-            stack.enter_context(CudaDisguise(autocast=autocast))
+            stack.enter_context(CudaDisguise())  # its autocast: CPU autocast around the forward
         elif target is not None:
             stack.enter_context(target)
         model = model_factory()
@@ -373,8 +385,9 @@ def estimate(
         optimizer = optimizer_factory(model.parameters()) if optimizer_factory is not None else None
         _check_inputs(model, optimizer)
         amp = None
-        if autocast is not None and not disguise:
-            amp = torch.autocast(device_type=(target or _device_of(model, batch)).type, dtype=autocast)
+        if autocast is not None:
+            amp_device = "cpu" if disguise else (target or _device_of(model, batch)).type
+            amp = torch.autocast(device_type=amp_device, dtype=autocast)
         report = _measure(
             model, batch, loss_fn, optimizer, estimated=True, timeline=timeline, autocast=amp, held=held
         )

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 import tightfit
+from tightfit.memory import ensure_optimizer_state
 from tightfit.memory.distributed import parallelize_, rank_budget
 from tightfit.testing import Block
 
@@ -57,11 +58,14 @@ def train(
     budget = int(plain.baseline_bytes + fraction * (plain.peak_bytes - plain.baseline_bytes))
     # 2. plan on the plain model, with one rank's batch; every checkpoint region inside one block (one
     #    FSDP2 unit): no segments spanning several blocks
+    #    (the optimizer's state, created first, lets the budget credit what sharding it saves per rank)
+    plan_opt = torch.optim.AdamW(model.parameters())
+    ensure_optimizer_state(plan_opt)
     tightfit.rematerialize(
         model,
         batch,
-        rank_budget(model, budget, "fsdp2"),
-        optimizer=torch.optim.AdamW(model.parameters()),
+        rank_budget(model, budget, "fsdp2", optimizer=plan_opt),
+        optimizer=plan_opt,
         config=tightfit.RematConfig(segments=False),
     )
     # 3. shard: every block, then the root; the optimizer on the sharded parameters

@@ -298,3 +298,30 @@ def test_autocast_cpu_bf16() -> None:
         rl(x)
     # saved: the bf16 sketch (10 x 8 x 2 bytes), the seed, and the bf16 weight copy autocast makes for linear
     assert c.bytes == 10 * 8 * 2 + 8 + 6 * 8 * 2
+
+
+def test_layer_seed_draws_no_random_number_and_travels_with_copies() -> None:
+    import pickle
+
+    from tightfit.sketch import LayerSeed, StepClock
+
+    torch.manual_seed(0)
+    layer = RandomizedLinear(16, 8, ratio=0.5)
+    clock = StepClock()
+    layer.seeding = LayerSeed(7, 0, clock)
+    x = torch.randn(64, 16)
+
+    def grad(module: torch.nn.Module) -> torch.Tensor:
+        module.weight.grad = None
+        module(x).square().sum().backward()
+        return module.weight.grad.clone()
+
+    state = torch.get_rng_state()
+    first = grad(layer)
+    assert torch.equal(state, torch.get_rng_state())  # nothing drawn from the global generator
+    assert torch.equal(first, grad(layer))  # same step, same RNG state: the same sketch
+    copied = pickle.loads(pickle.dumps(layer))
+    assert torch.equal(first, grad(copied))
+    clock.step += 1  # the next step: another sketch
+    assert not torch.equal(first, grad(layer))
+    assert torch.equal(first, grad(copied))  # the copy has its own clock

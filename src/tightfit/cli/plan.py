@@ -126,6 +126,7 @@ def _run_planner(args: argparse.Namespace, budget: Any) -> int:
     """``--allow``: plan across techniques with ``tightfit.plan`` and print the plan."""
     from tightfit.errors import UserError
     from tightfit.planner import InfeasibleBudget, Planner
+    from tightfit.planner.core import InvalidAllow
     from tightfit.remat import RematConfig
 
     for flag, given in (("--estimate", args.estimate), ("--compile", args.compile), ("--plot", args.plot)):
@@ -149,8 +150,10 @@ def _run_planner(args: argparse.Namespace, budget: Any) -> int:
             plan = planner.plan(budget)
         except InfeasibleBudget as e:
             raise CliError(str(e)) from None
-        except UserError as e:
+        except InvalidAllow as e:
             raise CliError(f"--allow: {e}") from None
+        except UserError as e:  # a plan applied already, a step that is not reproducible, ...
+            raise CliError(str(e)) from None
     print(plan.to_json(indent=1) if args.json else plan)
     return 0
 

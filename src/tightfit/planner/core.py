@@ -34,26 +34,30 @@ NOTE [ Side effects of planning ]
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import numbers
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from tightfit._step import LossFn
-from tightfit.errors import UserError
+from tightfit.errors import InvalidInput, UserError
 from tightfit.memory.distributed import check_unwrapped
 from tightfit.planner.result import Plan, PlanDecision
 from tightfit.planner.variants import Combined, Variant, converted, grad_sqnr
 from tightfit.remat.auto import InfeasibleBudget as _RematInfeasible
 from tightfit.remat.auto import Planner as RematPlanner
+from tightfit.remat.auto import check_no_plan
 from tightfit.remat.budget import Budget, parse_budget
 from tightfit.remat.chain import ChainModel, Progress, options_by_module
 from tightfit.remat.config import RematConfig
+from tightfit.remat.execute import OpSequenceError
 from tightfit.remat.measure import _differentiable, _Run, measure_group
-from tightfit.remat.options import STORE, Option, SavePolicy, Store
+from tightfit.remat.options import STORE, InSegment, Option, SavePolicy, Segment, Store
 from tightfit.remat.search import BudgetSearch, Refused
 from tightfit.remat.segments import SegmentError
 from tightfit.remat.solvers.chain_costs import Assignment, ChainCosts
@@ -78,13 +82,29 @@ DEFAULT_FEWBIT_BITS = (2,)
 # sketch keeps half the rows by default: the mildest setting of the paper, whose variance stays within
 # minibatch noise on the models of docs/sketch.md; smaller ratios only when asked
 DEFAULT_SKETCH_RATIOS = (0.5,)
-# per lossy technique, the least SQNR (dB) of a block's parameter gradients against store's on the batch.
+# per lossy technique, the least SQNR (dB) of a block's parameter gradients against store's (the block alone
+# on its recorded inputs, a Gaussian output gradient: a proxy for the loss's; docs/planner.md).
 # few-bit: 10 dB (error energy <= 10% of the gradient's); 2-bit GELU/SiLU blocks of the zoo models measure
 # 20-25 dB, and 1-bit tables fall below. sketch: 0 dB (error energy <= the gradient's own): a sketch is
 # unbiased and sized against minibatch noise (docs/sketch.md), so one batch's gradient is a strict
 # reference; at ratio 0.5 transformer blocks measure near 0 dB and a classifier head on few tokens below.
 DEFAULT_MIN_GRAD_SQNR: dict[str, float] = {"fewbit": 10.0, "sketch": 0.0}
 VARIANT_SEED = 1234  # the RNG seed of the block runs whose gradients are compared
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanModel(ChainModel):
+    """The planner's cost model: refusing an assignment (its gradients differ) turns segments off when it
+    has any, and otherwise stops offering the options the refusal names, or every non-store option the
+    assignment used (a lossless check cannot tell which block differed), so a refused assignment is never
+    solved again."""
+
+    def refusing(self, assignment: Sequence[Option], refused: Refused | None = None) -> PlanModel:
+        if refused is not None and refused.options:
+            return PlanModel(self.chain.without(refused.options), self.segments)
+        if self.segments and any(isinstance(o, (Segment, InSegment)) for o in assignment):
+            return PlanModel(self.chain, False)
+        return PlanModel(self.chain.without(o for o in assignment if not isinstance(o, Store)), self.segments)
 
 
 class InfeasibleBudget(_RematInfeasible):
@@ -102,19 +122,23 @@ class InfeasibleBudget(_RematInfeasible):
         )
 
 
+class InvalidAllow(UserError, ValueError):
+    """``allow`` names no known technique, or is not a sequence of names."""
+
+
 def check_allow(allow: Sequence[str] | str) -> tuple[str, ...]:
-    """``allow`` as a tuple of technique names; UserError naming the valid ones otherwise."""
+    """``allow`` as a tuple of technique names; ``InvalidAllow`` naming the valid ones otherwise."""
     if isinstance(allow, str):
         allow = tuple(a.strip() for a in allow.split(",") if a.strip())
     try:
         names = tuple(allow)
     except TypeError:
-        raise UserError(
+        raise InvalidAllow(
             f"allow must be a sequence of technique names from {TECHNIQUES}, got {allow!r}"
         ) from None
     bad = [a for a in names if a not in TECHNIQUES]
     if bad:
-        raise UserError(f"unknown technique(s) {bad} in allow; valid: {', '.join(TECHNIQUES)}")
+        raise InvalidAllow(f"unknown technique(s) {bad} in allow; valid: {', '.join(TECHNIQUES)}")
     return tuple(t for t in TECHNIQUES if t in names)
 
 
@@ -140,11 +164,29 @@ def check_floors(min_grad_sqnr: float | Mapping[str, float] | None) -> dict[str,
     return floors
 
 
-def _positive(values: Sequence[Any], what: str, low: float, high: float) -> tuple[Any, ...]:
-    out = tuple(values)
-    if not out or any(isinstance(v, bool) or not low <= v <= high for v in out):
-        raise UserError(f"{what} must be a non-empty sequence of numbers in [{low}, {high}], got {values!r}")
-    return out
+def _positive(
+    values: Sequence[Any], what: str, low: float, high: float, integer: bool = False
+) -> tuple[Any, ...]:
+    """``values`` checked: a non-empty sequence of numbers in [low, high] (integers when ``integer``);
+    ``InvalidInput`` naming what is valid otherwise."""
+    kind = "integers" if integer else "numbers"
+    try:
+        out = tuple(values)
+    except TypeError:
+        out = ()
+    ok = numbers.Integral if integer else numbers.Real
+    if not out or any(
+        isinstance(v, bool) or not isinstance(v, ok) or not low <= v <= high for v in out  # type: ignore[operator]
+    ):
+        raise InvalidInput(
+            f"{what} must be a non-empty sequence of {kind} in [{low}, {high}], got {values!r}"
+        )
+    return tuple(int(v) if integer else float(v) for v in out)
+
+
+def _keeps(option: Option, kept: Option) -> bool:
+    """Whether ``option`` runs the keep-ops option ``kept`` (alone or under a conversion)."""
+    return option == kept or (isinstance(option, Combined) and option.base == kept)
 
 
 def _block_grads(group: Any) -> list[torch.Tensor | None]:
@@ -161,6 +203,21 @@ def _block_grads(group: Any) -> list[torch.Tensor | None]:
     for p in run.params:
         p.grad = None
     return grads
+
+
+@contextlib.contextmanager
+def no_cache(model: torch.nn.Module) -> Iterator[None]:
+    """A Hugging Face model's ``config.use_cache`` off for the duration (a recomputed block would append to
+    its KV cache twice), as it was afterwards."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if before:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if before:
+            config.use_cache = before  # type: ignore[union-attr]
 
 
 class Planner:
@@ -184,22 +241,44 @@ class Planner:
     ) -> None:
         started = time.perf_counter()
         self.allow = check_allow(allow)
-        self.fewbit_bits = _positive(fewbit_bits, "fewbit_bits", 1, 8)
+        self.fewbit_bits = _positive(fewbit_bits, "fewbit_bits", 1, 8, integer=True)
         self.sketch_ratios = _positive(sketch_ratios, "sketch_ratios", 1e-6, 1.0)
         self.min_grad_sqnr = check_floors(min_grad_sqnr)
         self.model, self.batch = model, batch
         self.offload_target = offload_target
+        with no_cache(model):
+            self._measure_all(loss_fn, optimizer, config, progress)
+        self.measure_time = time.perf_counter() - started
+
+    def _measure_all(
+        self,
+        loss_fn: LossFn | None,
+        optimizer: torch.optim.Optimizer | None,
+        config: RematConfig | None,
+        progress: Progress | None,
+    ) -> None:
+        model, batch = self.model, self.batch
         self.remat = RematPlanner(model, batch, loss_fn, optimizer, config, progress=progress)
         self.runner = self.remat.runner
         m = self.remat.measured
-        self.notes: list[str] = list(m.notes)
+        self.notes: list[str] = [n for n in m.notes if not n.startswith("set model.config.use_cache")]
         self.blocks = m.blocks.blocks
         self.recompute = "recompute" in self.allow
         self.variant_table: list[tuple[str, str, str, int, float]] = []  # group, variant, status, keep, sqnr
         self.sqnr: dict[tuple[int, Option], float] = {}  # (group, option) -> measured block SQNR
         self.candidates = sum(len(c) for c in {id(c): c for c in m.chain.costs}.values())
+        self.check = "check"  # how lossless steps are checked ("check": torch.equal; None: not checked)
         with self.runner.restoring():
             self.runner.measure(None, timed=False, tracked=False, grads="capture")
+            try:  # the unmodified step twice: a lossless check needs reproducible gradients
+                self.runner.measure(None, timed=False, tracked=False, grads="check")
+            except SegmentError:
+                self.check = None
+                self.notes.append(
+                    "gradients not checked: two unmodified steps under one seed gave different gradients "
+                    "(non-deterministic kernels; torch.use_deterministic_algorithms(True) makes them "
+                    "reproducible and the check meaningful)"
+                )
             extra = self._measure_variants()
         if "offload" in self.allow and not self.offloadable:
             self.notes.append(
@@ -216,15 +295,13 @@ class Planner:
             costs.append(per_group[b.group])
         chain = dataclasses.replace(m.chain, costs=costs, _segments={}, _entering_bytes={})
         self.chain: ChainCosts = chain
-        self.cost_model = ChainModel(chain, self.recompute and m.model.segments)
+        self.cost_model = PlanModel(chain, self.recompute and m.model.segments)
         self.baseline_peak, self.baseline_time = m.baseline_peak, m.baseline_time
         self.store_plan: Assignment = list(m.store_plan)
         self.measured_peaks: dict[tuple[Option, ...], int] = {tuple(self.store_plan): m.baseline_peak}
         self.lossy_grads: dict[tuple[Option, ...], float] = {}
-        if self.recompute:
-            self.measured_peaks[tuple(m.frugal_plan)] = m.frugal_peak
+        self.lossy_sqnr: dict[tuple[Option, ...], dict[str, float]] = {}  # per technique
         self.min_budget, self.frugal_plan = self._frugal()
-        self.measure_time = time.perf_counter() - started
 
     # -- measuring ------------------------------------------------------------------------------------
     @property
@@ -283,12 +360,16 @@ class Planner:
                     bases += [o for o in keeps if isinstance(o, SavePolicy)]
                 elif self.recompute:  # the converted block's own keep-these-ops options
                     op_level = self.remat.config.planned_op_level
-                with converted(self.model, {variant: [group.path]}, self.offload_target) as n:
-                    if n == 0:
-                        continue
-                    here = dataclasses.replace(group, module=self.model.get_submodule(group.path))
-                    costs = measure_group(here, bases, op_level=op_level)
-                    sqnr = grad_sqnr(reference, _block_grads(here))
+                try:
+                    with converted(self.model, {variant: [group.path]}, self.offload_target) as n:
+                        if n == 0:
+                            continue
+                        here = dataclasses.replace(group, module=self.model.get_submodule(group.path))
+                        costs = measure_group(here, bases, op_level=op_level)
+                        sqnr = grad_sqnr(reference, _block_grads(here))
+                except Exception as err:  # a conversion this block cannot run: not offered, planning goes on
+                    self.notes.append(f"{group.path}: {variant.key} not offered: {type(err).__name__}: {err}")
+                    continue
                 for base, cost in costs.items():
                     self.candidates += 1
                     status = "offered"
@@ -299,6 +380,8 @@ class Planner:
                             if variant.lossy
                             else "not offered: gradients differ from store's"
                         )
+                    elif not cost.exact and cost.keep == cost.fwd_peak == cost.bwd_peak == 0:
+                        status = "not offered: the converted block raises when run under it"
                     elif not cost.exact:
                         status = "not offered: its gradients differ from the converted block's store"
                     elif cost.keep >= keeps.get(base, keeps[STORE]):
@@ -336,27 +419,72 @@ class Planner:
         return any(isinstance(o, Combined) and o.variant.lossy for o in assignment)
 
     def measure(self, assignment: Sequence[Option], *, timed: bool = False) -> tuple[int, float]:
-        """(peak, seconds) of one step with ``assignment`` applied (conversions, then remat); lossless
-        assignments are gradient-checked (``Refused`` when they differ), lossy ones get their SQNR."""
+        """(peak, seconds) of one step with ``assignment`` applied (conversions, then remat). Lossless
+        assignments are gradient-checked (``Refused`` when they differ). Lossy ones get their SQNR per
+        technique (the gradients of the parameters of the blocks each converts, against the unmodified
+        model's), refused with the options of a technique under its floor; their segments, if any, are
+        checked alone (the assignment without its conversions)."""
         lossy = self._lossy(assignment)
         by_variant: dict[Variant, list[str]] = {}
         for b, o in zip(self.blocks, assignment):
             if isinstance(o, Combined):
                 by_variant.setdefault(o.variant, []).append(b.path)
         bases = [o.base if isinstance(o, Combined) else o for o in assignment]
-        with self.runner.restoring(), converted(self.model, by_variant, self.offload_target):
-            try:
-                peak, seconds = self.runner.measure(
-                    options_by_module(self.blocks, bases), timed=timed, grads="keep" if lossy else "check"
-                )
-            except SegmentError as err:
-                raise Refused(str(err)) from err
+        if lossy and self.check and any(isinstance(o, (Segment, InSegment)) for o in bases):
+            self._step(bases, {}, timed=False, grads=self.check)  # the lossless part, checked alone
+        peak, seconds = self._step(bases, by_variant, timed=timed, grads="keep" if lossy else self.check)
         if lossy:
             assert self.runner.reference_grads is not None and self.runner.last_grads is not None
-            self.lossy_grads[tuple(assignment)] = grad_sqnr(
-                self.runner.reference_grads, self.runner.last_grads
-            )
+            reference, grads = self.runner.reference_grads, self.runner.last_grads
+            self.lossy_grads[tuple(assignment)] = grad_sqnr(reference, grads)
+            per = self.technique_sqnr(assignment, reference, grads)
+            self.lossy_sqnr[tuple(assignment)] = per
+            under = [t for t, db in per.items() if db < self.min_grad_sqnr[t]]
+            if under:
+                floors = self.min_grad_sqnr
+                why = ", ".join(f"{t} blocks' gradients {per[t]:.1f} dB (floor {floors[t]:g})" for t in under)
+                lossy_of = [o for o in assignment if isinstance(o, Combined)]
+                raise Refused(why, [o for o in lossy_of if set(o.variant.techniques) & set(under)])
         return peak, seconds
+
+    def _step(
+        self, bases: Sequence[Option], by_variant: dict[Variant, list[str]], *, timed: bool, grads: str | None
+    ) -> tuple[int, float]:
+        with (
+            no_cache(self.model),
+            self.runner.restoring(),
+            converted(self.model, by_variant, self.offload_target),
+        ):
+            try:
+                return self.runner.measure(options_by_module(self.blocks, bases), timed=timed, grads=grads)
+            except SegmentError as err:  # gradients differ from the unmodified model's
+                raise Refused(str(err)) from err
+            except OpSequenceError as err:  # a block ran other ops than its keep-ops option measured
+                raise Refused(str(err), [o for o in self.chain_options() if _keeps(o, err.option)]) from err
+
+    def chain_options(self) -> set[Option]:
+        return {o for costs in self.chain.costs for o in costs}
+
+    def technique_sqnr(
+        self,
+        assignment: Sequence[Option],
+        reference: Sequence[torch.Tensor | None],
+        grads: Sequence[torch.Tensor | None],
+    ) -> dict[str, float]:
+        """Per lossy technique of ``assignment``, the SQNR (dB) of the gradients of the parameters of the
+        blocks it converts, against ``reference`` (the unmodified model's, same seed)."""
+        index = {id(p): i for i, p in enumerate(self.model.parameters())}
+        params: dict[str, set[int]] = {}
+        for b, o in zip(self.blocks, assignment):
+            if isinstance(o, Combined):
+                for t in o.variant.techniques:
+                    if t in LOSSY:
+                        mine = params.setdefault(t, set())
+                        mine.update(index[id(p)] for p in self.model.get_submodule(b.path).parameters())
+        return {
+            t: grad_sqnr([reference[i] for i in sorted(ix)], [grads[i] for i in sorted(ix)])
+            for t, ix in params.items()
+        }
 
     def _peak(self, assignment: Sequence[Option]) -> int:
         key = tuple(assignment)
@@ -372,15 +500,25 @@ class Planner:
             min(chain.options(i), key=lambda o, i=i: (chain.keep(i, o), chain.costs[i][o].bwd_peak))
             for i in range(len(self.blocks))
         ]
-        best_peak, best = self._peak(frugal), frugal
+        try:
+            best_peak, best = self._peak(frugal), frugal
+        except Refused as refused:  # the least-keep conversions or options fail their check
+            self.notes.append(f"the least-keep options of every block together were refused: {refused}")
+            self.cost_model = self.cost_model.refusing(frugal, refused)
+            best_peak, best = self.baseline_peak, self.store_plan
         if self.recompute and self.remat.frugal_peak < best_peak:
-            best_peak, best = self.remat.frugal_peak, self.remat.frugal_plan
+            try:  # measured by remat without a gradient check: checked here
+                best_peak, best = self._peak(self.remat.frugal_plan), self.remat.frugal_plan
+            except Refused as refused:
+                self.notes.append(f"the most frugal recompute plan was refused: {refused}")
+                self.cost_model = self.cost_model.refusing(self.remat.frugal_plan, refused)
         lowest = self.cost_model.least_solved(0.0, float(chain.peak(frugal)))[1]
-        if lowest is not None and tuple(lowest) != tuple(best):
+        if lowest is not None and tuple(lowest) not in (tuple(best), tuple(frugal)):
             try:
                 peak = self._peak(lowest)
-            except Refused:
+            except Refused as refused:
                 peak = None
+                self.cost_model = self.cost_model.refusing(lowest, refused)
             if peak is not None and peak < best_peak:
                 best_peak, best = peak, lowest
         return min(best_peak, self.baseline_peak), (
@@ -466,9 +604,16 @@ class Planner:
         if tuple(assignment) == tuple(self.store_plan):
             plan.measured_time, plan.grads_equal = self.baseline_time, True
         else:
-            _, plan.measured_time = self.measure(assignment, timed=True)
+            try:
+                _, plan.measured_time = self.measure(assignment, timed=True)
+            except Refused as refused:  # it passed when searched: the step is not reproducible
+                raise UserError(
+                    f"the chosen plan passed its gradient check once and failed it when measured again "
+                    f"({refused}): this model's training step is not reproducible under one seed; call "
+                    "torch.use_deterministic_algorithms(True) before planning"
+                ) from refused
             if plan.lossless:
-                plan.grads_equal = True  # measure() raised otherwise
+                plan.grads_equal = True if self.check else None  # measure() raised when they differ
             else:
                 plan.grads_equal = False
                 plan.grad_sqnr = self.lossy_grads.get(tuple(assignment))
@@ -511,9 +656,12 @@ def plan(
     unknown technique name.
     """
     check_unwrapped(model, "tightfit.plan")
+    check_no_plan(model)
     parsed = parse_budget(budget)  # refused before anything is measured
     check_allow(allow)
     check_floors(min_grad_sqnr)
+    _positive(fewbit_bits, "fewbit_bits", 1, 8, integer=True)
+    _positive(sketch_ratios, "sketch_ratios", 1e-6, 1.0)
     planner = Planner(
         model,
         batch,

@@ -145,8 +145,13 @@ class Plan:
         the planned blocks, then the per-call remat options through ``tightfit.remat.execute``); sets
         ``model.plan`` and returns the model to train. A plan applied before is removed first
         (``undo_``); nothing stays half-applied when applying raises. ``offload_target``: the
-        ``tightfit.offload`` target of offload decisions (None: the model's accelerator)."""
+        ``tightfit.offload`` target of offload decisions (None: the model's accelerator). A Hugging Face
+        model gets ``config.use_cache = False``, as ``rematerialize`` sets it (a recomputed block would
+        append to its KV cache twice)."""
         self.undo_(model)
+        config = getattr(model, "config", None)
+        if getattr(config, "use_cache", False) and any(d.remat_option.checkpointed for d in self.decisions):
+            config.use_cache = False  # type: ignore[union-attr]
         reports: list[ConversionReport] = []
         try:
             for variant, paths in self.conversions.items():

@@ -9,19 +9,19 @@ its report's ``undo()`` puts it back: the planner measures a variant on a group'
 and ``Plan.apply_`` converts exactly the blocks whose decision names a variant.
 
 NOTE [ Sketch and the RNG ]
-  A sketched layer draws its sketch seed from the global CPU generator, which would shift every dropout
-  mask after it: the gradients of a sketched model would differ from the model's by the dropout noise as
-  well as by the sketch. The planner runs each sketched layer's forward under a forked CPU generator,
-  seeded from a base drawn once per conversion, the layer's index and the call count: every dropout mask
-  is the one the unconverted model draws, and each call still gets a fresh sketch (a model that consumes
-  no random numbers would otherwise see the same sketch every step). A recompute of the layer draws
-  another sketch, which is consistent: the op saves its own seed with its sketched input.
+  A sketched layer draws its sketch seed from the global CPU generator by default, which would shift every
+  dropout mask after it: the gradients of a sketched model would differ from the model's by the dropout
+  noise as well as by the sketch. The planner gives each sketched layer a ``tightfit.sketch.LayerSeed``
+  instead: its seed hashes a base drawn once per conversion (without consuming), the layer's index and a
+  step count (a forward pre-hook on the root ticks it). Every dropout mask is the one the unconverted
+  model draws, each step gets a fresh sketch, and a recompute of the layer (same step) draws the
+  forward's sketch, so sketch and keep-ops combine. The seeding objects hold no module: a deep copy or a
+  pickled model computes with its own weights.
 """
 
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from tightfit.convert import ConversionReport, convert_
 from tightfit.fewbit.config import FewBit
 from tightfit.remat.options import STORE, Option
 from tightfit.sketch.config import Sketch
+from tightfit.sketch.seeding import LayerSeed, StepClock
 
 __all__ = ["Variant", "Combined", "within", "convert_blocks", "grad_sqnr"]
 
@@ -57,7 +58,7 @@ class Variant:
         if self.fewbit is not None:
             parts.append(f"fewbit{self.fewbit}")
         if self.sketch is not None:
-            parts.append(f"sketch{self.sketch:g}")
+            parts.append(f"sketch{self.sketch!r}")  # repr: parse gives the same float back
         if self.offload:
             parts.append("offload")
         return "+".join(parts)
@@ -144,23 +145,32 @@ def within(paths: Sequence[str]) -> Callable[[torch.nn.Module, str], bool]:
     return keep
 
 
-def _rng_neutral(module: torch.nn.Module, salt: int) -> None:
-    """Run ``module``'s forward under a forked CPU generator seeded from (a base drawn once, without
-    consuming, from the global generator; ``salt``; the call count), so the layer's sketch seed differs per
-    layer and per call and every other random number is the unconverted model's (NOTE [ Sketch and the
-    RNG ]). An instance attribute on the converted module: undoing the conversion drops it."""
-    forward = module.forward
+class _Hook:
+    """A root forward hook as a conversion report (``undo`` removes it) in ``convert_blocks``' list."""
+
+    converted: list[Any] = []
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.undone = handle, False
+
+    def undo(self) -> None:
+        self.handle.remove()
+        self.undone = True
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _seed_layers(model: torch.nn.Module, modules: Sequence[torch.nn.Module]) -> _Hook:
+    """Give each sketched layer of one conversion a ``LayerSeed`` (a base drawn once, without consuming,
+    from the global generator; the layer's index; a step clock ticked by a pre-hook on ``model``), so no
+    layer draws from the global generator (NOTE [ Sketch and the RNG ]). Returns the hook's report."""
     with torch.random.fork_rng(devices=[]):
         base = int(torch.randint(0, 2**40, ()).item())
-    calls = [0]
-
-    def neutral(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed((base + 1_000_003 * salt + 7_919 * calls[0]) % 2**62)
-            return forward(*args, **kwargs)
-
-    module.forward = types.MethodType(neutral, module)
+    clock = StepClock()
+    for salt, module in enumerate(modules):
+        module.seeding = LayerSeed(base, salt, clock)
+    return _Hook(model.register_forward_pre_hook(clock))
 
 
 def convert_blocks(
@@ -176,8 +186,7 @@ def convert_blocks(
             reports.append(report)
             if isinstance(config, Sketch):
                 modules = dict(model.named_modules())
-                for salt, (path, _, _) in enumerate(report.converted):
-                    _rng_neutral(modules[path], salt)
+                reports.append(_seed_layers(model, [modules[p] for p, _, _ in report.converted]))  # type: ignore[arg-type]
         if variant.offload:
             from tightfit.offload import Offload  # only where offload is planned (accelerators)
 

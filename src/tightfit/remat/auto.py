@@ -83,6 +83,21 @@ class InfeasibleBudget(_SolverInfeasible, UserError):
         )
 
 
+def check_no_plan(model: torch.nn.Module) -> None:
+    """UserError when a plan is applied to ``model``: planning would measure the planned model (its
+    conversions and patched forwards), not the model."""
+    if "_tightfit_plan_reports" in model.__dict__:  # tightfit.plan's Plan.apply_ (conversions included)
+        raise UserError(
+            "a tightfit.plan plan is applied to this model: remove it with Plan.undo_(model) before "
+            "planning again (planning measures the model as it is)"
+        )
+    if execute.applied(model) or execute.applied_compile_budget(model) is not None:
+        raise UserError(
+            "a remat plan is applied to this model: remove it with tightfit.remat.execute.undo(model) "
+            "before planning again (planning measures the model as it is)"
+        )
+
+
 class Planner:
     """Measure a model once (``config``: how; ``RematConfig``), then plan for any number of budgets
     (``plan``, a query: NOTE [ Planning is a query ]) and apply plans (``apply``).
@@ -108,6 +123,7 @@ class Planner:
         check_unwrapped(model, "rematerialize")
         if not model.training:
             raise ValueError("rematerialize plans a training step: call model.train() first")
+        check_no_plan(model)
         started = time.perf_counter()
         self.model, self.batch, self.config = model, batch, config
         notes: list[str] = []
@@ -146,7 +162,6 @@ class Planner:
         self.compile_search: CompileBudgetSearch | None = None
         if config.compiled and execute.compile_budget_supported():
             self.compile_search = CompileBudgetSearch(self._measure_compile_budget)
-        execute.undo(model)
         with self.runner.restoring():
             self.measured: ChainMeasurement = measure_chain(
                 self.runner,

@@ -22,12 +22,19 @@ Work outside the blocks (embeddings, the loss, glue code in the parent's forward
 memory is a measured constant.
 
 Calls with the same *signature* (module class and configuration, parameter shapes, argument shapes and
-dtypes) form a group and are measured once.
+dtypes, the autocast state the call ran under) form a group and are measured once.
+
+NOTE [ Autocast inside the model ]
+  Autocast entered inside the model's forward (a wrapper module, accelerate's mixed-precision forward) is
+  not active when a block runs on its own. Each call records the autocast state it ran under
+  (``autocast_state``: the device types with autocast on, their dtypes, the cast cache), and a group's
+  block is measured inside that state again (``autocast_as``), so it runs the ops it runs in the step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +44,38 @@ from tightfit._step import LossFn, call_model
 from tightfit._tree import StorageKey, leaves, storage_key
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+# ((device type, dtype) per device type with autocast on, cast cache on); () when autocast is off
+AutocastState = tuple
+
+
+def autocast_state() -> AutocastState:
+    """The autocast state of the calling code (see NOTE [ Autocast inside the model ])."""
+    on = []
+    for device in _AUTOCAST_DEVICES:
+        try:
+            if torch.is_autocast_enabled(device):
+                on.append((device, torch.get_autocast_dtype(device)))
+        except (RuntimeError, ValueError):  # a device type this torch does not know
+            continue
+    return (tuple(on), torch.is_autocast_cache_enabled()) if on else ()
+
+
+@contextlib.contextmanager
+def autocast_as(state: AutocastState) -> Iterator[None]:
+    """Run inside the autocast ``state`` recorded by ``autocast_state`` (and with autocast off on every
+    other device type that has it on here)."""
+    with contextlib.ExitStack() as stack:
+        on, cache = state if state else ((), True)
+        wanted = dict(on)
+        current = autocast_state()
+        for device, _ in current[0] if current else ():
+            if device not in wanted:
+                stack.enter_context(torch.autocast(device, enabled=False))
+        for device, dtype in on:
+            stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+        yield
 
 
 @dataclass
@@ -75,6 +114,7 @@ class Group:
     kwargs: dict = field(repr=False)
     flags: tuple[bool, ...] = ()  # requires_grad of each tensor argument in the real step
     members: list[int] = field(default_factory=list)  # block positions
+    autocast: AutocastState = ()  # the autocast state its calls ran under (NOTE [ Autocast inside ... ])
 
 
 @dataclass
@@ -159,7 +199,13 @@ def record_calls(
             return
         index = counts.get(id(module), 0)
         counts[id(module)] = index + 1
-        signature = (_module_key(module, keys), module.training, _describe(args), _describe(kwargs))
+        signature = (
+            _module_key(module, keys),
+            module.training,
+            _describe(args),
+            _describe(kwargs),
+            autocast_state(),
+        )
         tick[0] += 1
         calls.append(
             Call(
@@ -332,7 +378,7 @@ def find_blocks(
         if g is None:
             args, kwargs, flags = first_args[c.signature]
             g = group_of[c.signature] = len(groups)
-            groups.append(Group(c.path, c.module, args, kwargs, flags))
+            groups.append(Group(c.path, c.module, args, kwargs, flags, autocast=c.signature[-1]))
         groups[g].members.append(len(blocks))
         name = c.path if counts[c.path] == 1 else f"{c.path}[{c.index}]"
         blocks.append(Block(c.path, c.index, g, name))

@@ -11,17 +11,27 @@ refused early; a planner turns it into bytes once it has measured the model (``B
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tightfit.errors import InvalidInput, UserError
 from tightfit.sizes import ACCEPTED_FORMS, parse_size
 
-__all__ = ["Budget", "parse_budget", "BUDGET_FORMS"]
+__all__ = ["Budget", "parse_budget", "BUDGET_FORMS", "InvalidBudget", "InvalidBudgetType"]
 
 BUDGET_FORMS = (
     f"{ACCEPTED_FORMS}; 'min' for the smallest feasible budget; 'x1.2' for the least memory predicted "
     "within 1.2 times the step time without any technique"
 )
+
+
+class InvalidBudget(UserError, ValueError):
+    """A budget that is no accepted form, or not a positive amount (the message names the forms)."""
+
+
+class InvalidBudgetType(InvalidInput):
+    """A budget of a type no form accepts (the message names the forms)."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +58,15 @@ class Budget:
 
 
 def parse_budget(budget: int | float | str | Budget) -> Budget:
-    """A ``Budget`` from any accepted form (see the module docstring); ValueError/TypeError naming the
-    accepted forms otherwise."""
+    """A ``Budget`` from any accepted form (see the module docstring; numpy numbers too); ``InvalidBudget``
+    (a ValueError) or ``InvalidBudgetType`` (a TypeError) naming the accepted forms otherwise, and for a
+    budget of zero bytes or less."""
     if isinstance(budget, Budget):
         return budget
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+        budget = int(budget)  # numpy integers
+    elif isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+        budget = float(budget)
     if isinstance(budget, str):
         text = budget.strip().lower()
         if text == "min":
@@ -62,16 +77,21 @@ def parse_budget(budget: int | float | str | Budget) -> Budget:
             except ValueError:
                 ratio = float("nan")
             if not ratio >= 1.0 or ratio == float("inf"):
-                raise ValueError(
+                raise InvalidBudget(
                     f"invalid budget {budget!r}: a step-time ratio is 'x' and a finite number >= 1; "
                     f"expected {BUDGET_FORMS}"
                 )
             return Budget(ratio=ratio)
     try:
-        return Budget(nbytes=parse_size(budget))
+        nbytes = parse_size(budget)
     except ValueError as e:
-        raise ValueError(f"{e}; or 'min' (the smallest feasible) or 'x1.2' (a step-time ratio)") from None
+        raise InvalidBudget(f"{e}; or 'min' (the smallest feasible) or 'x1.2' (a step-time ratio)") from None
     except TypeError:
-        raise TypeError(
+        raise InvalidBudgetType(
             f"invalid budget {budget!r} of type {type(budget).__name__}: expected {BUDGET_FORMS}"
         ) from None
+    if nbytes <= 0:
+        raise InvalidBudget(
+            f"invalid budget {budget!r}: a training step needs more than 0 bytes; expected {BUDGET_FORMS}"
+        )
+    return Budget(nbytes=nbytes)

@@ -12,12 +12,13 @@ smallest feasible budget.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from tightfit.remat.blocks import Block, Blocks, find_blocks
 from tightfit.remat.config import RematConfig
+from tightfit.remat.execute import OpSequenceError
 from tightfit.remat.measure import OP_OPTIONS, measure_group
 from tightfit.remat.options import RECOMPUTE, STORE, InSegment, Option, Segment, parse_option
 from tightfit.remat.reads import record_reads
@@ -59,10 +60,13 @@ class ChainModel:
         return self.chain.time(assignment)
 
     def learned(self, assignment: Sequence[Option], measured: int) -> ChainModel:
-        return ChainModel(self.chain.learned(assignment, measured), self.segments)
+        return replace(self, chain=self.chain.learned(assignment, measured))
 
-    def refusing(self, assignment: Sequence[Option]) -> ChainModel:
-        """Without segments: only segment assignments are refused (their replay differs from the model)."""
+    def refusing(self, assignment: Sequence[Option], refused: Refused | None = None) -> ChainModel:
+        """Without the options ``refused`` names (a keep-ops option whose block ran other ops), or else
+        without segments (a segment's replay differed from the model)."""
+        if refused is not None and refused.options:
+            return ChainModel(self.chain.without(refused.options), self.segments)
         return ChainModel(self.chain, False)
 
     def least_solved(
@@ -116,6 +120,8 @@ class Verifier:
             )
         except SegmentError as err:
             raise Refused(str(err)) from err
+        except OpSequenceError as err:  # the step ran other ops in a block than its keep-ops measured
+            raise Refused(str(err), [err.option]) from err
         if compiled:
             self.compiled_times[tuple(assignment)] = seconds
         return peak
@@ -244,7 +250,7 @@ def measure_chain(
             peak = verifier.peak(lowest)
         except Refused as refused:
             notes.append(segments_off_note(str(refused), runner))
-            model = model.refusing(lowest)
+            model = model.refusing(lowest, refused)
             lowest = model.least_solved(0.0, float(chain.peak(frugal_plan)))[1]
             peak = verifier.peak(lowest) if lowest is not None else frugal_peak
         if lowest is not None:

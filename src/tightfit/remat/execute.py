@@ -123,6 +123,16 @@ def sac_contexts(policy: Callable[..., CheckpointPolicy]) -> Any:
         return create_selective_checkpoint_contexts(policy)
 
 
+class OpSequenceError(RuntimeError):
+    """A block call ran other ops than its ``keep-ops`` option was measured with (another autocast state
+    or model code than when planning): keeping the measured positions would keep the wrong tensors.
+    ``option``: that ``KeepOps`` option (a planner verifying a plan stops offering it)."""
+
+    def __init__(self, message: str, option: KeepOps) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 class _IndexedPolicy:
     """The policy of one ``keep-ops`` call: keeps the outputs of the ops at the kept positions, and
     records the ops it sees so that ``check`` can tell whether the block ran the measured sequence."""
@@ -140,11 +150,12 @@ class _IndexedPolicy:
 
     def check(self, module: torch.nn.Module) -> None:
         if len(self.ops) != self.kept.count or op_digest(self.ops) != self.kept.digest:
-            raise RuntimeError(
+            raise OpSequenceError(
                 f"{type(module).__name__} ran {len(self.ops)} ops where its remat plan was measured with "
                 f"{self.kept.count} (or other ones): its op-level option would keep the wrong tensors. "
                 "Plan in the context you train in (same autocast, same model code), or plan with "
-                "rematerialize(..., op_level=False)."
+                "rematerialize(..., op_level=False).",
+                self.kept,
             )
 
 
@@ -302,6 +313,21 @@ def _close_segments(root: torch.nn.Module, _args: Any, _output: Any) -> None:
         state = m.__dict__.get(_STATE)
         if state is not None:
             state.segments.finish()
+
+
+def reset_step(model: torch.nn.Module, *, failed: bool = False) -> None:
+    """Reset the per-forward state of the plan applied to ``model`` by hand, for a loop that runs the
+    model's blocks without calling ``model`` itself (Lightning calls ``training_step``, not the planned
+    root's forward), so the root's hooks never run: end a segment region still open (``failed``: abandon
+    it, as after an exception), restart every block's call counter, and resume the garbage collector if a
+    forward of ``model`` paused it. Call it before each step's forward and before its backward. A no-op on
+    an unpatched model."""
+    for m in model.modules():
+        state = m.__dict__.get(_STATE)
+        if state is not None:
+            state.calls = 0
+            state.segments.finish(failed=failed)
+    collector.resume_after_forward(model, None, None)
 
 
 def compile_budget_supported() -> bool:

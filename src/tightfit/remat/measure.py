@@ -46,7 +46,7 @@ from tightfit._step import wait_for_device
 from tightfit._tree import leaves, same_tensors, storage_id
 from tightfit.memory import LiveTracker
 from tightfit.memory.flops import FlopCounter
-from tightfit.remat.blocks import Group
+from tightfit.remat.blocks import Group, autocast_as
 from tightfit.remat.execute import (
     SAC_SAVED_OPS,
     keep_ops_option,
@@ -106,7 +106,8 @@ class _Run:
 
     def fwd(self) -> Any:
         torch.manual_seed(self.seed)
-        return run_call(self.group.module, self.forward, self.option, self.args, self.kwargs, self.norms)
+        with autocast_as(self.group.autocast):  # the autocast state the block ran under in the step
+            return run_call(self.group.module, self.forward, self.option, self.args, self.kwargs, self.norms)
 
 
 def accelerator_key(tensors: Any) -> str | None:
@@ -293,7 +294,10 @@ def _record_ops(group: Group, seed: int) -> list[_OpRecord] | None:
         return run.forward(*a, **k)
 
     torch.manual_seed(seed)
-    checkpoint(body, *run.args, use_reentrant=False, context_fn=lambda: sac_contexts(policy), **run.kwargs)
+    with autocast_as(group.autocast):
+        checkpoint(
+            body, *run.args, use_reentrant=False, context_fn=lambda: sac_contexts(policy), **run.kwargs
+        )
     return ops if supported[0] else None
 
 

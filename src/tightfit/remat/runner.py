@@ -138,9 +138,8 @@ class StepRunner:
         if self.optimizer is not None:
             ensure_optimizer_state(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
-        else:
-            for p in self.model.parameters():
-                p.grad = None
+        for p in self.model.parameters():  # also those the optimizer does not hold (backward adds into .grad)
+            p.grad = None
         with LiveTracker(track=[self.model, self.optimizer, self.batch], timeline=timeline) as t:
             t.phase = "forward"
             output = call_model(self._runner, self.batch)

@@ -7,13 +7,17 @@ over the budget (and the model learns that candidate's measured peak), raised by
 measures well under, then bisected between the highest target known to fit and the lowest known not to.
 It returns the fastest candidate that measured within the budget.
 
+A refused candidate (``Refused``: its gradients differ) makes the model refuse it (``CostModel.refusing``)
+and counts as a round; a refused candidate the model proposes again ends the search, so a model whose
+refusal changes nothing cannot make it loop.
+
 Everything it learns (corrected models, measured peaks) lives in the ``BudgetSearch`` object of one
 query, and is returned in its ``trials``: a planner that searches twice starts twice from the same model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -29,13 +33,20 @@ class CostModel(Protocol[Candidate]):
 
     def learned(self, candidate: Candidate, measured: int) -> CostModel[Candidate]: ...
 
-    def refusing(self, candidate: Candidate) -> CostModel[Candidate]:
-        """A model that no longer proposes candidates like ``candidate`` (which ``measure`` refused)."""
+    def refusing(self, candidate: Candidate, refused: Refused) -> CostModel[Candidate]:
+        """A model that no longer proposes candidates like ``candidate`` (which ``measure`` refused with
+        ``refused``)."""
         ...
 
 
 class Refused(Exception):
-    """``measure`` found a candidate unusable (its gradients differ); the message says why."""
+    """``measure`` found a candidate unusable (its gradients differ, or a block ran other ops than it was
+    measured with); the message says why. ``options``: the block options found at fault (a cost model
+    refusing the candidate stops offering them), empty when the measurement cannot tell."""
+
+    def __init__(self, message: str, options: Iterable[Any] = ()) -> None:
+        super().__init__(message)
+        self.options = frozenset(options)
 
 
 @dataclass
@@ -84,6 +95,7 @@ class BudgetSearch(Generic[Candidate]):
         self.verify = verify
         self.trials: list[Trial] = []
         self.refusals: list[str] = []
+        self.refused: set[Hashable] = set()  # keys of the candidates measure refused
 
     def peak_of(self, candidate: Candidate, target: float) -> int:
         """The measured peak of ``candidate`` (measured once per search); raises ``Refused``."""
@@ -94,7 +106,8 @@ class BudgetSearch(Generic[Candidate]):
             try:
                 self.measured[key] = self._measure(candidate)
             except Refused as refused:
-                self.model = self.model.refusing(candidate)
+                self.refused.add(key)
+                self.model = self.model.refusing(candidate, refused)
                 self.refusals.append(str(refused))
                 raise
             self.trials.append(Trial(candidate, target, self.model.peak(candidate), self.measured[key]))
@@ -112,13 +125,12 @@ class BudgetSearch(Generic[Candidate]):
         while rounds < max_rounds:
             rounds += 1
             candidate = self.model.solve(target)
-            if candidate is None:
-                break
+            if candidate is None or tuple(candidate) in self.refused:
+                break  # nothing left, or the model proposes a refused candidate again
             try:
                 measured = self.peak_of(candidate, target)
             except Refused:
-                rounds -= 1
-                continue
+                continue  # the model no longer proposes it; this counts as a round
             if measured <= budget:
                 if best is None or self.model.time(candidate) < self.model.time(best):
                     best, best_target, best_predicted = candidate, target, self.model.peak(candidate)
@@ -153,7 +165,7 @@ class BudgetSearch(Generic[Candidate]):
         limit = self.model.time(found.candidate) - margin
         for target in (budget + over, budget + over / 2):
             candidate = self.model.solve(target)
-            if candidate is None or self.model.time(candidate) >= limit:
+            if candidate is None or tuple(candidate) in self.refused or self.model.time(candidate) >= limit:
                 continue
             try:
                 measured = self.peak_of(candidate, target)

@@ -3,7 +3,8 @@ and computes an unbiased estimate of the weight gradient; the input gradient sta
 
 `RandomizedLinear` / `randomized_linear` (also as `tightfit.nn` / `tightfit.functional`), `Sketch` +
 `tightfit.convert_` (whole models, shared inputs handled; pass ``example=batch`` to measure the real peak
-change), `variance` (sketch vs minibatch-SGD noise, and the smallest safe ratio per layer).
+change), `LayerSeed` (per-layer seeds that draw no random number), `variance` (sketch vs minibatch-SGD
+noise, and the smallest safe ratio per layer).
 """
 
 from tightfit._lazy import lazy_getattr
@@ -17,6 +18,8 @@ _NAMES = {
     "variance": "diagnostics",
     "VarianceReport": "diagnostics",
     "LayerVariance": "diagnostics",
+    "LayerSeed": "seeding",
+    "StepClock": "seeding",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)

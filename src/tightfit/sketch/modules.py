@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from tightfit.sketch.ops import SketchShare, sketched_linear, validate_options
+from tightfit.sketch.seeding import LayerSeed
 
 __all__ = ["RandomizedLinear"]
 
@@ -24,6 +25,9 @@ class _SketchOptions:
     blocks: int | None
     min_tokens: int
     share: SketchShare | None
+    # None: each call draws its seed from the global CPU generator; a LayerSeed: from it, drawing nothing
+    # (tightfit.sketch.seeding; the one-budget planner sets it)
+    seeding: LayerSeed | None = None
 
     def _set_options(self, ratio, k, sketch, blocks, min_tokens, share) -> None:  # noqa: ANN001
         validate_options(ratio, k, sketch, blocks)
@@ -39,9 +43,10 @@ class _SketchOptions:
         return f"{size}, sketch={self.sketch!r}{extra}{shared}"
 
     def _run(self, x: Tensor, weight_out_in: Tensor, bias: Tensor | None) -> Tensor:
+        seed = self.seeding.draw() if self.seeding is not None and torch.is_grad_enabled() else None
         return sketched_linear(
             x, weight_out_in, bias, ratio=self.ratio, k=self.k, sketch=self.sketch, blocks=self.blocks,
-            min_tokens=self.min_tokens, share=self.share,
+            min_tokens=self.min_tokens, share=self.share, seed=seed,
         )
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -259,6 +259,20 @@ class ChainCosts:
         if self.H + head >= self.A + body:
             return replace(self, H=max(self.H, measured - head))
         return replace(self, A=max(self.A, measured - body))
+
+    def without(self, options: Iterable[Option]) -> ChainCosts:
+        """A copy in which ``options`` (never store) are not offered at any block (marked inexact); blocks
+        sharing one cost table keep sharing it. This model is left as it is."""
+        drop = {o for o in options if not isinstance(o, Store)}
+        copies: dict[int, dict[Option, OptionCost]] = {}
+        costs = []
+        for table in self.costs:
+            if id(table) not in copies:
+                copies[id(table)] = {
+                    o: replace(c, exact=False) if o in drop else c for o, c in table.items()
+                }
+            costs.append(copies[id(table)])
+        return replace(self, costs=costs, _segments={}, _entering_bytes={})
 
     # -- the solver ---------------------------------------------------------------------------------
     def solve(self, budget: float, slots: int | None = None, segments: bool = True) -> Assignment | None:

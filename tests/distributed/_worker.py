@@ -32,7 +32,7 @@ from torch import nn
 
 import tightfit
 from tightfit.errors import UserError
-from tightfit.memory import allocator_peak, ensure_optimizer_state
+from tightfit.memory import LiveTracker, allocator_peak, ensure_optimizer_state
 from tightfit.memory.distributed import check_unwrapped, parallelize_, rank_budget
 from tightfit.testing import Block
 
@@ -214,14 +214,22 @@ def check(parallel: str, technique: str, rank: int, world: int) -> dict:
     out["ranks"] = [r.rank for r in report.ranks]
     out["rank_peaks"] = [r.peak_bytes for r in report.ranks]
     out["rank_peaks_by_device"] = [r.peak_by_device for r in report.ranks]
-    # gloo stages some data in buffers of its own thread, which the allocator (process-wide) sees when
-    # they overlap the step's peak, by timing: the lowest of three plain steps is the step's own peak
-    runs = []
+    # The ruler and the allocator read the same step, three times: an FSDP2 step's peak depends on when
+    # gloo's asynchronous collectives complete (it varies from run to run), and gloo stages some data in
+    # buffers of its own thread, which the allocator (process-wide) sees when they overlap the peak
+    pairs = []
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
-        runs.append(allocator_peak(step_fn(model, local, opt, SEED + rank)))
-    out["allocator"] = min(runs)
-    out["allocator_runs"] = runs
+        tracker = LiveTracker(track=[model, opt, local])
+        step = step_fn(model, local, opt, SEED + rank)
+
+        def observed(tracker: LiveTracker = tracker, step=step) -> None:  # noqa: ANN001
+            with tracker:
+                step()
+
+        allocated = allocator_peak(observed)
+        pairs.append((tracker.peak - tracker.baseline, allocated))
+    out["ruler_allocator_runs"] = pairs
     return out
 
 

@@ -67,17 +67,17 @@ def test_gradients_equal_one_process(ranks: list[dict], config: str) -> None:
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_ruler_equals_allocator_on_every_rank(ranks: list[dict], config: str) -> None:
-    """The allocator's side is the lowest of three plain steps: its counts are process-wide, and gloo's own
-    thread allocates staging buffers that land inside the step's peak in some runs and not in others.
-    Another thread's allocations can only raise a run's peak, never lower it, so the lowest run is the
-    closest the allocator gets to the step's own peak, and every run is at least the ruler's; equality
-    with the lowest fails whenever the ruler misses or invents bytes of the step itself. (The split per
-    device is tested with two devices, cpu and meta, in tests/memory/test_per_device_and_state.py.)"""
+    """The ruler and the allocator read the same step, three times per rank. The allocator counts the whole
+    process, and gloo's own thread allocates staging buffers that land inside the step's peak in some runs
+    and not in others: another thread's allocations can only raise a run's allocator peak. So in every run
+    the allocator reads at least the ruler, and in at least one run exactly the ruler; either fails
+    whenever the ruler misses or invents bytes of the step. (The split per device is tested with two
+    devices, cpu and meta, in tests/memory/test_per_device_and_state.py.)"""
     for rank in range(WORLD):
-        r = _result(ranks, rank, config)
-        assert r["ruler"] == r["allocator"], (config, rank, r["ruler"], r["allocator"])
-        assert r["allocator"] > 0
-        assert all(run >= r["ruler"] for run in r["allocator_runs"])
+        pairs = _result(ranks, rank, config)["ruler_allocator_runs"]
+        assert all(ruler > 0 for ruler, _ in pairs), (config, rank, pairs)
+        assert all(allocated >= ruler for ruler, allocated in pairs), (config, rank, pairs)
+        assert any(allocated == ruler for ruler, allocated in pairs), (config, rank, pairs)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -16,29 +16,11 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import tightfit
 from tightfit.memory import ensure_optimizer_state
 from tightfit.memory.distributed import parallelize_, rank_budget
-from tightfit.testing import Block
-
-
-class TinyLM(nn.Module):
-    """A small causal LM: embedding, pre-LN transformer blocks, head; returns the loss."""
-
-    def __init__(self, vocab: int = 256, d: int = 64, layers: int = 4) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, 4) for _ in range(layers))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)
-        for block in self.blocks:
-            h = block(h)
-        return nn.functional.cross_entropy(self.head(self.norm(h)).flatten(0, 1), labels.flatten())
+from tightfit.testing import TinyLM
 
 
 def train(

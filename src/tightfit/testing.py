@@ -22,7 +22,17 @@ from tightfit._step import call_model, loss_of
 from tightfit._tree import same_tensors
 from tightfit.memory import LiveTracker, ensure_optimizer_state
 
-__all__ = ["ZOO_TINY", "build", "clone", "Block", "mlp", "step_peak", "grads_after_step", "same_grads"]
+__all__ = [
+    "ZOO_TINY",
+    "build",
+    "clone",
+    "Block",
+    "TinyLM",
+    "mlp",
+    "step_peak",
+    "grads_after_step",
+    "same_grads",
+]
 
 # zoo name -> (config overrides, batch options)
 ZOO_TINY: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -71,6 +81,24 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
         return x + self.out(self.act(self.fc(self.ln2(x))))
+
+
+class TinyLM(nn.Module):
+    """A small causal LM of `Block`s: embedding, pre-LN transformer blocks, head; ``model(ids, labels)``
+    returns the mean cross-entropy (the distributed tests and the torchrun examples train it)."""
+
+    def __init__(self, vocab: int = 256, d: int = 64, layers: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, 4) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for block in self.blocks:
+            h = block(h)
+        return F.cross_entropy(self.head(self.norm(h)).flatten(0, 1), labels.flatten())
 
 
 def mlp(width: int = 1024) -> nn.Sequential:

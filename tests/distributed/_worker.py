@@ -34,33 +34,17 @@ import tightfit
 from tightfit.errors import UserError
 from tightfit.memory import LiveTracker, allocator_peak, ensure_optimizer_state
 from tightfit.memory.distributed import check_unwrapped, parallelize_, rank_budget
-from tightfit.testing import Block
+from tightfit.testing import TinyLM
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH, SEQ, VOCAB = 2, 64, 128  # per rank
 SEED = 100  # rank r draws its random numbers (sketches) under SEED + r
 
 
-class TinyLM(nn.Module):
-    """Embedding, 2 pre-LN transformer blocks (nn.GELU MLPs), head; returns the mean cross-entropy."""
-
-    def __init__(self, vocab: int = VOCAB, d: int = 32, layers: int = 2) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, 4) for _ in range(layers))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)
-        for block in self.blocks:
-            h = block(h)
-        return nn.functional.cross_entropy(self.head(self.norm(h)).flatten(0, 1), labels.flatten())
-
 
 def make_model() -> TinyLM:
     torch.manual_seed(0)
-    return TinyLM()
+    return TinyLM(vocab=VOCAB, d=32, layers=2)
 
 
 def full_batch(world: int) -> dict[str, torch.Tensor]:
@@ -127,7 +111,8 @@ def check_fsdp2_budget(rank: int, world: int) -> dict:
     ``rank_budget`` (more than the budget: sharding's credit), then sharded; each rank's peak measured."""
     local = shard(full_batch(world), rank)
     torch.manual_seed(0)
-    model = TinyLM(d=64, layers=4)  # blocks small beside the whole model: sharding saves more than it gathers
+    # blocks small beside the whole model: sharding saves more than it gathers
+    model = TinyLM(vocab=VOCAB, d=64, layers=4)
     plain = tightfit.profile(model, local, optimizer=torch.optim.AdamW(model.parameters()), time_steps=0)
     sharded_model = parallelize_(copy.deepcopy(model), "fsdp2")
     sharded_opt = torch.optim.AdamW(sharded_model.parameters())

@@ -48,9 +48,9 @@ def planned(allow: tuple[str, ...], budget: Any, batch: dict, args: argparse.Nam
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr)  # its state counts in the budget
         t0 = time.perf_counter()
-        # Block-level options only: BertLayer runs another op sequence when a batch's attention mask is
-        # all ones (transformers then drops it), so a keep-ops option measured on one batch would refuse
-        # the training batches that take the other path (OpSequenceError)
+        # Block-level options: with keep-these-ops options a lossless plan keeps what the few-bit one
+        # keeps on BertLayer (torch's GELU keeps only its input, a matmul output those options keep
+        # anyway), so no budget needs few-bit; block-level options show its effect on a real fine-tune
         config = tightfit.RematConfig(op_level=False)
         planner = tightfit.planner.Planner(model, batch, allow=allow, optimizer=opt, config=config)
         b = planner.resolve_budget(box.get("budget", budget))

@@ -165,7 +165,7 @@ def test_a_block_running_other_ops_refuses_its_keep_ops() -> None:
     assert any(isinstance(o, KeepOps) for o in keep)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(Refused) as info:
         planner.measure(keep)  # the step runs other ops than the blocks were measured with
-    assert "ops where its remat plan was measured" in str(info.value)
+    assert "where its keep-ops option was measured" in str(info.value)
     assert info.value.options and info.value.options <= {o for o in keep if isinstance(o, KeepOps)}
     refused = planner.cost_model.refusing(keep, info.value)
     assert not set(info.value.options) & set(refused.chain.options(0))

@@ -234,10 +234,10 @@ class ShapePlans:
             )
         self.loss_fn = loss_fn
         self.optimizer = optimizer
-        # Block-level options unless asked otherwise: a keep-ops option replays the op sequence it was
-        # measured with, and batches of one shape can take other paths (transformers drops an attention
-        # mask that is all ones), which a keep-ops block refuses mid-training (OpSequenceError)
-        self.config = config if config is not None else RematConfig(op_level=False)
+        # a batch of the planned shape taking another op path (transformers drops an attention mask that
+        # is all ones) runs its keep-ops blocks under recompute (tightfit.remat.execute, NOTE [ Keep-ops
+        # on another op sequence ])
+        self.config = config if config is not None else RematConfig()
         self.on_new_shape = on_new_shape
         self.reserve = int(reserve)
         if self.budget is None:

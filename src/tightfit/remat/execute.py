@@ -25,14 +25,31 @@ NOTE [ Why gradients are bit-identical ]
   recomputed block would be updated twice: the recompute restores them afterwards (``_frozen_stats``).
   A block whose forward has other side effects (appending to a KV cache, printing, counters) would
   repeat them in the recompute: pass ``use_cache=False`` to Hugging Face models when training.
+
+NOTE [ Keep-ops on another op sequence ]
+  A ``keep-ops`` option names op positions in the sequence its block ran when measured; its positions
+  form whole units (an in-place chain such as dropout's ``bernoulli_`` then ``div_`` is kept or
+  recomputed together, random ops all together), which is what makes selective checkpointing exact.
+  A later call can run other ops (transformers skips an attention mask that is all ones; another
+  autocast state), and the same positions would then split units: a recompute writing again into a
+  cached tensor, or a recomputed random op drawing from an RNG state a kept one did not advance, gives
+  wrong gradients. So such a call is detected (at its first other op once the measured op names are
+  known: from measuring in this process, or from the first call that ran the measured sequence; else
+  by its op count and digest when it ends), its partial work dropped, the RNGs and running statistics
+  put back, and the call run again under ``recompute``, with an ``OpSequenceWarning`` once per block
+  type, option and sequence: exact gradients, more time and fewer bytes kept than planned. Planners
+  measure under ``strict_op_sequences``, where such a call raises ``OpSequenceError`` and the option is
+  refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import types
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +58,8 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from tightfit._rng import rng_devices
+from tightfit._tree import leaves
 from tightfit.remat import collector
 from tightfit.remat.options import (
     RECOMPUTE,
@@ -97,8 +116,10 @@ def op_digest(ops: Iterable[Any]) -> str:
 
 def keep_ops_option(indices: Iterable[int], ops: Sequence[Any]) -> KeepOps:
     """The option keeping the outputs of the ops at ``indices`` of a block whose op sequence is ``ops``
-    (measured by ``tightfit.remat.measure.op_options``; a call running other ops raises)."""
-    return KeepOps(frozenset(indices), len(ops), op_digest(ops))
+    (measured by ``tightfit.remat.measure.op_options``); remembers the sequence's op names so that a call
+    running other ops keeps the same ops by name (NOTE [ Keep-ops on another op sequence ])."""
+    count, digest = _register_sequence(ops)
+    return KeepOps(frozenset(indices), count, digest)
 
 
 def keeps_output(saved: frozenset[Any], op: Any) -> bool:
@@ -124,8 +145,8 @@ def sac_contexts(policy: Callable[..., CheckpointPolicy]) -> Any:
 
 
 class OpSequenceError(RuntimeError):
-    """A block call ran other ops than its ``keep-ops`` option was measured with (another autocast state
-    or model code than when planning): keeping the measured positions would keep the wrong tensors.
+    """A block call ran other ops than its ``keep-ops`` option was measured with, while a planner was
+    measuring (``strict_op_sequences``): the option's measured costs do not describe that call.
     ``option``: that ``KeepOps`` option (a planner verifying a plan stops offering it)."""
 
     def __init__(self, message: str, option: KeepOps) -> None:
@@ -133,30 +154,130 @@ class OpSequenceError(RuntimeError):
         self.option = option
 
 
+class OpSequenceWarning(UserWarning):
+    """A block call ran other ops than its ``keep-ops`` option was measured with, and ran again under
+    ``recompute`` (NOTE [ Keep-ops on another op sequence ]): same gradients, not the planned costs."""
+
+
+_STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("tightfit_strict_op_sequences", default=False)
+# (op count, digest) -> the measured op names, from measurement or from a call that ran that sequence
+_SEQUENCES: dict[tuple[int, str], tuple[str, ...]] = {}
+_WARNED: set[tuple[str, str, int, str]] = set()  # (block type, option, ops run, their digest) warned of
+
+
+@contextlib.contextmanager
+def strict_op_sequences() -> Iterator[None]:
+    """Inside, a keep-ops call running other ops than measured raises ``OpSequenceError`` (planners
+    measure under it: a measured cost must describe the call it is used for)."""
+    token = _STRICT.set(True)
+    try:
+        yield
+    finally:
+        _STRICT.reset(token)
+
+
+def _register_sequence(ops: Sequence[Any]) -> tuple[int, str]:
+    key = (len(ops), op_digest(ops))
+    _SEQUENCES.setdefault(key, tuple(str(op) for op in ops))
+    return key
+
+
+class _Diverged(Exception):
+    """Raised by a keep-ops policy at the first op off the measured sequence (caught by ``run_call``)."""
+
+
 class _IndexedPolicy:
     """The policy of one ``keep-ops`` call: keeps the outputs of the ops at the kept positions, and
-    records the ops it sees so that ``check`` can tell whether the block ran the measured sequence."""
+    records the ops it sees so that ``matched`` can tell whether the block ran the measured sequence
+    (NOTE [ Keep-ops on another op sequence ]); stops at the first other op when the measured names are
+    known."""
 
     def __init__(self, kept: KeepOps) -> None:
         self.kept = kept
         self.ops: list[Any] = []
+        self.names = _SEQUENCES.get((kept.count, kept.digest))
 
     def __call__(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         if getattr(ctx, "is_recompute", False):  # torch < 2.6 asks again while recomputing
             return CheckpointPolicy.PREFER_RECOMPUTE
         index = len(self.ops)
         self.ops.append(op)
+        if self.names is not None and (index >= len(self.names) or str(op) != self.names[index]):
+            raise _Diverged
         return CheckpointPolicy.MUST_SAVE if index in self.kept.indices else CheckpointPolicy.PREFER_RECOMPUTE
 
-    def check(self, module: torch.nn.Module) -> None:
-        if len(self.ops) != self.kept.count or op_digest(self.ops) != self.kept.digest:
-            raise OpSequenceError(
-                f"{type(module).__name__} ran {len(self.ops)} ops where its remat plan was measured with "
-                f"{self.kept.count} (or other ones): its op-level option would keep the wrong tensors. "
-                "Plan in the context you train in (same autocast, same model code), or plan with "
-                "rematerialize(..., op_level=False).",
-                self.kept,
-            )
+    def matched(self) -> bool:
+        """Whether the call ran the measured sequence (then its names are remembered)."""
+        if len(self.ops) == self.kept.count and op_digest(self.ops) == self.kept.digest:
+            _register_sequence(self.ops)
+            return True
+        return False
+
+
+def _rng_restorer(tensors: Iterable[torch.Tensor]) -> Callable[[], None]:
+    """A function putting back the CPU generator and those of the devices of ``tensors`` as they are now."""
+    cpu = torch.get_rng_state()
+    devices = [
+        (module, i, module.get_rng_state(i))
+        for kind, indices in rng_devices(tensors).items()
+        for module in [torch.get_device_module(kind)]
+        for i in indices
+    ]
+
+    def restore() -> None:
+        torch.set_rng_state(cpu)
+        for module, i, state in devices:
+            module.set_rng_state(state, i)
+
+    return restore
+
+
+def _run_keep_ops(
+    module: torch.nn.Module,
+    forward: Callable[..., Any],
+    option: KeepOps,
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    norms: list[torch.nn.Module],
+) -> Any:
+    """One call under a keep-ops option; a call off the measured op sequence runs again under
+    ``recompute`` (NOTE [ Keep-ops on another op sequence ])."""
+    stats = _stat_buffers(norms)
+    with _disable_current_modes():
+        saved_stats = [b.detach().clone() for b in stats]
+    restore_rng = _rng_restorer(leaves((args, dict(kwargs))))
+    policy = _IndexedPolicy(option)
+    contexts = functools.partial(sac_contexts, policy)
+    try:
+        out = checkpoint(
+            recomputable(norms, forward), *args, use_reentrant=False, context_fn=contexts, **kwargs
+        )
+        if policy.matched():
+            return out
+        del out
+    except _Diverged:
+        pass
+    count = f"{len(policy.ops)}" if policy.names is None else f"other ops (stopped at op {len(policy.ops)})"
+    message = (
+        f"{type(module).__name__} ran {count} where its keep-ops option was measured with "
+        f"{option.count} ops"
+    )
+    if _STRICT.get():
+        raise OpSequenceError(f"{message}: the measured costs do not describe this call", option)
+    restore_rng()
+    with torch.no_grad(), _disable_current_modes():
+        for b, s in zip(stats, saved_stats):
+            b.copy_(s)
+    key = (type(module).__qualname__, option.key, len(policy.ops), op_digest(policy.ops))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"{message}: this call runs under recompute instead (same gradients; more time, fewer bytes "
+            "kept than planned). Plan with a batch that takes this path for a plan made for it.",
+            OpSequenceWarning,
+            stacklevel=4,
+        )
+    return checkpoint(recomputable(norms, forward), *args, use_reentrant=False, **kwargs)
 
 
 def _context_fn(option: SavePolicy) -> Callable[[], Any]:
@@ -231,11 +352,7 @@ def run_call(
         option = SAVE_MATMUL
     match option:
         case KeepOps():
-            policy = _IndexedPolicy(option)
-            contexts = functools.partial(sac_contexts, policy)
-            out = checkpoint(body, *args, use_reentrant=False, context_fn=contexts, **kwargs)
-            policy.check(module)
-            return out
+            return _run_keep_ops(module, forward, option, args, kwargs, norms)
         case SavePolicy():
             return checkpoint(body, *args, use_reentrant=False, context_fn=_context_fn(option), **kwargs)
         case Recompute():

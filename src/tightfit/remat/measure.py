@@ -54,6 +54,7 @@ from tightfit.remat.execute import (
     norm_layers,
     run_call,
     sac_contexts,
+    strict_op_sequences,
 )
 from tightfit.remat.options import DEFAULT_OPTIONS, STORE, KeepOps, Option, Recompute, SavePolicy, Store
 from tightfit.remat.solvers.chain_costs import OptionCost
@@ -106,7 +107,8 @@ class _Run:
 
     def fwd(self) -> Any:
         torch.manual_seed(self.seed)
-        with autocast_as(self.group.autocast):  # the autocast state the block ran under in the step
+        # the autocast state the block ran under in the step; a call off the measured ops raises
+        with autocast_as(self.group.autocast), strict_op_sequences():
             return run_call(self.group.module, self.forward, self.option, self.args, self.kwargs, self.norms)
 
 

@@ -182,7 +182,7 @@ class StepRunner:
         (all three seed the RNG alike). The model is
         restored afterwards (parameters, optimizer state, RNGs, grads).
         """
-        with self.restoring():
+        with self.restoring(), execute.strict_op_sequences():  # a measured cost must describe the call
             try:
                 if options or compile_budget is not None:
                     execute.apply(self.model, options or {}, compile_budget=compile_budget)

@@ -37,9 +37,12 @@ NOTE [ Keep-ops on another op sequence ]
   known: from measuring in this process, or from the first call that ran the measured sequence; else
   by its op count and digest when it ends), its partial work dropped, the RNGs and running statistics
   put back, and the call run again under ``recompute``, with an ``OpSequenceWarning`` once per block
-  type, option and sequence: exact gradients, more time and fewer bytes kept than planned. Planners
-  measure under ``strict_op_sequences``, where such a call raises ``OpSequenceError`` and the option is
-  refused.
+  type, option and sequence: exact gradients, more time and fewer bytes kept than planned. What else the
+  partial forward did happens twice: Python side effects in the block's code, its submodules' forward
+  hooks, in-place updates of buffers other than running statistics. A partial forward that ran
+  collectives (tensor parallelism, an FSDP unit inside the block, SyncBatchNorm) is not run again, which
+  would repeat them on this rank alone: the call raises ``OpSequenceError``. Planners measure under
+  ``strict_op_sequences``, where every such call raises ``OpSequenceError`` and the option is refused.
 """
 
 from __future__ import annotations
@@ -160,8 +163,8 @@ class OpSequenceWarning(UserWarning):
 
 
 _STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("tightfit_strict_op_sequences", default=False)
-# (op count, digest) -> the measured op names, from measurement or from a call that ran that sequence
-_SEQUENCES: dict[tuple[int, str], tuple[str, ...]] = {}
+# (op count, digest) -> the measured ops, from measurement or from a call that ran that sequence
+_SEQUENCES: dict[tuple[int, str], tuple[Any, ...]] = {}
 _WARNED: set[tuple[str, str, int, str]] = set()  # (block type, option, ops run, their digest) warned of
 
 
@@ -176,14 +179,23 @@ def strict_op_sequences() -> Iterator[None]:
         _STRICT.reset(token)
 
 
-def _register_sequence(ops: Sequence[Any]) -> tuple[int, str]:
-    key = (len(ops), op_digest(ops))
-    _SEQUENCES.setdefault(key, tuple(str(op) for op in ops))
+def _register_sequence(ops: Sequence[Any], key: tuple[int, str] | None = None) -> tuple[int, str]:
+    key = key or (len(ops), op_digest(ops))
+    if key not in _SEQUENCES:
+        _SEQUENCES[key] = tuple(ops)
     return key
 
 
-class _Diverged(Exception):
-    """Raised by a keep-ops policy at the first op off the measured sequence (caught by ``run_call``)."""
+class _Diverged(BaseException):
+    """Raised by a keep-ops policy at the first op off the measured sequence, caught by ``_run_keep_ops``
+    (a BaseException: a block's own ``except Exception`` fallback must not swallow it)."""
+
+
+_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_dtensor"})
+
+
+def _collective(op: Any) -> bool:
+    return getattr(op, "namespace", None) in _COLLECTIVE_NAMESPACES
 
 
 class _IndexedPolicy:
@@ -195,21 +207,23 @@ class _IndexedPolicy:
     def __init__(self, kept: KeepOps) -> None:
         self.kept = kept
         self.ops: list[Any] = []
-        self.names = _SEQUENCES.get((kept.count, kept.digest))
+        self.names = _SEQUENCES.get((kept.count, kept.digest))  # the measured ops, when known
 
     def __call__(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         if getattr(ctx, "is_recompute", False):  # torch < 2.6 asks again while recomputing
             return CheckpointPolicy.PREFER_RECOMPUTE
         index = len(self.ops)
         self.ops.append(op)
-        if self.names is not None and (index >= len(self.names) or str(op) != self.names[index]):
+        if self.names is not None and (index >= len(self.names) or op is not self.names[index]):
             raise _Diverged
         return CheckpointPolicy.MUST_SAVE if index in self.kept.indices else CheckpointPolicy.PREFER_RECOMPUTE
 
     def matched(self) -> bool:
-        """Whether the call ran the measured sequence (then its names are remembered)."""
+        """Whether the call ran the measured sequence (then its ops are remembered)."""
+        if self.names is not None:  # every op was compared on the way
+            return len(self.ops) == len(self.names)
         if len(self.ops) == self.kept.count and op_digest(self.ops) == self.kept.digest:
-            _register_sequence(self.ops)
+            _register_sequence(self.ops, (self.kept.count, self.kept.digest))
             return True
         return False
 
@@ -257,13 +271,16 @@ def _run_keep_ops(
         del out
     except _Diverged:
         pass
-    count = f"{len(policy.ops)}" if policy.names is None else f"other ops (stopped at op {len(policy.ops)})"
-    message = (
-        f"{type(module).__name__} ran {count} where its keep-ops option was measured with "
-        f"{option.count} ops"
-    )
+    ran = f"{len(policy.ops)} ops" if policy.names is None else f"other ops (first at op {len(policy.ops)})"
+    message = f"{type(module).__name__} ran {ran} where its keep-ops option was measured with {option.count}"
     if _STRICT.get():
         raise OpSequenceError(f"{message}: the measured costs do not describe this call", option)
+    if any(_collective(op) for op in policy.ops):
+        raise OpSequenceError(
+            f"{message}, and ran collectives before that: running the call again would repeat them on this "
+            "rank alone. Plan with a batch that takes this path, or with RematConfig(op_level=False).",
+            option,
+        )
     restore_rng()
     with torch.no_grad(), _disable_current_modes():
         for b, s in zip(stats, saved_stats):
@@ -412,6 +429,10 @@ def _forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         # a segment records one wrapper per call: none needed in a module without norm layers
         forward = recomputable(state.norms, original) if state.norms else original
         return state.segments.call(self, forward, option, args, kwargs)
+    if isinstance(option, KeepOps):
+        # calls differing from the plan (a skipped layer) can leave a segment open; its replay would not
+        # see a keep-ops call run again with the RNG put back (NOTE [ Keep-ops on another op sequence ])
+        state.segments.finish()
     return run_call(self, original, option, args, kwargs, state.norms)
 
 

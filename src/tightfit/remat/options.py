@@ -108,7 +108,7 @@ class SavePolicy(Option):
 class KeepOps(Option):
     """Keep the outputs of the ops at ``indices`` (in the order a selective-checkpoint policy sees them) and
     recompute the rest; ``count`` ops with names hashing to ``digest`` are what the block ran when it was
-    measured (a call running other ops raises rather than keep the wrong tensors)."""
+    measured (a call running other ops runs under recompute instead: ``tightfit.remat.execute``)."""
 
     indices: frozenset[int]
     count: int

@@ -157,7 +157,7 @@ class StepRunner:
 
     def timeline(self, options: Mapping[str, Sequence[Option]] | None = None) -> list[Any]:
         """Live bytes after every op of one training step (``TimelinePoint``s) with ``options`` applied."""
-        with self.restoring():
+        with self.restoring(), execute.strict_op_sequences():
             try:
                 if options:
                     execute.apply(self.model, options)

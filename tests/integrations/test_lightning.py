@@ -112,3 +112,15 @@ def test_blocks_called_twice_per_step_stay_planned_every_step():
     plan = execute.applied(callback.plans.model)
     assert any(len(options) == 2 for options in plan.values()), plan  # decisions per call: counted
     assert len(callback.step_peaks) == 3 and max(callback.step_peaks) <= budget, (callback.step_peaks, budget)
+
+
+def test_sketch_clocks_tick_every_step(monkeypatch):
+    """Lightning never calls the planned wrapper, whose pre-hook ticks sketched layers' step clock: the
+    callback ticks it before each step, so every step draws a fresh sketch."""
+    from tightfit.integrations import lightning
+
+    ticked = []
+    monkeypatch.setattr(lightning.sketch_seeding, "tick", lambda model: ticked.append(model) or 0)
+    callback = TightfitCallback(budget=10 * 2**30, config=FAST)
+    _fit([callback])
+    assert len(ticked) == 4 and all(m is callback.plans.model for m in ticked)

@@ -15,8 +15,9 @@ Validation and test run the original code (plans act in train mode with autograd
 Lightning calls ``training_step``, not the wrapper the plan is applied to, so the plan's per-step state
 (call counters of blocks called several times a step, segments left open) is reset by hand
 (``tightfit.remat.execute.reset_step``) before each step, before its backward, after it and on an
-exception; the garbage collector is not paused during the step (as it is when the planned model itself is
-called).
+exception, and sketched layers' step clock ticked before each step (``tightfit.sketch.seeding.tick``:
+every step draws a fresh sketch); the garbage collector is not paused during the step (as it is when
+the planned model itself is called).
 
 One process only: under a distributed strategy the module is wrapped before the first batch; plan each
 rank before wrapping (``LightningModule.configure_model`` with ``tightfit.integrations.attach``).
@@ -36,6 +37,7 @@ from tightfit.integrations.hook import StepMeter, grad_bytes
 from tightfit.integrations.shapes import ShapePlans, check_allow
 from tightfit.remat import execute
 from tightfit.remat.config import RematConfig
+from tightfit.sketch import seeding as sketch_seeding
 
 __all__ = ["TightfitCallback"]
 
@@ -130,8 +132,9 @@ class TightfitCallback(pl.Callback):
         with _silenced(pl_module):
             self.plans.prepare((batch,))
         # the plan is applied to the _TrainingStep wrapper, whose forward Lightning never calls: its root
-        # hooks (per-step call counters, segments left open) are run here by hand
+        # hooks (per-step call counters, segments left open, the sketch seeds' step clock) run here
         execute.reset_step(self.plans.model, failed=True)
+        sketch_seeding.tick(self.plans.model)
         if self.meter is not None:
             self.meter.start([pl_module, *trainer.optimizers, batch])
 

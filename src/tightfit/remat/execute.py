@@ -119,8 +119,8 @@ def op_digest(ops: Iterable[Any]) -> str:
 
 def keep_ops_option(indices: Iterable[int], ops: Sequence[Any]) -> KeepOps:
     """The option keeping the outputs of the ops at ``indices`` of a block whose op sequence is ``ops``
-    (measured by ``tightfit.remat.measure.op_options``); remembers the sequence's op names so that a call
-    running other ops keeps the same ops by name (NOTE [ Keep-ops on another op sequence ])."""
+    (measured by ``tightfit.remat.measure.op_options``); remembers the sequence's ops, so that a call
+    running other ops stops at its first other op (NOTE [ Keep-ops on another op sequence ])."""
     count, digest = _register_sequence(ops)
     return KeepOps(frozenset(indices), count, digest)
 
@@ -257,8 +257,10 @@ def _run_keep_ops(
     """One call under a keep-ops option; a call off the measured op sequence runs again under
     ``recompute`` (NOTE [ Keep-ops on another op sequence ])."""
     stats = _stat_buffers(norms)
-    with _disable_current_modes():
-        saved_stats = [b.detach().clone() for b in stats]
+    saved_stats: list[torch.Tensor] = []
+    if stats:
+        with _disable_current_modes():
+            saved_stats = [b.detach().clone() for b in stats]
     restore_rng = _rng_restorer(leaves((args, dict(kwargs))))
     policy = _IndexedPolicy(option)
     contexts = functools.partial(sac_contexts, policy)
@@ -282,9 +284,10 @@ def _run_keep_ops(
             option,
         )
     restore_rng()
-    with torch.no_grad(), _disable_current_modes():
-        for b, s in zip(stats, saved_stats):
-            b.copy_(s)
+    if stats:
+        with torch.no_grad(), _disable_current_modes():
+            for b, s in zip(stats, saved_stats):
+                b.copy_(s)
     key = (type(module).__qualname__, option.key, len(policy.ops), op_digest(policy.ops))
     if key not in _WARNED:
         _WARNED.add(key)

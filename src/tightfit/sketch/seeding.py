@@ -8,7 +8,8 @@ draws nothing: its seed is a hash of
   base   an integer fixed when the seeding is made (one per conversion),
   salt   the layer's index in that conversion (layers get different sketches),
   step   a ``StepClock``'s count: a forward pre-hook on the model's root ticks it once per forward, so
-         every training step draws a fresh sketch, whether or not the model draws random numbers.
+         every training step draws a fresh sketch, whether or not the model draws random numbers. A
+         loop that never calls that root (Lightning calls ``training_step``) ticks it with ``tick``.
 
 A recompute of the layer (``torch.utils.checkpoint``, in the backward of the same step) sees the same
 step, so it draws the same sketch: the recomputed forward is the forward, whichever ops a selective
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LayerSeed", "StepClock"]
+__all__ = ["LayerSeed", "StepClock", "tick"]
 
 
 class StepClock:
@@ -67,3 +68,16 @@ class LayerSeed:
 
     def __repr__(self) -> str:
         return f"LayerSeed(base={self.base}, salt={self.salt}, step={self.clock.step if self.clock else 0})"
+
+
+def tick(model: torch.nn.Module) -> int:
+    """Tick once every ``StepClock`` the sketched layers of ``model`` draw their seeds from, for a loop that
+    runs the layers without calling the root the clock's hook is on; returns how many clocks ticked."""
+    clocks: dict[int, StepClock] = {}
+    for module in model.modules():
+        seeding = getattr(module, "seeding", None)
+        if isinstance(seeding, LayerSeed) and seeding.clock is not None:
+            clocks[id(seeding.clock)] = seeding.clock
+    for clock in clocks.values():
+        clock.step += 1
+    return len(clocks)

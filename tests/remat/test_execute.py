@@ -217,3 +217,19 @@ def test_bad_compile_budget_is_rejected_before_patching() -> None:
         assert execute.applied_compile_budget(model) == 0.5 and "forward" in model.__dict__
         execute.apply(model, {"blocks.0": [RECOMPUTE]})  # applying again replaces the budget too
         assert execute.applied_compile_budget(model) is None and "forward" not in model.__dict__
+
+
+def test_a_planned_model_survives_torch_save_and_load(tmp_path) -> None:
+    """``torch.save(model)`` pickles the patched forwards with the model; the loaded model runs its own
+    plan (recomputes) with its own weights and gives the same gradients."""
+    model, x = Net().train(), _x()
+    reference = grads_after_step(clone(model), x)
+    execute.apply(model, {"blocks.0": [RECOMPUTE], "blocks.1": ["segment:2"], "blocks.2": ["in-segment"]})
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert execute.applied(loaded) and loaded.blocks[0].forward.args[0] is loaded.blocks[0]
+    before = loaded.blocks[0].calls
+    assert same_grads(reference, grads_after_step(loaded, x))
+    assert loaded.blocks[0].calls == before + 2  # forward and recompute: the plan runs after loading
+    execute.undo(loaded)
+    assert "forward" not in loaded.blocks[0].__dict__

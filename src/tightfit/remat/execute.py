@@ -541,7 +541,7 @@ def apply(
         module = modules[path]
         state = _Patched(module, list(options), default, segments)
         module.__dict__[_STATE] = state
-        module.forward = types.MethodType(_forward, module)
+        module.forward = _bound(_forward, module)
         patched.append(path)
         counting = counting or state.constant is None or isinstance(state.constant, (Segment, InSegment))
     handles = []
@@ -556,8 +556,15 @@ def apply(
         record.compile_budget, record.previous_forward = float(compile_budget), model.__dict__.get("forward")
     model.__dict__[_ATTR] = record
     if compile_budget is not None:
-        model.forward = types.MethodType(_budgeted_forward, model)
+        model.forward = _bound(_budgeted_forward, model)
     return model
+
+
+def _bound(func: Callable[..., Any], module: torch.nn.Module) -> Callable[..., Any]:
+    """``func`` bound to ``module``, for its instance ``forward``: a ``functools.partial`` of a module-level
+    function pickles (``torch.save(model)`` / ``torch.load``) and deep-copies with the module, where a
+    bound method of it pickles as ``getattr(module, func.__name__)``, which loading cannot resolve."""
+    return functools.partial(func, module)
 
 
 def undo(model: torch.nn.Module) -> torch.nn.Module:

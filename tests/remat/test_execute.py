@@ -227,9 +227,19 @@ def test_a_planned_model_survives_torch_save_and_load(tmp_path) -> None:
     execute.apply(model, {"blocks.0": [RECOMPUTE], "blocks.1": ["segment:2"], "blocks.2": ["in-segment"]})
     torch.save(model, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
-    assert execute.applied(loaded) and loaded.blocks[0].forward.args[0] is loaded.blocks[0]
+    assert execute.applied(loaded) and loaded.blocks[0].forward.module is loaded.blocks[0]
     before = loaded.blocks[0].calls
     assert same_grads(reference, grads_after_step(loaded, x))
     assert loaded.blocks[0].calls == before + 2  # forward and recompute: the plan runs after loading
     execute.undo(loaded)
     assert "forward" not in loaded.blocks[0].__dict__
+
+
+def test_patched_forwards_report_the_signature_they_replaced() -> None:
+    import inspect
+
+    model = Net().train()
+    before = inspect.signature(model.blocks[0].forward)
+    execute.apply(model, {"blocks.0": [RECOMPUTE]}, compile_budget=0.5)
+    assert inspect.signature(model.blocks[0].forward) == before
+    assert list(inspect.signature(model.forward).parameters) == ["x"]  # the root's, under a compiler budget

@@ -51,6 +51,7 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -541,7 +542,7 @@ def apply(
         module = modules[path]
         state = _Patched(module, list(options), default, segments)
         module.__dict__[_STATE] = state
-        module.forward = _bound(_forward, module)
+        module.forward = _BoundForward(_forward, module)
         patched.append(path)
         counting = counting or state.constant is None or isinstance(state.constant, (Segment, InSegment))
     handles = []
@@ -556,15 +557,29 @@ def apply(
         record.compile_budget, record.previous_forward = float(compile_budget), model.__dict__.get("forward")
     model.__dict__[_ATTR] = record
     if compile_budget is not None:
-        model.forward = _bound(_budgeted_forward, model)
+        model.forward = _BoundForward(_budgeted_forward, model)
     return model
 
 
-def _bound(func: Callable[..., Any], module: torch.nn.Module) -> Callable[..., Any]:
-    """``func`` bound to ``module``, for its instance ``forward``: a ``functools.partial`` of a module-level
-    function pickles (``torch.save(model)`` / ``torch.load``) and deep-copies with the module, where a
-    bound method of it pickles as ``getattr(module, func.__name__)``, which loading cannot resolve."""
-    return functools.partial(func, module)
+class _BoundForward:
+    """A patched module's instance ``forward``: ``func(module, ...)``. A small object rather than a bound
+    method of ``func``, which pickles as ``getattr(module, func.__name__)`` and cannot be loaded: this one
+    pickles (``torch.save(model)``) and deep-copies with the module. ``inspect.signature`` reports the
+    forward it replaced (Hugging Face's Trainer reads it to choose the dataset's columns)."""
+
+    def __init__(self, func: Callable[..., Any], module: torch.nn.Module) -> None:
+        self.func, self.module = func, module
+        self.replaced = module.__dict__.get("forward")  # an instance forward already there, or None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        replaced = self.replaced
+        if replaced is None:
+            replaced = types.MethodType(type(self.module).forward, self.module)
+        return inspect.signature(replaced)
 
 
 def undo(model: torch.nn.Module) -> torch.nn.Module:

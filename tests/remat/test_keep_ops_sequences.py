@@ -201,3 +201,30 @@ def test_a_partial_forward_that_ran_collectives_raises() -> None:
             m(**unmasked)
     finally:
         dist.destroy_process_group()
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = MaskedBlock()
+        self.proj = nn.Linear(24, 24)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(self.inner(x, mask))
+
+
+def test_a_keep_ops_block_nested_in_a_segment_member() -> None:
+    """A segment's replay cannot hold a call run again: nested in a member, a keep-ops call on its
+    measured ops runs as planned, one off them raises (planners measure every option they offer)."""
+    _, masked, unmasked, options = _measured()  # the op sequence of a MaskedBlock on these shapes
+    option = options[0]
+    model = MaskedNet()
+    model.blocks = nn.ModuleList(Outer() for _ in range(3))
+    model.train()
+    m = clone(model)
+    execute.apply(m, {"blocks.0": ["segment:2"], "blocks.1": ["in-segment"], "blocks.1.inner": [option]})
+    assert same_grads(grads_after_step(model, masked), grads_after_step(m, masked))
+    assert same_grads(grads_after_step(model, masked), grads_after_step(m, masked))  # and again
+    with pytest.raises(OpSequenceError, match="inside a checkpointed segment"):
+        m(**unmasked)
+    assert same_grads(grads_after_step(model, masked), grads_after_step(m, masked))  # nothing left open

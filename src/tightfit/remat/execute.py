@@ -40,8 +40,10 @@ NOTE [ Keep-ops on another op sequence ]
   type, option and sequence: exact gradients, more time and fewer bytes kept than planned. What else the
   partial forward did happens twice: Python side effects in the block's code, its submodules' forward
   hooks, in-place updates of buffers other than running statistics. A partial forward that ran
-  collectives (tensor parallelism, an FSDP unit inside the block, SyncBatchNorm) is not run again, which
-  would repeat them on this rank alone: the call raises ``OpSequenceError``. Planners measure under
+  collectives through the dispatcher (c10d and functional collectives: an FSDP unit inside the block,
+  SyncBatchNorm; DTensor's implicit redistributions may not be seen) is not run again, which would repeat
+  them on this rank alone: the call raises ``OpSequenceError``. So does a keep-ops block nested in a
+  segment's member (the segment's replay could not hold the second run). Planners measure under
   ``strict_op_sequences``, where every such call raises ``OpSequenceError`` and the option is refused.
 """
 
@@ -254,9 +256,11 @@ def _run_keep_ops(
     args: tuple,
     kwargs: Mapping[str, Any],
     norms: list[torch.nn.Module],
+    *,
+    rerun: bool = True,
 ) -> Any:
     """One call under a keep-ops option; a call off the measured op sequence runs again under
-    ``recompute`` (NOTE [ Keep-ops on another op sequence ])."""
+    ``recompute`` (NOTE [ Keep-ops on another op sequence ]), or raises when not ``rerun``."""
     stats = _stat_buffers(norms)
     saved_stats: list[torch.Tensor] = []
     if stats:
@@ -278,6 +282,12 @@ def _run_keep_ops(
     message = f"{type(module).__name__} ran {ran} where its keep-ops option was measured with {option.count}"
     if _STRICT.get():
         raise OpSequenceError(f"{message}: the measured costs do not describe this call", option)
+    if not rerun:
+        raise OpSequenceError(
+            f"{message}, inside a checkpointed segment, whose replay cannot run it again. Plan with a batch "
+            "that takes this path, or with RematConfig(op_level=False).",
+            option,
+        )
     if any(_collective(op) for op in policy.ops):
         raise OpSequenceError(
             f"{message}, and ran collectives before that: running the call again would repeat them on this "
@@ -361,9 +371,12 @@ def run_call(
     args: tuple,
     kwargs: Mapping[str, Any],
     norms: list[torch.nn.Module],
+    *,
+    rerun: bool = True,
 ) -> Any:
     """Run ``forward(*args, **kwargs)`` (the block's original forward, ``norms`` its ``norm_layers``)
-    under a single-call remat option."""
+    under a single-call remat option (``rerun``: whether a keep-ops call off its measured ops may run
+    again under recompute, else it raises)."""
     if isinstance(option, Store) or not (torch.is_grad_enabled() and module.training):
         return forward(*args, **kwargs)
     body = recomputable(norms, forward)
@@ -373,7 +386,7 @@ def run_call(
         option = SAVE_MATMUL
     match option:
         case KeepOps():
-            return _run_keep_ops(module, forward, option, args, kwargs, norms)
+            return _run_keep_ops(module, forward, option, args, kwargs, norms, rerun=rerun)
         case SavePolicy():
             return checkpoint(body, *args, use_reentrant=False, context_fn=_context_fn(option), **kwargs)
         case Recompute():
@@ -434,6 +447,8 @@ def _forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = recomputable(state.norms, original) if state.norms else original
         return state.segments.call(self, forward, option, args, kwargs)
     if isinstance(option, KeepOps):
+        if state.segments.running:  # nested in a segment's member: a rerun would escape its replay
+            return run_call(self, original, option, args, kwargs, state.norms, rerun=False)
         # calls differing from the plan (a skipped layer) can leave a segment open; its replay would not
         # see a keep-ops call run again with the RNG put back (NOTE [ Keep-ops on another op sequence ])
         state.segments.finish()

@@ -278,6 +278,7 @@ class Segments:
 
     def __init__(self) -> None:
         self.active: Region | None = None
+        self.running = 0  # member calls in progress (a patched module nested in a member runs inside one)
 
     def call(
         self,
@@ -297,12 +298,15 @@ class Segments:
         region = self.active
         if region is None:  # a member call with no open region (calls differ from the plan): plain
             return forward(*args, **kwargs)
+        self.running += 1
         try:
             out = region.block(module, forward, args, kwargs)
         except BaseException:
             self.active = None
             region.abort()
             raise
+        finally:
+            self.running -= 1
         if region.done:
             self.active = None
             region.close()

@@ -28,12 +28,19 @@ import contextvars
 import importlib
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["ConversionReport", "FilterFn", "convert_", "register_converter", "replace_module"]
+__all__ = [
+    "ConversionReport",
+    "FilterFn",
+    "config_from_dict",
+    "convert_",
+    "register_converter",
+    "replace_module",
+]
 
 FilterFn = Callable[[torch.nn.Module, str], bool]
 Handler = Callable[..., "ConversionReport"]  # (model, config, filter_fn, **options)
@@ -188,6 +195,26 @@ class ConversionReport:
                 "this report was not returned by tightfit.convert_, so it has no conversion to undo"
             )
         self._journal.undo()
+
+
+_Config = TypeVar("_Config")
+
+
+def config_from_dict(cls: type[_Config], data: dict[str, Any], technique: str) -> _Config:
+    """The dataclass config ``cls`` rebuilt from its ``to_dict`` (``{"technique": technique, field: value,
+    ...}``; the tag may be absent); ValueError when the tag names another technique or a key is not one of
+    ``cls``'s fields (listing the valid ones)."""
+    data = dict(data)
+    tag = data.pop("technique", technique)
+    name = cls.__name__
+    if tag != technique:
+        article = "an" if name[0] in "AEIOU" else "a"
+        raise ValueError(f"not {article} {name} config: technique={tag!r}")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} fields {unknown}; valid: {sorted(known)}")
+    return cls(**data)
 
 
 def register_converter(config_type: type) -> Callable[[Handler], Handler]:

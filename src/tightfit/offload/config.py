@@ -4,9 +4,10 @@ memory (and that `tightfit.offload.offloading` uses for a region of code)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from tightfit.convert import config_from_dict
 from tightfit.sizes import parse_size
 
 __all__ = ["Offload"]
@@ -82,15 +83,7 @@ class Offload:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Offload:
-        data = dict(data)
-        technique = data.pop("technique", "offload")
-        if technique != "offload":
-            raise ValueError(f"not an Offload config: technique={technique!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown Offload fields {unknown}; valid: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "offload")
 
     @classmethod
     def from_json(cls, text: str) -> Offload:

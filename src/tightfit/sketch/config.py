@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from tightfit.convert import config_from_dict
 from tightfit.sketch.ops import validate_options
 
 __all__ = ["Sketch"]
@@ -57,12 +58,4 @@ class Sketch:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sketch:
-        data = dict(data)
-        technique = data.pop("technique", "sketch")
-        if technique != "sketch":
-            raise ValueError(f"not a Sketch config: technique={technique!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown Sketch fields {unknown}; valid: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "sketch")

@@ -18,7 +18,8 @@ import torch
 from tightfit.convert import ConversionReport
 from tightfit.planner.variants import Combined, Variant, convert_blocks, undo_all
 from tightfit.remat import execute
-from tightfit.remat.options import InSegment, Option, Segment, Store, parse_option, segment_length
+from tightfit.remat.options import InSegment, Option, Segment, Store, parse_option
+from tightfit.remat.plan import calls_by_path, units
 from tightfit.sizes import format_size
 
 __all__ = ["Plan", "PlanDecision", "techniques_of"]
@@ -123,12 +124,7 @@ class Plan:
     @property
     def options(self) -> dict[str, list[Option]]:
         """path -> remat option of each call, as ``tightfit.remat.execute.apply`` takes it."""
-        out: dict[str, list[Option]] = {}
-        for d in sorted(self.decisions, key=lambda d: (d.path, d.call)):
-            calls = out.setdefault(d.path, [])
-            calls.extend([parse_option("store")] * (d.call - len(calls)))
-            calls.append(d.remat_option)
-        return out
+        return calls_by_path(self.decisions, lambda d: d.remat_option)
 
     @property
     def conversions(self) -> dict[Variant, list[str]]:
@@ -217,12 +213,7 @@ class Plan:
 
     # -- printing -----------------------------------------------------------------------------------
     def _units(self) -> list[tuple[int, int]]:
-        units, i = [], 0
-        while i < len(self.decisions):
-            n = segment_length(self.decisions[i].option)
-            units.append((i, min(i + n, len(self.decisions)) - 1))
-            i += n
-        return units
+        return units([d.option for d in self.decisions])
 
     def summary(self) -> str:
         counts = Counter(self.decisions[a].option.label for a, _ in self._units())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +32,29 @@ def _legend_label(option: Option) -> str:
         case Segment():
             return "segment of N"
     return option.label
+
+
+def calls_by_path(decisions: Sequence[Any], option_of: Callable[[Any], Option]) -> dict[str, list[Option]]:
+    """path -> the option of each call of ``decisions`` (each with ``path`` and ``call``; ``option_of``
+    reads its remat option), the form ``tightfit.remat.execute.apply`` takes: calls of a module before its
+    first planned one are stored."""
+    out: dict[str, list[Option]] = {}
+    for d in sorted(decisions, key=lambda d: (d.path, d.call)):
+        calls = out.setdefault(d.path, [])
+        calls.extend([STORE] * (d.call - len(calls)))
+        calls.append(option_of(d))
+    return out
+
+
+def units(options: Sequence[Option]) -> list[tuple[int, int]]:
+    """(first, last index) of each printed unit of a plan's options in call order: a block alone, or a
+    segment's blocks together."""
+    out, i = [], 0
+    while i < len(options):
+        n = segment_length(options[i])
+        out.append((i, min(i + n, len(options)) - 1))
+        i += n
+    return out
 
 
 @dataclass
@@ -78,12 +102,7 @@ class Plan:
     def options(self) -> dict[str, list[Option]]:
         """path -> option of each call, the form ``tightfit.remat.execute.apply`` takes (calls of a module
         before its first planned one are stored)."""
-        out: dict[str, list[Option]] = {}
-        for d in sorted(self.decisions, key=lambda d: (d.path, d.call)):
-            calls = out.setdefault(d.path, [])
-            calls.extend([STORE] * (d.call - len(calls)))
-            calls.append(d.option)
-        return out
+        return calls_by_path(self.decisions, lambda d: d.option)
 
     @property
     def checkpointed(self) -> list[str]:
@@ -92,14 +111,7 @@ class Plan:
 
     def _units(self) -> list[tuple[int, int, str]]:
         """(first, last decision index, label): single blocks, and segments as one unit each."""
-        units = []
-        i = 0
-        ds = self.decisions
-        while i < len(ds):
-            n = segment_length(ds[i].option)
-            units.append((i, min(i + n, len(ds)) - 1, ds[i].option.label))
-            i += n
-        return units
+        return [(a, b, self.decisions[a].option.label) for a, b in units([d.option for d in self.decisions])]
 
     def summary(self) -> str:
         counts = Counter(label for _, _, label in self._units())

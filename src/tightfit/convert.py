@@ -6,7 +6,9 @@ return a `ConversionReport` that lists every converted and every skipped module 
 Parameters are shared with the original modules, so state_dict keys and values stay the same.
 
 NOTE [ Undo ]: while a handler runs, `convert_` records every `replace_module` call (parent module,
-attribute name, the module taken out, the module put in). That record serves two purposes:
+attribute name, the module taken out, the module put in) and every other edit the handler records with
+`record_edit` (few-bit swaps plain function attributes and instance forwards). That record serves two
+purposes:
 
 - if the handler raises, the replacements it already made are put back in reverse order before the
   exception propagates, so a failed conversion never leaves a model half-converted;
@@ -29,15 +31,17 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 __all__ = [
     "ConversionReport",
+    "Edit",
     "FilterFn",
     "config_from_dict",
     "convert_",
+    "record_edit",
     "register_converter",
     "replace_module",
 ]
@@ -71,24 +75,48 @@ class _Replacement:
         setattr(self.parent, self.name, self.old)
 
 
+class Edit(Protocol):
+    """A change a handler made to a model other than a `replace_module` call (a plain attribute swapped,
+    an instance ``forward`` set), recorded with `record_edit` so that `convert_` and `undo` reverse it."""
+
+    path: str
+
+    def in_place(self) -> bool:
+        """Whether the model still holds what the edit put there."""
+        ...
+
+    def put_back(self) -> None:
+        """Reverse the edit."""
+        ...
+
+
 class _Journal:
-    """The replacements of one `convert_` call, in the order they were made."""
+    """The replacements and edits of one `convert_` call, in the order they were made."""
 
     def __init__(self) -> None:
-        self.replacements: list[_Replacement] = []
+        self.entries: list[_Replacement | Edit] = []
         self.undone = False
 
     def rollback(self) -> None:
         """Put every original back, newest first, without checks (used when the handler raised)."""
-        for r in reversed(self.replacements):
-            setattr(r.parent, r.name, r.old)
-        self.replacements = []
+        for r in reversed(self.entries):
+            if isinstance(r, _Replacement):
+                setattr(r.parent, r.name, r.old)
+            else:
+                r.put_back()
+        self.entries = []
 
     def problems(self) -> list[str]:
         """Why `undo` cannot restore the model exactly (empty when it can)."""
         found: list[str] = []
         current: dict[tuple[int, str], torch.nn.Module | None] = {}  # (parent, name) after earlier undos
-        for r in reversed(self.replacements):
+        for r in reversed(self.entries):
+            if not isinstance(r, _Replacement):
+                if not r.in_place():
+                    found.append(
+                        f"{r.path} was changed after the conversion (a plan applied on top? undo it first)"
+                    )
+                continue
             key = (id(r.parent), r.name)
             here = current[key] if key in current else r.parent._modules.get(r.name)
             if here is not r.new:
@@ -117,9 +145,9 @@ class _Journal:
                 "cannot undo the conversion: the model changed in a way undo cannot reverse; nothing was "
                 "changed:\n  " + "\n  ".join(found)
             )
-        for r in reversed(self.replacements):
+        for r in reversed(self.entries):
             r.put_back()
-        self.replacements = []  # let the converted modules go
+        self.entries = []  # let the converted modules go
         self.undone = True
 
 
@@ -227,6 +255,15 @@ def register_converter(config_type: type) -> Callable[[Handler], Handler]:
     return decorate
 
 
+def record_edit(edit: Edit) -> None:
+    """Record ``edit``, already made by the running handler, in the `convert_` call's journal: put back if
+    the handler raises later, and by the report's `undo` (checked with ``in_place`` first), newest first
+    among every replacement and edit. Outside a `convert_` call nothing is recorded."""
+    journal = _ACTIVE.get()
+    if journal is not None:
+        journal.entries.append(edit)
+
+
 def replace_module(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
     """Replace the existing submodule at dotted `path` (as in named_modules()) with `new`, which takes the
     train/eval mode of the module it replaces (its own flag only: shared children keep theirs).
@@ -250,7 +287,7 @@ def replace_module(root: torch.nn.Module, path: str, new: torch.nn.Module) -> No
     if journal is not None:
         parts = _named_parts(new)
         shared = tuple((n, part) for n, part in _named_parts(old).items() if parts.get(n) is part)
-        journal.replacements.append(_Replacement(root, parent_path, parent, name, old, new, shared))
+        journal.entries.append(_Replacement(root, parent_path, parent, name, old, new, shared))
     new.training = old.training
     setattr(parent, name, new)
 

@@ -207,6 +207,22 @@ def test_functional_override_is_scoped_and_undone():
     assert _float_saves(model, x) == plain
 
 
+def test_undo_refuses_when_a_scoped_forward_was_replaced_and_changes_nothing():
+    """The swapped forwards are recorded in convert_'s journal with the module replacements: undo checks
+    them all before putting anything back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_FunctionalMLP(), _FunctionalMLP())
+    report = tightfit.convert_(model, FewBit(bits=2), functional=True)
+    scoped = model[0].__dict__["forward"]
+    model[1].forward = lambda x: x  # something put on top of the conversion
+    with pytest.raises(RuntimeError, match="1.forward was changed after the conversion"):
+        report.undo()
+    assert model[0].__dict__["forward"] is scoped and not report.undone
+    del model[1].forward
+    with pytest.raises(RuntimeError, match="1.forward was changed"):
+        report.undo()
+
+
 def test_functional_override_recomputes_under_checkpoint():
     """The override covers the recompute (same instance forward): non-reentrant checkpoint sees the same
     saved tensors in the recompute, so it neither errors nor falls back."""

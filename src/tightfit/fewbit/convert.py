@@ -44,7 +44,7 @@ import inspect
 import re
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
-from tightfit.convert import ConversionReport, FilterFn, register_converter, replace_module
+from tightfit.convert import ConversionReport, FilterFn, record_edit, register_converter, replace_module
 from tightfit.fewbit import functional as fb_functional
 from tightfit.fewbit import modules as fb_modules
 from tightfit.fewbit.activations import spec_for_module, spec_for_name
@@ -148,7 +148,8 @@ _CALLS = re.compile(r"\b(gelu|silu|mish)\s*\(")
 
 @dataclass(frozen=True, eq=False)
 class _AttributeSwap:
-    """``parent.<name>`` (a plain instance attribute, not a submodule) went from ``old`` to ``new``.
+    """``parent.<name>`` (a plain instance attribute, not a submodule) went from ``old`` to ``new``: a
+    `tightfit.convert.Edit` (recorded with ``record_edit``, reversed by ``convert_`` and ``undo``).
 
     ``kind`` "module": ``new`` is a few-bit module put where a function was (it becomes a submodule);
     "forward": ``new`` is an instance ``forward`` (``old`` None: the class's forward was used)."""
@@ -186,38 +187,6 @@ class _AttributeSwap:
             self.parent.__dict__.pop(self.name, None)
         else:
             self.parent.__dict__[self.name] = self.old
-
-
-@dataclass
-class _FewBitReport(ConversionReport):
-    """A `ConversionReport` that also undoes attribute swaps (function attributes, scoped forwards).
-
-    NOTE: `tightfit.convert`'s journal records `replace_module` calls only (a submodule replaced by a
-    submodule); the swaps here replace plain attributes, so this report keeps them and undoes them first
-    (they were made last), after checking that both they and the journal can be undone."""
-
-    _swaps: list[_AttributeSwap] = field(default_factory=list, repr=False, compare=False)
-
-    def undo(self) -> None:
-        if self._journal is None:
-            super().undo()  # raises the "not returned by convert_" error
-            return
-        if not self._journal.undone:
-            found = [
-                f"{s.path} was changed after the conversion (a plan applied on top? undo it first)"
-                for s in self._swaps
-                if not s.in_place()
-            ]
-            found += self._journal.problems()
-            if found:
-                raise RuntimeError(
-                    "cannot undo the conversion: the model changed in a way undo cannot reverse; nothing "
-                    "was changed:\n  " + "\n  ".join(found)
-                )
-            for swap in reversed(self._swaps):
-                swap.put_back()
-            self._swaps = []
-        super().undo()
 
 
 class _FewBitFunctions(TorchFunctionMode):
@@ -403,7 +372,7 @@ def _convert_fewbit(
     forwards that call them (see the module docstring)."""
     if not isinstance(functional, bool):
         raise TypeError(f"functional must be a bool, got {functional!r}")
-    report = _FewBitReport(technique=f"FewBit(bits={config.bits})")
+    report = ConversionReport(technique=f"FewBit(bits={config.bits})")
     all_paths: dict[int, list[str]] = {}
     for path, mod in model.named_modules(remove_duplicate=False):
         all_paths.setdefault(id(mod), []).append(path)
@@ -464,22 +433,14 @@ def _convert_fewbit(
             if path:
                 replace_module(model, path, new)
             report.converted.append((path, _short(old), _short(new)))
-    # attribute swaps last: the journal cannot record them, so they are reverted here on failure
     scoped: list[tuple[str, frozenset[str], int]] = []
     if functional:
         forward_swaps, scoped = _functional_scopes(model, config, filter_fn)
         swaps += forward_swaps
-    done: list[_AttributeSwap] = []
-    try:
-        for swap in swaps:
-            swap.apply()
-            done.append(swap)
-    except BaseException:
-        for swap in reversed(done):
-            swap.put_back()
-        raise
-    report._swaps = done
-    for swap in done:
+    for swap in swaps:  # recorded in convert_'s journal: put back on failure and by report.undo()
+        swap.apply()
+        record_edit(swap)
+    for swap in swaps:
         if swap.kind == "module":
             report.converted.append((swap.path, f"function {swap.old.__name__}", _short(swap.new)))
     for path, names, count in scoped:
@@ -491,7 +452,7 @@ def _convert_fewbit(
                 + (f" (with its {count} submodules' forwards, for their recompute)" if count else ""),
             )
         )
-    if not plan and not done:
+    if not plan and not swaps:
         report.notes.append(
             "no activation module or function attribute found (functional calls like F.gelu(x) in a "
             "forward are converted with convert_(..., functional=True))"

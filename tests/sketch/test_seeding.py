@@ -1,10 +1,12 @@
-"""``tick``: a loop that never calls the root a sketch clock's hook is on still draws a fresh sketch per
-step."""
+"""Step clocks: ``tick`` (a loop that never calls the root a clock's hook is on still draws a fresh sketch
+per step), and a compiled model ticking its clock and drawing the eager model's sketches step for step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tightfit.sketch import LayerSeed, RandomizedLinear, StepClock
 from tightfit.sketch.seeding import tick
@@ -44,3 +46,49 @@ def test_a_ticked_step_draws_another_sketch_with_the_same_global_rng() -> None:
     assert torch.equal(first, again)  # no tick: the same sketch
     tick(net)
     assert not torch.equal(first, grads())
+
+
+class _Checkpointed(nn.Module):
+    """Two sketched layers, the first recomputed in the backward (it must draw its forward's sketch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = RandomizedLinear(16, 16, k=4), RandomizedLinear(16, 4, k=4)
+        self.clock = StepClock()
+        for salt, layer in enumerate((self.a, self.b)):
+            layer.seeding = LayerSeed(5, salt, self.clock)
+        self.register_forward_pre_hook(self.clock)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(checkpoint(lambda t: torch.relu(self.a(t)), x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_a_compiled_model_ticks_its_clock_and_draws_the_eager_sketches_step_for_step(backend: str) -> None:
+    torch._dynamo.reset()
+    x = torch.randn(32, 16)
+
+    def grads(model: _Checkpointed, run: nn.Module) -> list[torch.Tensor]:
+        out = []
+        for _ in range(3):
+            model.zero_grad()
+            run(x).square().sum().backward()
+            out.append(torch.cat([model.a.weight.grad.flatten(), model.b.weight.grad.flatten()]))
+        return out
+
+    torch.manual_seed(0)
+    eager = _Checkpointed()
+    torch.manual_seed(0)
+    model = _Checkpointed()
+    expected = grads(eager, eager)
+    got = grads(model, torch.compile(model, backend=backend, fullgraph=True))
+    assert model.clock.step == eager.clock.step == 3
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert not torch.equal(got[0], got[1]) and not torch.equal(got[1], got[2])  # a fresh sketch each step
+
+
+def test_a_clock_made_under_inference_mode_ticks_outside_it() -> None:
+    with torch.inference_mode():
+        clock = StepClock()
+    clock()
+    assert clock.step == 1

@@ -61,7 +61,6 @@ Results: benchmarks/results/latest/<--results>.{json,txt} (default fewbit_bound_
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -71,8 +70,9 @@ from typing import Any
 import torch
 
 from benchmarks.common import results
+from benchmarks.common.steps import MiB
+from benchmarks.remat.workload import log
 
-MiB = 2**20
 RATIOS = (1.0, 1.03, 1.05, 1.066, 1.10, 1.20)
 MARGIN = 0.05  # step-time ratio granted to timing noise: the bound is also given at ratio + MARGIN
 ROUNDS = 5  # interleaved rounds timing the unmodified step against few-bit stored in every block
@@ -200,7 +200,7 @@ def published_best(path: Path = PUBLISHED, family: str = "plan+fewbit") -> dict[
     or None when the file is missing."""
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
+    data = results.load(path)
     rows = [
         (float(r["time_ratio"]), float(r["peak_above_params_mib"]))
         for r in data["rows"]
@@ -216,10 +216,6 @@ def best_at(rows: Sequence[tuple[float, float]], ratio: float) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------- measuring
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def _unit_items(profile: Any) -> tuple[list[tuple[float, float]], int | None, float]:
     """(bytes, seconds) per keepable unit, the index of the random unit (or None) and its bytes. The unit
     holding the block's last op is the block's output: zero seconds (early stop: nothing after the last
@@ -338,18 +334,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             base = o.base if isinstance(o, Combined) else o
             profile = few if isinstance(o, Combined) else plain
             rops = _random_ops(profile)
+            kept: set[int] = set()
             if isinstance(base, Store):
                 keeps_random = bool(rops)
             elif isinstance(base, (KeepOps, SavePolicy)):
-                kept = kept_positions(base, profile.ops) or frozenset()
-                keeps_random = bool(rops) and rops <= set(kept)
+                kept = set(kept_positions(base, profile.ops) or ())
+                keeps_random = bool(rops) and rops <= kept
             else:
                 keeps_random = False
             rnd_bytes = sum(u.bytes for u in profile.units if u.random)
             ideal_s = ideal_keep = None
             shift = fb_ref if isinstance(o, Combined) else 0.0
             if isinstance(base, (KeepOps, SavePolicy)) and shift is not None:
-                kept = set(kept_positions(base, profile.ops) or ())
                 ideal_s, ideal_keep = _ideal(profile, kept, inp, shift)
             options.append(
                 {
@@ -418,11 +414,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # O: min over measured plans of (peak above params - sum of the blocks' keeps)
     chain = p.chain
     measured: dict[str, tuple[int, list[Any]]] = {}
-    for assignment, peak in p.measured_peaks.items():
-        measured["store plan" if list(assignment) == list(p.store_plan) else "planner frugal plan"] = (
-            peak,
-            list(assignment),
-        )
+    for k, (assignment, peak) in enumerate(p.measured_peaks.items()):  # every plan the planner measured
+        name = "store plan" if list(assignment) == list(p.store_plan) else f"planner's measured plan {k}"
+        measured[name] = (peak, list(assignment))
     uniform: dict[str, Any] = {}
     for i in range(n):
         c = chain.costs[i]

@@ -53,7 +53,7 @@ class EncoderClassifier(pl.LightningModule):
 
 
 def make_loader(
-    n: int = 256, lengths: Sequence[int] = (128, 32, 64), d_model: int = 128, vocab: int = 64, batch: int = 2
+    n: int = 256, lengths: Sequence[int] = (128, 32, 64), vocab: int = 64, batch: int = 2
 ) -> torch.utils.data.DataLoader:
     """Synthetic token sequences (lengths cycling through ``lengths``, one length per batch of ``batch``),
     label = (sum of tokens) mod 3; padded per batch with token 0."""
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> EncoderClassifier:
     module = EncoderClassifier(d_model=d_model, layers=layers)
     if args.fewbit:
         tightfit.convert_(module, tightfit.FewBit(bits=2))
-    loader = make_loader(n=8 * steps, lengths=(24, 8, 16) if args.tiny else (128, 32, 64), d_model=d_model)
+    loader = make_loader(n=8 * steps, lengths=(24, 8, 16) if args.tiny else (128, 32, 64))
     budget = args.budget
     if budget is None:  # 85% of one unplanned step on the longest batch, measured by the ruler
         batch = next(iter(loader))

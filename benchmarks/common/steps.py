@@ -83,6 +83,21 @@ def run_step(
     return step
 
 
+class Autocast(torch.nn.Module):
+    """``inner(**batch)`` under autocast to ``dtype`` on ``device_type`` (every forward casts the weights
+    afresh, as a training loop does)."""
+
+    def __init__(self, inner: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner = inner
+        self.device_type = device_type
+        self.dtype = dtype
+
+    def forward(self, **batch: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.inner(**batch)
+
+
 def grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.detach().clone() for p in params]
 

@@ -23,16 +23,16 @@ import argparse
 import copy
 import gc
 import statistics
-import time
-from typing import Any
 
 import torch
 
 import tightfit
 from benchmarks.common import results
-from benchmarks.common.timing import interleaved, paired_summary, wait_for_device
+from benchmarks.common.steps import Autocast
+from benchmarks.common.timing import interleaved, paired_summary, timed
 from tightfit._step import training_step
 from tightfit.fewbit.config import FewBit
+from tightfit.memory import allocator_peak as allocator_peak_above
 
 
 def convert_(model: torch.nn.Module, config: FewBit):
@@ -59,21 +59,6 @@ def minilm(batch: int, seq: int):
     }
 
 
-class Autocast(torch.nn.Module):
-    """``inner(**batch)`` under autocast to `dtype` on `device_type` (every forward casts the weights
-    afresh, as a training loop does)."""
-
-    def __init__(self, inner: torch.nn.Module, device_type: str, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.inner = inner
-        self.device_type = device_type
-        self.dtype = dtype
-
-    def forward(self, **batch: Any) -> Any:
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            return self.inner(**batch)
-
-
 def allocator_peak(
     model: torch.nn.Module, batch: dict, opt: torch.optim.Optimizer, device: str
 ) -> int | None:
@@ -81,11 +66,8 @@ def allocator_peak(
     if torch.device(device).type != "cuda":
         return None
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    training_step(model, batch, optimizer=opt)
-    torch.cuda.synchronize()
-    return int(torch.cuda.max_memory_allocated())
+    start = torch.cuda.memory_allocated(device)
+    return start + allocator_peak_above(lambda: training_step(model, batch, optimizer=opt), device)
 
 
 def compare(
@@ -109,15 +91,10 @@ def compare(
     alloc = {k: allocator_peak(m, batch, opts[k], device) for k, m in models.items()}
 
     def step(k: str) -> float:
-        wait_for_device()
-        t0 = time.perf_counter()
-        training_step(models[k], batch, optimizer=opts[k])
-        wait_for_device()
-        return time.perf_counter() - t0
+        return timed(lambda: training_step(models[k], batch, optimizer=opts[k]))
 
-    for k in models:  # warm-up: kernels compiled, optimizer state made
-        step(k)
-    times = dict(zip(models, interleaved(list(models), step, rounds, order="fixed")))
+    # one warm-up round: kernels compiled, optimizer state made
+    times = dict(zip(models, interleaved(list(models), step, rounds, warmup=1, order="fixed")))
     print(
         f"\n## {title}: {len(report.converted)} module(s) converted, {len(report.skipped)} skipped; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; device {device}; "
@@ -134,10 +111,10 @@ def compare(
         t = statistics.median(times[k])
         paired = paired_summary(times[k], times["baseline"])
         ab, aa = alloc["baseline"], alloc[k]
-        alloc_s = "n/a" if aa is None else f"{tightfit.format_size(aa)} | {aa / ab:.3f}"
+        alloc_s = "n/a | n/a" if aa is None else f"{tightfit.format_size(aa)} | {aa / ab:.3f}"
         print(
             f"| {k} | {tightfit.format_size(r.peak_bytes)} | {r.peak_bytes / b.peak_bytes:.3f} "
-            f"| {alloc_s if aa is not None else 'n/a | n/a'} "
+            f"| {alloc_s} "
             f"| {tightfit.format_size(r.activations_bytes)} "
             f"| {r.activations_bytes / b.activations_bytes:.3f} "
             f"| {t:.3f} s | {t / bt:.2f} | {paired['paired_ratio_median']:.2f} "

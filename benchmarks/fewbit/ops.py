@@ -26,7 +26,6 @@ on CUDA>.{json,txt}.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 import tightfit.fewbit.codec as codec
 from benchmarks.common import results
 from benchmarks.common.timing import interleaved, paired_summary, wait_for_device
+from benchmarks.common.timing import timed as timed_call
 from tightfit.fewbit import _native
 from tightfit.fewbit.functional import activation
 from tightfit.fewbit.gated import swiglu
@@ -114,13 +114,7 @@ def copy_gbps(device: str) -> float:
     """Measured device-memory bandwidth: a 1 GiB copy (read + write), best of 5, in GB/s."""
     src = torch.empty(1 << 28, device=device)
     dst = torch.empty_like(src)
-    best = math.inf
-    for _ in range(5):
-        wait_for_device()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        wait_for_device()
-        best = min(best, time.perf_counter() - t0)
+    best = min(timed_call(lambda: dst.copy_(src)) for _ in range(5))
     return 2 * src.numel() * 4 / best / 1e9
 
 

@@ -88,8 +88,7 @@ def main() -> None:
           f"torch {torch.__version__}")
 
     def convert(model: nn.Module, config: Offload, **kw: object) -> object:
-        return tightfit.convert_(model, config, target=target, **kw) if target is not None else \
-            tightfit.convert_(model, config, **kw)
+        return tightfit.convert_(model, config, target=target, **kw)
 
     # 1. varying sequence lengths
     torch.manual_seed(0)

@@ -43,6 +43,7 @@ import torch
 import tightfit
 import tightfit.memory
 from benchmarks.common import results
+from benchmarks.common.steps import Autocast, grads
 from benchmarks.common.timing import interleaved, median, paired_summary, timed
 from tightfit._step import forward_loss
 from tightfit.memory import LiveTracker
@@ -56,19 +57,6 @@ BUILD_ORDER = ("plain", "offload", "save_on_cpu", "hf_offload", "recompute", "mi
 GPU_MODELS = {"gpt2-medium": (8, 1024), "llama-1b": (4, 2048)}
 DRY_MODELS = {"gpt2-medium-tiny": (2, 64), "llama-1b-tiny": (2, 64)}
 MiB = 2**20
-
-
-class Autocast(torch.nn.Module):
-    """``inner(**batch)`` under bf16 autocast on the batch's device type."""
-
-    def __init__(self, inner: torch.nn.Module, device_type: str) -> None:
-        super().__init__()
-        self.inner = inner
-        self.device_type = device_type
-
-    def forward(self, **batch: Any) -> Any:
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            return self.inner(**batch)
 
 
 def offload_config(dry: bool) -> Offload:
@@ -89,7 +77,7 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def step_fn(v: Variant, batch: Any, device: torch.device, keep_grads: bool = False) -> Callable[[], None]:
+def step_fn(v: Variant, batch: Any, keep_grads: bool = False) -> Callable[[], None]:
     """One step; the gradients are dropped at its end unless ``keep_grads`` (only one variant holds
     gradients at a time, so the copies of a 1B model fit one GPU)."""
 
@@ -109,8 +97,8 @@ def step_fn(v: Variant, batch: Any, device: torch.device, keep_grads: bool = Fal
 def seeded_grads(v: Variant, batch: Any, device: torch.device) -> list[torch.Tensor | None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(1234)
-        step_fn(v, batch, device, keep_grads=True)()
-    return [None if p.grad is None else p.grad.detach().clone() for p in v.model.parameters()]
+        step_fn(v, batch, keep_grads=True)()
+    return grads(list(v.model.parameters()))  # type: ignore[union-attr]
 
 
 def allocator_peak(step: Callable[[], None], device: torch.device) -> int | None:
@@ -120,12 +108,7 @@ def allocator_peak(step: Callable[[], None], device: torch.device) -> int | None
     if device.type != "cuda":
         return None
     gc.collect()
-    torch.cuda.synchronize(device)
-    start = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return int(torch.cuda.max_memory_allocated(device)) - start
+    return tightfit.memory.allocator_peak(step, device)
 
 
 def ruler(v: Variant, batch: Any, step: Callable[[], None], device: torch.device) -> dict[str, Any]:
@@ -134,15 +117,13 @@ def ruler(v: Variant, batch: Any, step: Callable[[], None], device: torch.device
     pool = off.pool.free_buffers() if off is not None else []
     with LiveTracker(track=[v.model, batch, pool]) as t:
         step()
-    by_device = getattr(t, "peak_by_device", None)
-    out: dict[str, Any] = {"ruler_peak": int(t.peak)}
-    if isinstance(by_device, dict):
-        out["ruler_peak_by_device"] = {str(k): int(n) for k, n in by_device.items()}
-        out["ruler_device_peak"] = int(by_device.get(str(device), by_device.get(device.type, t.peak)))
-        out["ruler_host_peak"] = int(by_device.get("cpu", 0)) if device.type != "cpu" else None
-    else:
-        out["ruler_device_peak"] = int(t.peak)  # one number for every device (ruler without per-device)
-    return out
+    by_device = t.peak_by_device
+    return {
+        "ruler_peak": int(t.peak),
+        "ruler_peak_by_device": {str(k): int(n) for k, n in by_device.items()},
+        "ruler_device_peak": int(by_device.get(str(device), by_device.get(device.type, t.peak))),
+        "ruler_host_peak": int(by_device.get("cpu", 0)) if device.type != "cpu" else None,
+    }
 
 
 def build_variant(name: str, base: torch.nn.Module, batch: Any, device: torch.device, dry: bool,
@@ -154,7 +135,7 @@ def build_variant(name: str, base: torch.nn.Module, batch: Any, device: torch.de
         if enable is None:
             raise RuntimeError("this transformers has no activation_checkpointing_enable(offload=True)")
         enable(offload=True)
-    model: torch.nn.Module = Autocast(inner, device.type)
+    model: torch.nn.Module = Autocast(inner, device.type, torch.bfloat16)
     if name in ("plain", "hf_offload"):
         pass
     elif name == "save_on_cpu":
@@ -192,7 +173,7 @@ def run_model(zoo_name: str, batch_size: int, seq: int, device: torch.device, dr
     for name in order:
         try:
             v = build_variant(name, base, batch, device, dry, budget)
-            step = step_fn(v, batch, device)
+            step = step_fn(v, batch)
             step()  # warm up (allocator, pool, autotuning)
             v.row.update(ruler(v, batch, step, device))
             v.row["allocator_peak"] = allocator_peak(step, device)
@@ -204,11 +185,8 @@ def run_model(zoo_name: str, batch_size: int, seq: int, device: torch.device, dr
                 v.row["kept_bytes"] = off.stats.kept_bytes
                 v.row["host_bytes"] = off.host_bytes
                 # the budget of recompute and mixed: the device peak Offload reached (the ruler's own
-                # number for the device when it reports one per device; else the allocator's, since the
-                # ruler's single number would count the pinned host pool too)
-                per_device = "ruler_peak_by_device" in v.row or device.type == "cpu"
-                own = tightfit.memory.unique_bytes([v.model, batch])  # parameters, buffers, batch
-                budget = v.row["ruler_device_peak"] if per_device else v.row["allocator_peak"] + own
+                # number for the device, which leaves out the pinned host pool)
+                budget = v.row["ruler_device_peak"]
                 v.row["budget_for_recompute"] = budget
             else:
                 v.row["host_bytes"] = v.row.get("ruler_host_peak")
@@ -231,7 +209,7 @@ def run_model(zoo_name: str, batch_size: int, seq: int, device: torch.device, dr
             for p in v.model.parameters():
                 p.grad = None
         del ref
-    steps = {v.name: step_fn(v, batch, device) for v in ready}
+    steps = {v.name: step_fn(v, batch) for v in ready}
     times = interleaved(ready, lambda v: timed(steps[v.name]), rounds, warmup=1, log=log)
     for v, ts in zip(ready, times):
         v.row["time_s"] = median(ts)

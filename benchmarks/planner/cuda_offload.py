@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from benchmarks.common import results
+from benchmarks.common.steps import grads
 from benchmarks.common.timing import interleaved, timed
 from tightfit import zoo
-from tightfit.memory import LiveTracker
+from tightfit.memory import LiveTracker, allocator_peak
 from tightfit.planner import Plan, Planner
 from tightfit.planner.variants import grad_sqnr
 from tightfit.remat import RematConfig
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     batch["use_cache"] = False
     torch.manual_seed(1)
     step_fn(model, batch)()
-    reference = [p.grad.detach().clone() if p.grad is not None else None for p in model.parameters()]
+    reference = grads(list(model.parameters()))
     config = RematConfig(keep_output=False)
     planners: dict[str, Planner] = {}
     for name, allow in ALLOWS.items():
@@ -109,12 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             sqnr = grad_sqnr(reference, got)
             allocator = None
             if torch.cuda.is_available() and not simulated:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                start = torch.cuda.memory_allocated()
-                step_fn(m, batch)()
-                torch.cuda.synchronize()
-                allocator = torch.cuda.max_memory_allocated() - start
+                allocator = allocator_peak(step_fn(m, batch), args.device)
             rows.append(
                 {
                     "budget": b,
@@ -138,10 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         row["median_s"] = statistics.median(ts)
         where = f"{format_size(row['budget'])} {row['allow']}"
         print(f"{where}: {row['median_s'] * 1e3:.1f} ms, {row['techniques']}")
-    device = args.device if not simulated else "cpu"
     stem = args.results or f"planner_cuda_offload_{args.model}"
     results.say_written(
-        results.write(stem, {"args": vars(args), "simulated": simulated, "rows": rows}, device=device)
+        results.write(stem, {"args": vars(args), "simulated": simulated, "rows": rows}, device=args.device)
     )
 
 

@@ -26,14 +26,14 @@ def _fit(callbacks):
         callbacks=list(callbacks),
         deterministic=True,
     )
-    trainer.fit(module, make_loader(n=16, lengths=(24, 8, 16), d_model=32))
+    trainer.fit(module, make_loader(n=16, lengths=(24, 8, 16)))
     return module
 
 
 def test_lightning_callback_keeps_losses_and_budget():
     torch.manual_seed(0)
     probe = EncoderClassifier(d_model=32, layers=2)
-    x, y = next(iter(make_loader(n=2, lengths=(24,), d_model=32)))
+    x, y = next(iter(make_loader(n=2, lengths=(24,))))
     with torch.random.fork_rng():
         full = profile(
             _Step(probe), ((x, y),), optimizer=torch.optim.AdamW(probe.parameters(), lr=1e-3), time_steps=0

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tightfit._tree import storage_key
 from tightfit.errors import InvalidInput, UserError
+from tightfit.memory.live import unique_bytes
 
 PARALLEL = ("ddp", "fsdp2")
 
@@ -203,24 +203,17 @@ def rank_budget(
         raise InvalidInput(f"world_size must be a positive int, got {n!r}")
     if n == 1:
         return budget
-    params = _unique_bytes(model.parameters())
-    blocks = [_unique_bytes(block.parameters()) for block in find_blocks(model)]
+    params = unique_bytes(list(model.parameters()))
+    blocks = [unique_bytes(list(block.parameters())) for block in find_blocks(model)]
     root = params - sum(blocks)
     largest = max(blocks, default=0)
     state = 0
     if optimizer is not None:
-        state = _unique_bytes(v for st in optimizer.state.values() for v in st.values())
+        # the top-level tensors of each parameter's state (tensors nested in lists are not counted)
+        state = unique_bytes(
+            [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        )
     return budget + max(0, (params + state) * (n - 1) // n - (root + 4 * largest))
-
-
-def _unique_bytes(tensors: Any) -> int:
-    """Bytes of the distinct storages of the tensors among ``tensors`` (others are skipped)."""
-    seen: dict[Any, int] = {}
-    for t in tensors:
-        key = storage_key(t) if isinstance(t, torch.Tensor) else None
-        if key is not None:
-            seen[key] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 @contextlib.contextmanager

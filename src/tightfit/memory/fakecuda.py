@@ -164,7 +164,7 @@ def sdpa_as_cuda(
     )[0]
 
 
-_BACKWARD = (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad)
+_BACKWARD = (torch.Tensor.backward, torch.autograd.backward)
 
 
 class CudaDisguise(TorchFunctionMode):
@@ -203,7 +203,7 @@ class CudaDisguise(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = dict(kwargs or {})
-        if func in _BACKWARD[:2]:
+        if func in _BACKWARD:
             # the backward runs with this mode popped (it is a torch function itself): run autograd's
             # engine with it pushed again, so what Python runs there (checkpoint's recompute, custom
             # Functions) takes the same paths as in the forward

@@ -88,6 +88,18 @@ def local_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     return [t]
 
 
+def unique_bytes(objs: Any) -> int:
+    """Bytes of the distinct storages behind the tensors in `objs` (modules, optimizers, containers);
+    a DTensor counts as its local shard."""
+    seen: dict[Any, int] = {}
+    for t in tensors_of(objs):
+        for local in local_tensors(t):
+            key = storage_key(local)
+            if key is not None:
+                seen[key] = local.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 @functools.cache
 def _desugared_types() -> tuple[type, ...]:
     """Subclasses whose ops the tracker leaves to the subclass (it runs them on local tensors)."""
@@ -158,7 +170,7 @@ def _counted_get_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
 def _counted_resize(storage: torch.UntypedStorage, size: int) -> Any:
     out = _originals["resize_"](storage, size)
     for tracker in _active_trackers():
-        if not tracker._resizing_in_subclass():
+        if not tracker._under_subclass_fake_mode():
             tracker._count(storage)
             tracker._sample("UntypedStorage.resize_")
     return out
@@ -222,7 +234,6 @@ class LiveTracker(TorchDispatchMode):
         self.phase = "run"
         self.ops = 0
         self.baseline = 0
-        self.baseline_by_device: dict[str, int] = {}
         self.timeline: list[TimelinePoint] | None = [] if timeline else None
         self.module_peaks: dict[str, ModulePeaks] = {}
         self.phase_peaks: dict[str, int] = {}
@@ -256,8 +267,7 @@ class LiveTracker(TorchDispatchMode):
             known = self._live.get(key)
             if known is None:
                 if op is not None and _returned_an_input(local, *op):
-                    self._discovered(key, st.nbytes(), _device_name(local.device))
-                    weakref.finalize(st, self._free, key)
+                    self._discovered(key, st, st.nbytes(), _device_name(local.device))
                 else:
                     self._new(key, st, st.nbytes(), _device_name(local.device))
             elif known[0] != st.nbytes():  # resized in place (resize_, set_, out=)
@@ -285,13 +295,11 @@ class LiveTracker(TorchDispatchMode):
         self._add(device, nbytes)
         weakref.finalize(st, self._free, key)
 
-    def _discovered(self, key: StorageKey, nbytes: int, device: str) -> None:
+    def _discovered(self, key: StorageKey, st: torch.UntypedStorage, nbytes: int, device: str) -> None:
         """A storage live since before the tracker started, untracked, seen now: it counts from the start
         (baseline, and every peak and sample so far)."""
-        self._live[key] = (nbytes, device)
-        self._add(device, nbytes)
+        self._new(key, st, nbytes, device)
         self.baseline += nbytes
-        self.baseline_by_device[device] = self.baseline_by_device.get(device, 0) + nbytes
         if self.ops:
             self.peak += nbytes
             self.peak_by_device[device] = self.peak_by_device.get(device, 0) + nbytes
@@ -356,7 +364,7 @@ class LiveTracker(TorchDispatchMode):
                 TorchDispatchMode.__exit__(self, None, None, None)
         else:
             out = func(*args, **kwargs)
-        if _active_fake_mode() is not self._fake_mode_on_entry:
+        if self._under_subclass_fake_mode():
             return out  # a subclass's shape propagation under its own fake mode: nothing allocated
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -376,11 +384,12 @@ class LiveTracker(TorchDispatchMode):
             self._register(t)
         self._tracked_before = []
         self.baseline = self.current
-        self.baseline_by_device = dict(self.current_by_device)
         self._sample("<start>")
         return self
 
-    def _resizing_in_subclass(self) -> bool:
+    def _under_subclass_fake_mode(self) -> bool:
+        """Whether a subclass (DTensor) is propagating shapes under its own fake mode now: its ops and
+        resizes allocate nothing and are not counted (NOTE 6)."""
         return _active_fake_mode() is not self._fake_mode_on_entry
 
     def __exit__(self, *exc: object) -> None:

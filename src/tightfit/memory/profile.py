@@ -38,7 +38,7 @@ import torch
 
 from tightfit._rng import forked_rng
 from tightfit._step import LossFn, call_model, check_batch, loss_of, training_step, wait_for_device
-from tightfit._tree import storage_key, tensors_of
+from tightfit._tree import tensors_of
 from tightfit.errors import InvalidInput, NothingToTrain
 from tightfit.memory.distributed import (
     PARALLEL,
@@ -49,21 +49,9 @@ from tightfit.memory.distributed import (
     rank_and_world,
 )
 from tightfit.memory.flops import FlopCounter
-from tightfit.memory.live import LiveTracker, local_tensors
+from tightfit.memory.live import LiveTracker, local_tensors, unique_bytes
 from tightfit.memory.report import MemoryReport, ModuleMemory, RankPeak
 from tightfit.memory.saved import SavedTensorCounter
-
-
-def unique_bytes(objs: Any) -> int:
-    """Bytes of the distinct storages behind the tensors in `objs` (modules, optimizers, containers);
-    a DTensor counts as its local shard."""
-    seen: dict[Any, int] = {}
-    for t in tensors_of(objs):
-        for local in local_tensors(t):
-            key = storage_key(local)
-            if key is not None:
-                seen[key] = local.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def batch_tensors(batch: Any) -> list[torch.Tensor]:
@@ -180,10 +168,12 @@ def _measure(
     for p in model.parameters():  # also those the optimizer does not hold: backward adds into a .grad
         p.grad = None
 
-    tracker = LiveTracker(track=[model, optimizer, batch_tensors(batch), held], root=model, timeline=timeline)
+    inputs = batch_tensors(batch)
+    tracker = LiveTracker(track=[model, optimizer, inputs, held], root=model, timeline=timeline)
     with tracker, FlopCounter() as flop_counter:
         tracker.phase = "forward"
-        with SavedTensorCounter(exclude=[model, batch_tensors(batch)], root=model) as saved:
+        with SavedTensorCounter(exclude=[model, inputs], root=model) as saved:
+            del inputs  # not held through the step: a model may replace the tensors of its batch object
             with autocast if autocast is not None else contextlib.nullcontext():
                 output = call_model(model, batch)
                 loss = loss_of(output, loss_fn)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tightfit.convert import config_from_dict
+from tightfit.offload.target import PIN_MODES
 from tightfit.sizes import parse_size
 
 __all__ = ["Offload"]
@@ -66,7 +67,7 @@ class Offload:
         _count("keep_last", self.keep_last, 0)
         _count("max_in_flight", self.max_in_flight, 1)
         _count("prefetch", self.prefetch, 0)
-        if self.pin not in ("register", "torch", "none"):
+        if self.pin not in PIN_MODES:
             raise ValueError(f"Offload.pin must be 'register', 'torch' or 'none', got {self.pin!r}")
         if self.host_bandwidth is not None and not (
             isinstance(self.host_bandwidth, (int, float)) and self.host_bandwidth > 0

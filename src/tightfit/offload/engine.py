@@ -64,7 +64,7 @@ from typing import Any
 
 import torch
 
-from tightfit._tree import StorageKey, storage_key, tensors_of
+from tightfit._tree import StorageKey, storage_id, storage_key, tensors_of
 from tightfit.errors import UserError
 from tightfit.offload.config import Offload
 from tightfit.offload.target import Target
@@ -106,7 +106,6 @@ class HostPool:
         self._step = 0
         self.bytes = 0
         self.in_use = 0
-        self.peak_in_use = 0
         self.allocations = 0
 
     def take(self, nbytes: int, what: str = "") -> torch.Tensor:
@@ -133,7 +132,6 @@ class HostPool:
             self.bytes += nbytes
             self.allocations += 1
         self.in_use += buf.numel()
-        self.peak_in_use = max(self.peak_in_use, self.in_use)
         return buf
 
     def give_back(self, buf: torch.Tensor, pending: list[Any] | None = None) -> None:
@@ -199,7 +197,7 @@ class _Entry:
     """One offloaded storage; owned by the packed handles (so by the autograd graph)."""
 
     __slots__ = ("__weakref__", "group", "nbytes", "storage", "host", "d2h", "restored", "restored_ref",
-                 "h2d", "handles", "unpacked", "was_kept", "events", "saved", "modified")
+                 "h2d", "handles", "unpacked", "events", "saved", "modified")
 
     def __init__(self, group: int, storage: torch.UntypedStorage) -> None:
         self.group = group
@@ -212,7 +210,6 @@ class _Entry:
         self.h2d: Any = None
         self.handles = 0
         self.unpacked = 0
-        self.was_kept = False
         # the copies using the host buffer: [the copy out, the latest copy back] (one side stream runs them
         # in order); shared with the finalizer: it waits for the copy out, the pool for the copy back
         # before it frees the buffer (NOTE [ Lifecycle of a group ] 6)
@@ -534,13 +531,13 @@ class Offloader:
                 skipped[why] = skipped.get(why, 0) + nbytes
             return _Kept(t)
         storage = t.untyped_storage()
-        key = storage_key(t)
-        ref = self._by_key.get(key)  # type: ignore[arg-type]
+        key = storage_id(storage)  # reason() returned None: a plain storage
+        ref = self._by_key.get(key)
         entry = ref() if ref is not None else None
         if entry is None or entry.group < self._step_start:
             entry = _Entry(group.index, storage)
             group.entries.append(weakref.ref(entry))
-            self._by_key[key] = weakref.ref(entry)  # type: ignore[index]
+            self._by_key[key] = weakref.ref(entry)
             weakref.finalize(storage, self._by_key.pop, key, None)  # keys are unique only while alive
         elif entry.group != group.index and all(r() is not entry for r in group.foreign):
             group.foreign.append(weakref.ref(entry))
@@ -603,7 +600,6 @@ class Offloader:
             group = self._waiting.popleft()
             group.state = "kept"
             for entry in group.live():
-                entry.was_kept = True
                 self.stats.kept += 1
                 self.stats.kept_bytes += entry.nbytes
         self._poll()
@@ -622,15 +618,18 @@ class Offloader:
             return
         if entry.restored_ref is not None and entry.restored_ref() is not None:
             return
-        entry.restored, entry.h2d = self.target.to_device(entry.host)
-        entry.restored_ref = weakref.ref(entry.restored)
-        self._h2d_issued(entry)
+        entry.restored = self._copy_back(entry)
 
-    def _h2d_issued(self, entry: _Entry) -> None:
+    def _copy_back(self, entry: _Entry) -> torch.UntypedStorage:
+        """Start copying an entry's host copy back to the device; return the new storage, which the entry
+        references weakly only (a caller that needs it kept alive holds it)."""
+        storage, entry.h2d = self.target.to_device(entry.host)  # type: ignore[arg-type]
+        entry.restored_ref = weakref.ref(storage)
         # one side stream runs the copies in order: the latest copy back covers the earlier ones
         entry.events[1:] = [entry.h2d]
         self.stats.restored += 1
         self.stats.restored_bytes += entry.nbytes
+        return storage
 
     @torch.compiler.disable  # bookkeeping in Python: never traced into a compiled graph
     def _unpack(self, packed: Any) -> torch.Tensor:
@@ -666,9 +665,7 @@ class Offloader:
             if storage is None and entry.restored_ref is not None:
                 storage = entry.restored_ref()
             if storage is None:  # unpacked again (retain_graph) after the restored copy was freed
-                storage, entry.h2d = self.target.to_device(entry.host)  # type: ignore[arg-type]
-                entry.restored_ref = weakref.ref(storage)
-                self._h2d_issued(entry)
+                storage = self._copy_back(entry)
             self.target.wait(entry.h2d)
         entry.unpacked += 1
         if entry.unpacked >= entry.handles:

@@ -335,11 +335,7 @@ def decode_mul(
     nbytes = (n * bits + 7) // 8
     if packed.numel() != nbytes:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold exactly {n} codes of {bits} bits")
-    s = None if scale is None else scale.contiguous()
-    if s is not None and (s.shape != g.shape or s.dtype != g.dtype):
-        raise ValueError(
-            f"scale must match grad ({tuple(g.shape)}, {g.dtype}), got {tuple(s.shape)}, {s.dtype}"
-        )
+    s = None if scale is None else scale.contiguous()  # its shape, dtype and device: checked by the codec
     table = torch.zeros(1 << bits, dtype=torch.float32, device=g.device)  # any code < 2**bits is valid
     table[: levels.numel()] = levels.detach().to(g.device).to(g.dtype).to(torch.float32)  # no host sync
     out = torch.empty_like(g)

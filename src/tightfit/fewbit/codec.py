@@ -34,8 +34,9 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 from torch.utils import _python_dispatch
@@ -68,6 +69,7 @@ __all__ = [
 BACKENDS = ("auto", "native", "torch", "triton")
 BACKEND_ENV = "TIGHTFIT_FEWBIT_BACKEND"
 _backend: str | None = None  # set_backend's choice; None: the environment's
+_T = TypeVar("_T")
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -194,6 +196,26 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+def _cached(cache: WeakIdKeyDictionary, t: torch.Tensor, key: Hashable, make: Callable[[], _T]) -> _T:
+    """``make()`` for tensor `t` and `key`, cached in `cache` (t -> {key: (t's version, value)}) while t
+    lives and is not modified in place; made afresh, as is, each call where t may not be cached
+    (`_plain`, `_version`). A cached value is made outside inference mode and with autograd off, so one
+    made under inference mode stays usable in training. It is shared: do not modify it."""
+    version = _version(t) if _plain(t) else None
+    if version is None:
+        return make()
+    per = cache.get(t)
+    hit = None if per is None else per.get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():
+        value = make()
+    if per is None:
+        per = cache.setdefault(t, {})
+    per[key] = (version, value)
+    return value
+
+
 _cmp_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()  # borders -> {(dtype, flags): (version, t')}
 
 
@@ -212,20 +234,8 @@ def compare_borders(
     The cached tensor is shared: do not modify it.
     """
     flags = _flags(right, borders.numel())
-    version = _version(borders) if _plain(borders) else None
-    if version is None:
-        return _compare_borders(borders, dtype, flags)
     key = (dtype, tuple(flags))
-    per = _cmp_cache.get(borders)
-    hit = None if per is None else per.get(key)
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    with torch.inference_mode(False), torch.no_grad():
-        t = _compare_borders(borders, dtype, flags)
-    if per is None:
-        per = _cmp_cache.setdefault(borders, {})
-    per[key] = (version, t)
-    return t
+    return _cached(_cmp_cache, borders, key, lambda: _compare_borders(borders, dtype, flags))
 
 
 def _compare_borders(borders: torch.Tensor, dtype: torch.dtype, flags: list[bool]) -> torch.Tensor:
@@ -446,16 +456,28 @@ def set_backend(name: str | None) -> None:
     _backend = name
 
 
+def _kernels(t: torch.Tensor) -> ModuleType | None:
+    """The kernel module the codec runs for `t` (`_native`, or the Triton one; both take the same
+    arguments), None for the pure-torch codec; the backend is looked up once."""
+    if t.device.type not in ("cpu", "cuda"):
+        return None
+    name = backend(t.device)
+    if name == "native":
+        return _native if t.device.type == "cpu" and t.dtype in _native.DTYPES else None
+    if name != "triton":
+        return None
+    mod = _triton_module()
+    return mod if mod is not None and t.dtype in mod.DTYPES else None
+
+
 def _native_ok(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in _native.DTYPES and backend(t.device) == "native"
+    return _kernels(t) is _native
 
 
 def _triton_for(t: torch.Tensor) -> ModuleType | None:
     """The Triton kernel module when `t` goes to the Triton backend, else None."""
-    if t.device.type not in ("cpu", "cuda") or backend(t.device) != "triton":
-        return None
-    mod = _triton_module()
-    return mod if mod is not None and t.dtype in mod.DTYPES else None
+    kernels = _kernels(t)
+    return None if kernels is _native else kernels
 
 
 def _check_table(borders: torch.Tensor, bits: int, nan_code: int) -> int:
@@ -479,10 +501,8 @@ def encode(
     NaN inputs get ``nan_code`` (a table's ``nan_code``: the piece whose level torch gives at NaN)."""
     bits = _check_table(borders, bits, nan_code)
     cmp = compare_borders(borders, x.dtype, right)
-    if _native_ok(x):
-        return _native.encode(x, cmp, bits, nan_code)
-    if (tri := _triton_for(x)) is not None:
-        return tri.encode(x, cmp, bits, nan_code)
+    if (kernels := _kernels(x)) is not None:
+        return kernels.encode(x, cmp, bits, nan_code)
     return _encode_torch(x, cmp, bits, nan_code)
 
 
@@ -550,8 +570,6 @@ def decode_mul(
             f"{grad.device}), got ({tuple(scale.shape)}, {scale.dtype}, {scale.device}); pass "
             "scale=None with grad * scale instead"
         )
-    if _native_ok(grad):
-        return _native.decode_mul(packed, levels, grad, bits, scale)
-    if (tri := _triton_for(grad)) is not None:
-        return tri.decode_mul(packed, levels, grad, bits, scale)
+    if (kernels := _kernels(grad)) is not None:
+        return kernels.decode_mul(packed, levels, grad, bits, scale)
     return _decode_mul_torch(packed, levels, grad, bits, scale)

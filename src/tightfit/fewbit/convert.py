@@ -141,8 +141,7 @@ _FUNCTION_MODULES: dict[Any, Callable[[], nn.Module]] = {
     torch.tanh: nn.Tanh,
     torch.sigmoid: nn.Sigmoid,
 }
-# functional calls the scoped override maps (name in source -> torch function)
-_FUNCTIONAL = {"gelu": F.gelu, "silu": F.silu, "mish": F.mish}
+# functional calls the scoped override maps, as a forward's source calls them
 _CALLS = re.compile(r"\b(gelu|silu|mish)\s*\(")
 
 
@@ -262,11 +261,6 @@ class _ScopedForward:
         if scope.func is not None:
             return inspect.signature(types.MethodType(scope.func, self.module))
         return inspect.signature(scope.previous)
-
-    @property
-    def tightfit_fewbit_functional(self) -> int:
-        """The bits of the few-bit functional override this forward runs under."""
-        return self.module.__dict__[_SCOPE].bits
 
 
 def _run_scoped(module: nn.Module, scope: _Scope, args: tuple, kwargs: dict[str, Any]) -> Any:

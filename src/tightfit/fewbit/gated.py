@@ -29,6 +29,7 @@ from tightfit.fewbit.activations import spec_for_name
 from tightfit.fewbit.config import DEFAULT_BITS
 from tightfit.fewbit.lookup import get_table
 from tightfit.fewbit.ops import (
+    _consts_on_device,
     _lookup,
     backward_gather,
     cached_table_tensors,
@@ -36,7 +37,6 @@ from tightfit.fewbit.ops import (
     forward_key,
     named_table_constants,
     named_tensors,
-    on_device,
     register_forward,
     table_tensors,
 )
@@ -125,8 +125,7 @@ def gated(a: Tensor, b: Tensor, name: str, bits: int = DEFAULT_BITS, table: Tabl
     else:
         spec = spec_for_name(name)
         key = register_forward(forward_key(spec.name), spec.fn)
-        borders, levels = cached_table_tensors(table)[a.dtype]
-        borders, levels = on_device(borders, a.device), on_device(levels, a.device)
+        borders, levels = _consts_on_device(cached_table_tensors(table), a.dtype, a.device)
         tbits, right, nan_code = table.bits, tuple(table.right), table.nan_code
     return _apply(a, b, key, borders, levels, tbits, right, nan_code)
 
@@ -195,8 +194,7 @@ class FewBitGatedMLP(torch.nn.Module):
             raise ValueError(
                 f"gate_proj and up_proj outputs differ in shape: {tuple(a.shape)}, {tuple(b.shape)}"
             )
-        borders, levels = self._consts[a.dtype]
-        borders, levels = on_device(borders, a.device), on_device(levels, a.device)
+        borders, levels = _consts_on_device(self._consts, a.dtype, a.device)
         t = self.table
         return self.down_proj(_apply(a, b, self._key, borders, levels, t.bits, t.right, t.nan_code))
 

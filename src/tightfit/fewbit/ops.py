@@ -233,8 +233,7 @@ def cached_table_tensors(table: Any) -> dict[torch.dtype, tuple[Tensor, Tensor]]
         return table_tensors(table)
     consts = _table_cache.get(table)
     if consts is None:
-        with torch.inference_mode(False):
-            consts = _table_cache.setdefault(table, table_tensors(table))
+        consts = _table_cache.setdefault(table, table_tensors(table))
     return consts
 
 
@@ -251,8 +250,7 @@ def apply_tensors(
         raise TypeError(f"expected a tensor, got {type(x).__name__}")
     if x.dtype not in consts:
         raise TypeError(f"few-bit activations need a float16/bfloat16/float32/float64 input, got {x.dtype}")
-    borders, levels = consts[x.dtype]
-    borders, levels = on_device(borders, x.device), on_device(levels, x.device)
+    borders, levels = _consts_on_device(consts, x.dtype, x.device)
     return fewbit_apply(x, key, borders, levels, bits, right, nan_code)
 
 
@@ -261,9 +259,9 @@ _device_copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _copy_to(t: Tensor, device: torch.device) -> Tensor:
-    """The one host-to-device copy of a table constant (a function of its own so tests can count it)."""
-    with torch.inference_mode(False), torch.no_grad():  # a copy made under inference mode stays usable
-        return t.to(device)
+    """The one host-to-device copy of a table constant (a function of its own so tests can count it).
+    Callers that cache the copy make it outside inference mode (so that it stays usable in training)."""
+    return t.to(device)
 
 
 def on_device(t: Tensor, device: torch.device) -> Tensor:
@@ -276,20 +274,16 @@ def on_device(t: Tensor, device: torch.device) -> Tensor:
     """
     if t.device == device:
         return t
-    if torch.compiler.is_compiling():
-        return t.to(device)
-    version = codec._version(t) if codec._plain(t) else None
-    if version is None:
-        return t.to(device)
-    per = _device_copies.get(t)
-    hit = None if per is None else per.get(device)
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    copy = _copy_to(t, device)
-    if per is None:
-        per = _device_copies.setdefault(t, {})
-    per[device] = (version, copy)
-    return copy
+    return codec._cached(_device_copies, t, device, lambda: _copy_to(t, device))
+
+
+def _consts_on_device(
+    consts: dict[torch.dtype, tuple[Tensor, Tensor]], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The (borders, levels) of `table_tensors` constants `consts` for `dtype` inputs, on `device` (see
+    `on_device`)."""
+    borders, levels = consts[dtype]
+    return on_device(borders, device), on_device(levels, device)
 
 
 def named_tensors(

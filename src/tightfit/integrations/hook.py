@@ -30,14 +30,16 @@ from tightfit._step import LossFn
 from tightfit.errors import UserError
 from tightfit.integrations.shapes import ShapePlans
 from tightfit.memory import LiveTracker
+from tightfit.memory.distributed import ddp_bucket_bytes
 from tightfit.remat.config import RematConfig
 
 __all__ = ["BudgetHook", "StepMeter", "attach", "batch_of_call", "grad_bytes"]
 
 
 def grad_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the gradients of ``model``'s trainable parameters (what accumulation keeps alive)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    """Bytes of the gradients of ``model``'s trainable parameters (what accumulation keeps alive): the
+    count of `tightfit.memory.distributed.ddp_bucket_bytes`."""
+    return ddp_bucket_bytes(model)
 
 
 def batch_of_call(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:

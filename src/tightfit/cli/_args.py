@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tightfit.errors import UserError
 from tightfit.sizes import parse_size
@@ -24,6 +24,7 @@ OPTIMIZERS = ("adamw", "sgd", "none")
 # A budget or a profile covers a whole training step, optimizer state included, and AdamW (two states per
 # parameter) is what most models train with: measuring without an optimizer would undercount it.
 DEFAULT_OPTIMIZER = "adamw"
+_T = TypeVar("_T")
 
 
 class CliError(Exception):
@@ -106,12 +107,18 @@ def _device(text: str) -> str:
     return text
 
 
-def parse_budget(text: str, flag: str = "--budget") -> int:
-    """A size such as 2GiB, 512MB or 1.5e9 in bytes; a `CliError` naming the accepted forms otherwise."""
+def flag_value(parse: Callable[[str], _T], text: str, flag: str) -> _T:
+    """``parse(text)``; a `CliError` naming ``flag`` and what ``parse`` said when it raises ValueError or
+    TypeError."""
     try:
-        return parse_size(text)
+        return parse(text)
     except (ValueError, TypeError) as e:
         raise CliError(f"{flag}: {e}") from None
+
+
+def parse_budget(text: str, flag: str = "--budget") -> int:
+    """A size such as 2GiB, 512MB or 1.5e9 in bytes; a `CliError` naming the accepted forms otherwise."""
+    return flag_value(parse_size, text, flag)
 
 
 def optimizer_factory(name: str, lr: float = 1e-3) -> Callable[[Any], torch.optim.Optimizer] | None:

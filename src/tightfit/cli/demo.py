@@ -150,12 +150,13 @@ def _demo_shrink(args: argparse.Namespace) -> None:
         return model
 
     baseline = run(lambda model, _: model)
+    # rematerialize and tightfit.plan get half the activations as budget (the smallest feasible one when
+    # that is too small), measuring the two cheapest options only: keeps the demo quick
+    activations_free = baseline.peak_bytes - baseline.activations_bytes
+    budget = int(activations_free + 0.5 * baseline.activations_bytes)
+    config = tightfit.remat.RematConfig(options=("store", "recompute"))
 
     def remat(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
-        activations_free = baseline.peak_bytes - baseline.activations_bytes
-        budget = int(activations_free + 0.5 * baseline.activations_bytes)
-        # the two cheapest options to measure: keeps the demo quick
-        config = tightfit.remat.RematConfig(options=("store", "recompute"))
         try:
             return tightfit.rematerialize(model, batch, budget, optimizer=optimizer, config=config)
         except tightfit.remat.InfeasibleBudget as err:
@@ -165,16 +166,8 @@ def _demo_shrink(args: argparse.Namespace) -> None:
 
     def one_knob(allow: tuple[str, ...]) -> Prepare:
         def prepare(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
-            activations_free = baseline.peak_bytes - baseline.activations_bytes
-            budget = int(activations_free + 0.5 * baseline.activations_bytes)
-            config = tightfit.remat.RematConfig(options=("store", "recompute"))
-            try:
-                plan = tightfit.plan(model, batch, budget, allow=allow, optimizer=optimizer, config=config)
-            except tightfit.planner.InfeasibleBudget as err:
-                plan = tightfit.plan(
-                    model, batch, err.min_budget, allow=allow, optimizer=optimizer, config=config
-                )
-            return plan.apply_(model)
+            planner = tightfit.planner.Planner(model, batch, allow=allow, optimizer=optimizer, config=config)
+            return planner.plan(max(budget, planner.min_budget)).apply_(model)
 
         return prepare
 

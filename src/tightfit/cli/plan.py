@@ -20,6 +20,7 @@ from tightfit.cli._args import (
     add_model_arguments,
     add_optimizer_argument,
     factories_from_args,
+    flag_value,
     optimizer_factory,
 )
 
@@ -116,16 +117,13 @@ def _budget(text: str) -> Any:
     """The ``Budget`` of ``--budget`` (``tightfit.remat.budget``: the forms every planner accepts)."""
     from tightfit.remat.budget import parse_budget  # only when the command runs
 
-    try:
-        return parse_budget(text)
-    except (ValueError, TypeError) as e:
-        raise CliError(f"--budget: {e}") from None
+    return flag_value(parse_budget, text, "--budget")
 
 
 def _run_planner(args: argparse.Namespace, budget: Any) -> int:
     """``--allow``: plan across techniques with ``tightfit.plan`` and print the plan."""
     from tightfit.errors import UserError
-    from tightfit.planner import InfeasibleBudget, Planner
+    from tightfit.planner import Planner
     from tightfit.planner.core import InvalidAllow
     from tightfit.remat import RematConfig
 
@@ -148,11 +146,9 @@ def _run_planner(args: argparse.Namespace, budget: Any) -> int:
             )
             bar("solving and verifying", 1, 1)
             plan = planner.plan(budget)
-        except InfeasibleBudget as e:
-            raise CliError(str(e)) from None
         except InvalidAllow as e:
             raise CliError(f"--allow: {e}") from None
-        except UserError as e:  # a plan applied already, a step that is not reproducible, ...
+        except UserError as e:  # an infeasible budget, a plan applied already, a step not reproducible, ...
             raise CliError(str(e)) from None
     print(plan.to_json(indent=1) if args.json else plan)
     return 0

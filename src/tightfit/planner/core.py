@@ -53,7 +53,7 @@ from tightfit.remat.auto import InfeasibleBudget as _RematInfeasible
 from tightfit.remat.auto import Planner as RematPlanner
 from tightfit.remat.auto import check_no_plan
 from tightfit.remat.budget import Budget, parse_budget
-from tightfit.remat.chain import ChainModel, Progress, options_by_module
+from tightfit.remat.chain import ChainModel, Progress, frugal_option, options_by_module
 from tightfit.remat.config import RematConfig
 from tightfit.remat.execute import OpSequenceError
 from tightfit.remat.measure import _differentiable, _Run, measure_group
@@ -101,10 +101,10 @@ class PlanModel(ChainModel):
 
     def refusing(self, assignment: Sequence[Option], refused: Refused | None = None) -> PlanModel:
         if refused is not None and refused.options:
-            return PlanModel(self.chain.without(refused.options), self.segments)
+            return super().refusing(assignment, refused)  # type: ignore[return-value]
         if self.segments and any(isinstance(o, (Segment, InSegment)) for o in assignment):
-            return PlanModel(self.chain, False)
-        return PlanModel(self.chain.without(o for o in assignment if not isinstance(o, Store)), self.segments)
+            return dataclasses.replace(self, segments=False)
+        return dataclasses.replace(self, chain=self.chain.without(assignment))
 
 
 class InfeasibleBudget(_RematInfeasible):
@@ -241,9 +241,9 @@ class Planner:
     ) -> None:
         started = time.perf_counter()
         self.allow = check_allow(allow)
+        self.min_grad_sqnr = check_floors(min_grad_sqnr)
         self.fewbit_bits = _positive(fewbit_bits, "fewbit_bits", 1, 8, integer=True)
         self.sketch_ratios = _positive(sketch_ratios, "sketch_ratios", 1e-6, 1.0)
-        self.min_grad_sqnr = check_floors(min_grad_sqnr)
         self.model, self.batch = model, batch
         self.offload_target = offload_target
         with no_cache(model):
@@ -261,7 +261,7 @@ class Planner:
         self.remat = RematPlanner(model, batch, loss_fn, optimizer, config, progress=progress)
         self.runner = self.remat.runner
         m = self.remat.measured
-        self.notes: list[str] = [n for n in m.notes if not n.startswith("set model.config.use_cache")]
+        self.notes: list[str] = list(m.notes)
         self.blocks = m.blocks.blocks
         self.recompute = "recompute" in self.allow
         self.variant_table: list[tuple[str, str, str, int, float]] = []  # group, variant, status, keep, sqnr
@@ -293,7 +293,7 @@ class Planner:
                 own.update(extra.get(b.group, {}))
                 per_group[b.group] = own
             costs.append(per_group[b.group])
-        chain = dataclasses.replace(m.chain, costs=costs, _segments={}, _entering_bytes={})
+        chain = m.chain.with_costs(costs)
         self.chain: ChainCosts = chain
         self.cost_model = PlanModel(chain, self.recompute and m.model.segments)
         self.baseline_peak, self.baseline_time = m.baseline_peak, m.baseline_time
@@ -496,10 +496,7 @@ class Planner:
         """(measured peak, assignment) of the most frugal plan with the allowed techniques: the least-keep
         exact option per block, and the assignment the model predicts lowest, whichever measures lower."""
         chain = self.chain
-        frugal = [
-            min(chain.options(i), key=lambda o, i=i: (chain.keep(i, o), chain.costs[i][o].bwd_peak))
-            for i in range(len(self.blocks))
-        ]
+        frugal = [frugal_option(chain, i) for i in range(len(self.blocks))]
         try:
             best_peak, best = self._peak(frugal), frugal
         except Refused as refused:  # the least-keep conversions or options fail their check
@@ -658,11 +655,7 @@ def plan(
     check_unwrapped(model, "tightfit.plan")
     check_no_plan(model)
     parsed = parse_budget(budget)  # refused before anything is measured
-    check_allow(allow)
-    check_floors(min_grad_sqnr)
-    _positive(fewbit_bits, "fewbit_bits", 1, 8, integer=True)
-    _positive(sketch_ratios, "sketch_ratios", 1e-6, 1.0)
-    planner = Planner(
+    planner = Planner(  # checks allow, min_grad_sqnr, fewbit_bits and sketch_ratios before measuring
         model,
         batch,
         allow=allow,

@@ -148,8 +148,6 @@ def within(paths: Sequence[str]) -> Callable[[torch.nn.Module, str], bool]:
 class _Hook:
     """A root forward hook as a conversion report (``undo`` removes it) in ``convert_blocks``' list."""
 
-    converted: list[Any] = []
-
     def __init__(self, handle: Any) -> None:
         self.handle, self.undone = handle, False
 

@@ -66,8 +66,8 @@ class ChainModel:
         """Without the options ``refused`` names (a keep-ops option whose block ran other ops), or else
         without segments (a segment's replay differed from the model)."""
         if refused is not None and refused.options:
-            return ChainModel(self.chain.without(refused.options), self.segments)
-        return ChainModel(self.chain, False)
+            return replace(self, chain=self.chain.without(refused.options))
+        return replace(self, segments=False)
 
     def least_solved(
         self, lo: float, hi: float, accept: Callable[[Assignment], bool] = lambda a: True
@@ -167,8 +167,9 @@ def _later_grads(model: torch.nn.Module, blocks: Sequence[Block]) -> list[int]:
     return later
 
 
-def _frugal(chain: ChainCosts, i: int) -> Option:
-    """The exact option with the smallest keep for block i (full recompute unless it is not exact)."""
+def frugal_option(chain: ChainCosts, i: int) -> Option:
+    """The exact option with the smallest keep for block i, the smaller backward peak between equal keeps
+    (of remat's options: full recompute unless it is not exact)."""
     costs = chain.costs[i]
     return min((o for o in costs if costs[o].exact), key=lambda o: (costs[o].keep, costs[o].bwd_peak))
 
@@ -237,7 +238,7 @@ def measure_chain(
     )
     verifier = Verifier(runner, planned)
     store_plan: Assignment = [STORE] * len(planned)
-    frugal_plan: Assignment = [_frugal(chain, i) for i in range(len(planned))]
+    frugal_plan: Assignment = [frugal_option(chain, i) for i in range(len(planned))]
     progress("measuring all blocks recomputed", done + 1, total)
     frugal_peak, _ = runner.measure(options_by_module(planned, frugal_plan), timed=False)
     chain.fit(store_plan, baseline_peak, frugal_plan, frugal_peak)

@@ -98,10 +98,8 @@ class StepRunner:
     def device_peak(self, tracker: LiveTracker) -> int:
         """The step's peak as budgets count it: on the model's accelerator alone when it has one (what
         offload moves to the host leaves the device's budget), in total on the CPU."""
-        if not self.on_accelerator:
-            return tracker.peak
         device = accelerator_key(list(self.model.parameters()))
-        return tracker.peak_by_device.get(device, tracker.peak) if device is not None else tracker.peak
+        return tracker.peak if device is None else tracker.peak_by_device.get(device, tracker.peak)
 
     @property
     def fake(self) -> bool:

@@ -54,10 +54,7 @@ from tightfit.remat.options import (
     RECOMPUTE,
     STORE,
     InSegment,
-    KeepOps,
     Option,
-    Recompute,
-    SavePolicy,
     Segment,
     Store,
 )
@@ -102,9 +99,7 @@ def _costed(option: Option) -> Option:
             return RECOMPUTE
         case InSegment():
             return STORE
-        case Store() | Recompute() | SavePolicy() | KeepOps():
-            return option
-        case Option():  # any other measured option (a planner's combined ones): costed as itself
+        case Option():  # a measured option (remat's, or a planner's combined ones): costed as itself
             return option
     raise TypeError(f"not a remat option: {option!r}")
 
@@ -272,6 +267,11 @@ class ChainCosts:
                     o: replace(c, exact=False) if o in drop else c for o, c in table.items()
                 }
             costs.append(copies[id(table)])
+        return self.with_costs(costs)
+
+    def with_costs(self, costs: list[dict[Option, OptionCost]]) -> ChainCosts:
+        """A copy with ``costs`` as its per-block option costs (same constants; the caches derived from the
+        costs start empty). This model is left as it is."""
         return replace(self, costs=costs, _segments={}, _entering_bytes={})
 
     # -- the solver ---------------------------------------------------------------------------------

@@ -167,6 +167,8 @@ def test_dry_run(tmp_path):
         "64",
         "--threads",
         "1",
+        "--repeats",
+        "2",
         "--results",
         "fewbit_bound_dry",
     ]
@@ -183,3 +185,9 @@ def test_dry_run(tmp_path):
     base = (rec["settings"]["baseline_peak_bytes"] - rec["settings"]["params_bytes"]) / 2**20
     assert mib[0] <= base + 1e-6
     assert rec["outside"]["plans"] and all(b["planner_best_mib"] is None for b in bounds)
+    # two independent measurements; the summary keeps, per ratio, the least of their bounds
+    assert len(rec["repeats"]) == 2 == rec["settings"]["repeats"]
+    for i, b in enumerate(bounds):
+        per = [r["bounds"][i]["bound_mib"] for r in rec["repeats"]]
+        assert b["bound_mib_by_repeat"] == per and b["bound_mib"] == min(per)
+    assert rec["outside"]["bytes"] == min(r["outside"]["bytes"] for r in rec["repeats"])

@@ -2,8 +2,8 @@
 
 The issue "one budget" asks, with few-bit allowed, for <= 280 MiB above parameters at <= x1.10 step time and
 <= 450 MiB at <= x1.03 on the zoo gpt2-small-cpu (B=8, T=256, dropout 0.1, train mode, CPU). This script
-measures why those targets are out of reach for the techniques the planner has (store, few-bit store, full
-recompute, selective-checkpoint "keep-ops" options and save policies, segments, and their few-bit forms).
+measures how low any plan of the techniques the planner has (store, few-bit store, full recompute,
+selective-checkpoint "keep-ops" options and save policies, segments, and their few-bit forms) can go.
 
 The argument
   1. Peak above parameters >= sum over the blocks of the bytes each keeps between its forward and its

@@ -559,15 +559,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"the bound reaches {mib:.0f} MiB (target at x{r}) at x{needed[str(r)][0]:.3f}; "
             f"with hypothetical 1-bit masks at x{needed[str(r)][1]:.3f}"
         )
-    for b in bounds:
-        if b["target_mib"]:
-            verdict = "unreachable" if b["bound_mib"] > b["target_mib"] else "not excluded"
-            loose = "unreachable" if b["bound_with_margin_mib"] > b["target_mib"] else "not excluded"
-            hyp = "unreachable" if b["hypothetical_packed_mask_mib"] > b["target_mib"] else "not excluded"
-            print(
-                f"target <= {b['target_mib']:.0f} MiB at x{b['ratio']}: {verdict} by this bound; {loose} "
-                f"granting +{MARGIN:g} of step time to noise (hypothetical packed masks: {hyp})"
-            )
+    print_verdicts(bounds, least=False)
     if pub and not violations:
         print(f"check: every published plan+fewbit point lies on or above the bound at its ratio +{MARGIN:g}")
     for v in under_own_ratio:
@@ -602,6 +594,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ],
         "published_source": src,
     }
+
+
+def print_verdicts(bounds: Sequence[dict[str, Any]], least: bool) -> None:
+    """One line per target: whether the bound (with ``least``: the least over the repeats), the bound with
+    the noise margin and the hypothetical one lie above it."""
+    for b in bounds:
+        target = b["target_mib"]
+        if not target:
+            continue
+
+        def word(mib: float, target: float = target) -> str:
+            return "unreachable" if mib > target else "not excluded"
+
+        how = f"(least bound over the repeats {b['bound_mib']:.1f} MiB)" if least else "by this bound"
+        print(
+            f"target <= {target:.0f} MiB at x{b['ratio']}: {word(b['bound_mib'])} {how}; "
+            f"{word(b['bound_with_margin_mib'])} granting +{MARGIN:g} of step time to noise "
+            f"(hypothetical packed masks: {word(b['hypothetical_packed_mask_mib'])})"
+        )
 
 
 def summarize(repeats: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -644,16 +655,7 @@ def summarize(repeats: Sequence[dict[str, Any]]) -> dict[str, Any]:
             f"the least bound reaches {TARGETS[float(r)]:.0f} MiB (target at x{r}) at x{bound:.3f}; "
             f"with hypothetical 1-bit masks at x{hyp:.3f}"
         )
-    for b in bounds:
-        if b["target_mib"]:
-            verdict = "unreachable" if b["bound_mib"] > b["target_mib"] else "not excluded"
-            loose = "unreachable" if b["bound_with_margin_mib"] > b["target_mib"] else "not excluded"
-            hyp = "unreachable" if b["hypothetical_packed_mask_mib"] > b["target_mib"] else "not excluded"
-            print(
-                f"target <= {b['target_mib']:.0f} MiB at x{b['ratio']}: {verdict} (least bound over the "
-                f"repeats {b['bound_mib']:.1f} MiB); {loose} granting +{MARGIN:g} of step time to noise "
-                f"(hypothetical packed masks: {hyp})"
-            )
+    print_verdicts(bounds, least=True)
     return {
         "settings": {**first["settings"], "repeats": len(repeats)},
         "outside": {
